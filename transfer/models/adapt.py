@@ -1,0 +1,37 @@
+"""Adapting ImageNet architectures to small inputs (CIFAR's 32 px) without throwing the pretrained stem away."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def resample_kernel(weight: Tensor, size: int) -> Tensor:
+    """Shrink conv kernels ``(out, in, k, k)`` to ``(out, in, size, size)``, keeping what they respond to.
+
+    Each new tap is the average of the pretrained taps it covers (area resampling), scaled by
+    ``(k / size)**2`` so that the response to a constant image is the same as before. A 7x7 stem kernel
+    looks at a region about 7x bigger than the object detail CIFAR's 32 px images have, so a shrunken
+    copy of it is a far better start than random weights (or than its centre 3x3 alone, which keeps
+    only a small fraction of the kernel's mass).
+
+    Args:
+        weight: pretrained kernels.
+        size: new spatial size.
+
+    Returns:
+        The resampled kernels.
+    """
+    k = weight.shape[-1]
+    return F.adaptive_avg_pool2d(weight, size) * (k * k) / (size * size)
+
+
+def shrink_conv(conv: nn.Conv2d, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
+    """A ``kernel_size``/``stride`` copy of ``conv`` with 'same' padding and kernels resampled from it."""
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size, stride=stride,
+                    padding=kernel_size // 2, bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(resample_kernel(conv.weight, kernel_size))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new

@@ -1,0 +1,122 @@
+"""The LightningModule: a :class:`~transfer.models.TransferModel` trained with cross-entropy.
+
+Checkpoints describe themselves: the hyperparameters rebuild the architecture, and a ``transfer`` entry
+carries class names, preprocessing and the code version, so prediction needs nothing but the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from transfer.data.transforms import Preprocess
+from transfer.models import TransferModel, create_model
+from transfer.optim import build_optimizer, build_scheduler
+from transfer.provenance import code_version
+
+
+class Classifier(L.LightningModule):
+    """Image classifier around a pretrained backbone and a new head.
+
+    Args:
+        model: ``create_model`` arguments (the ``model`` config group) without ``num_classes``.
+        class_names: class names in label order; their number sizes the head.
+        optimizer: the ``optimizer`` config group.
+        scheduler: the ``scheduler`` config group, or ``None``.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(self, model: dict[str, Any], class_names: list[str], optimizer: dict[str, Any],
+                 scheduler: dict[str, Any] | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names = list(class_names)
+        self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
+        self.preprocess: Preprocess | None = None  # set by the run once the data module has resolved it
+        n = len(self.class_names)
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.val_acc = MulticlassAccuracy(n, average="micro")
+        self.test_acc = MulticlassAccuracy(n, average="micro")
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pretrained part; the finetuning callback freezes and unfreezes it."""
+        return self.model.backbone
+
+    @property
+    def head(self) -> nn.Module:
+        """The new classifier."""
+        return self.model.head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x)
+        metric(logits, y)
+        self.log(f"{stage}/loss", self._loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        # Only what is trainable now: the finetuning callback froze the backbone in setup() and adds it as
+        # its own param group when it unfreezes.
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.hparams.optimizer, [{"params": params, "name": "head"}])
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["transfer"] = {
+            "class_names": self.class_names,
+            "meta": self.model.meta.to_dict(),
+            "preprocess": self.preprocess.to_dict() if self.preprocess else None,
+            "code": code_version(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+        """Rebuild a trained classifier from its checkpoint alone (no config, no weight download).
+
+        Args:
+            path: a ``.ckpt`` written by a run.
+            map_location: device for the tensors.
+
+        Returns:
+            The module in eval mode, with ``preprocess`` restored.
+        """
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        model_args = {**ckpt["hyper_parameters"]["model"], "pretrained": False, "weights": None}
+        module = cls.load_from_checkpoint(path, map_location=map_location, model=model_args)
+        info = ckpt.get("transfer", {})
+        if info.get("preprocess"):
+            pre = info["preprocess"]
+            module.preprocess = Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+        return module.eval()

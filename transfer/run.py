@@ -1,0 +1,34 @@
+"""Command line: ``python -m transfer.run model=resnet18 trainer.devices=1`` (Hydra; ``-m`` for sweeps).
+
+A thin wrapper: Hydra composes ``conf/``, :func:`transfer.train.train` does the work in Hydra's run directory.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from transfer.errors import report_errors
+from transfer.train import train
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("transfer")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@report_errors
+def main(cfg: DictConfig) -> float | None:
+    """Train one configuration; returns the test accuracy (what Hydra sweepers optimise)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = train(cfg, run_dir)
+    print(f"\n{summary['model']}: test accuracy {summary['test_acc']:.4f} (best checkpoint, epoch "
+          f"{summary['best_epoch']}, val {summary['best_val_acc']:.4f}); {summary['images_per_second']:.0f} "
+          f"train images/s; outputs in {run_dir}")
+    return summary["test_acc"]
+
+
+if __name__ == "__main__":
+    main()

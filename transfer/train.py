@@ -1,0 +1,130 @@
+"""One training run from a composed config: data, model, staged fine-tuning, test of the best checkpoint.
+
+:func:`train` is the library entry; ``python -m transfer.run`` is a thin Hydra wrapper around it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from transfer.data import ClassificationData
+from transfer.errors import ConfigError
+from transfer.finetune import StagedFinetuning
+from transfer.history import History
+from transfer.models import count_parameters
+from transfer.module import Classifier
+from transfer.plots import plot_epoch_curves, plot_step_loss
+from transfer.provenance import code_version
+
+log = logging.getLogger(__name__)
+
+
+def check_fresh(run_dir: Path) -> None:
+    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
+    ckpts = run_dir / "checkpoints"
+    if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
+        raise ConfigError(
+            f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
+            f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
+            f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new directory.")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    """A Lightning Trainer with the ``trainer`` group as its arguments and TensorBoard logs in the run dir."""
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    args: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    try:
+        return L.Trainer(**args, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"The trainer settings {args} were rejected by lightning.Trainer: {err}") from err
+    except Exception as err:  # MisconfigurationException: e.g. accelerator=gpu on a machine without one
+        if type(err).__name__ == "MisconfigurationException":
+            raise ConfigError(f"{err} Use trainer=cpu (or trainer.accelerator=cpu) on a machine without a GPU.") from err
+        raise
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train, test the best checkpoint, and write the run's outputs into ``run_dir``.
+
+    Args:
+        cfg: the composed config (``conf/config.yaml``).
+        run_dir: where checkpoints, logs, figures and ``summary.json`` go; must not hold an earlier run.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    run_dir = Path(run_dir)
+    check_fresh(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
+    module = Classifier(model=_container(cfg.model), class_names=datamodule.classes,
+                        optimizer=_container(cfg.optimizer), scheduler=_container(cfg.scheduler),
+                        label_smoothing=float(cfg.label_smoothing))
+    module.preprocess = datamodule.configure(module.model.meta)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    history = History()
+    finetune = StagedFinetuning(**_container(cfg.finetune))
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
+                                 filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
+    trainer = build_trainer(cfg, run_dir, [finetune, checkpoint, history, LearningRateMonitor("epoch")])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    train_seconds = time.perf_counter() - start
+    best = checkpoint.best_model_path or None
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+
+    summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _figures(history, run_dir, f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
+             cfg.finetune.unfreeze_at_epoch)
+    return summary
+
+
+def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData, history: History,
+             checkpoint: ModelCheckpoint, test: list[dict[str, float]], train_seconds: float) -> dict[str, Any]:
+    val_accs = [row["val/acc"] for row in history.epochs if "val/acc" in row]
+    best_score = checkpoint.best_model_score
+    return {
+        "model": cfg.model.name,
+        "pretrained": bool(cfg.model.pretrained or cfg.model.weights),
+        "adapt": cfg.model.adapt,
+        "weight_source": module.model.meta.weight_source,
+        "params": count_parameters(module.model),
+        "image_size": module.preprocess.image_size if module.preprocess else None,
+        "epochs_run": len(history.epochs),
+        "best_val_acc": float(best_score) if best_score is not None else (max(val_accs) if val_accs else None),
+        "best_epoch": (val_accs.index(max(val_accs)) if val_accs else None),
+        "test_acc": test[0].get("test/acc") if test else None,
+        "test_loss": test[0].get("test/loss") if test else None,
+        "train_seconds": round(train_seconds, 2),
+        "images_per_second": round(history.images_per_second, 1),
+        "best_checkpoint": checkpoint.best_model_path,
+        "last_checkpoint": checkpoint.last_model_path,
+        "seed": cfg.seed,
+        "data": datamodule.describe() | {"batch_size": datamodule.batch_size},
+        "device": str(module.device), "precision": str(cfg.trainer.precision),
+        "code": code_version(),
+    }
+
+
+def _figures(history: History, run_dir: Path, title: str, unfreeze_epoch: int | None) -> None:
+    history.save(run_dir / "history.json")
+    if history.step_loss:
+        plot_step_loss(history.step_loss, run_dir / "loss_per_iteration.png", f"Training loss per iteration: {title}")
+    if history.epochs:
+        plot_epoch_curves(history.epochs, run_dir / "curves_per_epoch.png", title, unfreeze_epoch)
