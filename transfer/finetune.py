@@ -103,18 +103,13 @@ class StagedFinetuning(BackboneFinetuning):
             if hasattr(sched, "lr_lambdas"):
                 sched.lr_lambdas = list(sched.lr_lambdas) + [sched.lr_lambdas[-1]]
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)  # restores stored param groups when resuming
-        if not self.frozen_at(trainer.current_epoch):
-            set_requires_grad(pl_module.backbone, True)
-
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        # Lightning puts the whole module in train mode when fitting starts, so the policy is applied at every
-        # epoch start; after validation Lightning restores each module's own mode, which keeps it.
-        if self.bn == "frozen" and self.frozen_at(trainer.current_epoch):
-            for bn in batchnorms(pl_module.backbone):
-                bn.eval()
+        # Set every epoch: Lightning restores each module's pre-validation mode after validation, so a BN layer
+        # put in eval mode while frozen would otherwise stay there after the unfreeze.
+        keep_eval = self.bn == "frozen" and self.frozen_at(trainer.current_epoch)
+        for bn in batchnorms(pl_module.backbone):
+            bn.train(pl_module.training and not keep_eval)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "unfreeze_at_epoch": self.unfreeze_at_epoch, "bn": self.bn}

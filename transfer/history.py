@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 _EPOCH_KEYS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc")
+log = logging.getLogger(__name__)
 
 
 class History(L.Callback):
@@ -62,6 +64,9 @@ class History(L.Callback):
             for i, group in enumerate(opt.param_groups):
                 row[f"lr/{group.get('name', i)}"] = float(group["lr"])
         self.epochs.append(row)
+        # One line per epoch in run.log (and on the console), so runs without a progress bar still show progress.
+        log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs,
+                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
 
     @property
     def images_per_second(self) -> float:

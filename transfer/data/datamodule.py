@@ -43,6 +43,7 @@ class ClassificationData(L.LightningDataModule):
     """
 
     native_size: int | None = None  # the dataset's own image size, when all images share one
+    default_augment: dict[str, Any] = {}
 
     def __init__(self, root: str, batch_size: int = 64, eval_batch_size: int = 256, num_workers: int | None = None,
                  image_size: int | None = None, augment: Mapping[str, Any] | None = None, split_seed: int = 0) -> None:
@@ -51,7 +52,7 @@ class ClassificationData(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self.image_size = image_size
-        self.augment = dict(augment or {})
+        self.augment = dict(self.default_augment if augment is None else augment)
         self.split_seed = int(split_seed)
         self.preprocess: Preprocess | None = None
         self.train_set: Dataset | None = None
@@ -109,6 +110,8 @@ class CIFAR10Data(ClassificationData):
     """
 
     native_size = 32
+    # The source material's augmentation (also in conf/data/cifar10.yaml).
+    default_augment = {"crop_padding": 4, "hflip": True, "color_jitter": (0.2, 0.2, 0.2, 0.1), "rotation": 15}
 
     def __init__(self, root: str, download: bool = True, val_size: float = 5000, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
@@ -147,6 +150,9 @@ class ImageFolderData(ClassificationData):
         **kwargs: see :class:`ClassificationData`.
     """
 
+    default_augment = {"resized_crop_scale": (0.35, 1.0), "hflip": True, "color_jitter": (0.2, 0.2, 0.2, 0.1),
+                       "rotation": 15}
+
     def __init__(self, root: str, val_size: float = 0.1, test_size: float = 0.1, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.val_size, self.test_size = val_size, test_size
@@ -183,8 +189,9 @@ class ImageFolderData(ClassificationData):
                 splits[name] = FileImages(split_files, split_targets, range(len(split_files)), eval_tf)
                 continue
             sub_targets = [targets[i] for i in keep]
-            kept, held = stratified_split(sub_targets, split_count(size, len(keep), f"data.{name}_size"),
-                                          self.split_seed)
+            # Fractions are of the whole train folder, so val_size=0.1 means 10% whether or not test exists.
+            count = split_count(size, len(files), f"data.{name}_size")
+            kept, held = stratified_split(sub_targets, min(count, len(keep) - 1), self.split_seed)
             splits[name] = FileImages(files, targets, [keep[i] for i in held], eval_tf)
             keep = [keep[i] for i in kept]
         self.train_set = FileImages(files, targets, keep, train_tf)

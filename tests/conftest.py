@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny image folders made in tmp_path, a tiny registered architecture, Hydra configs."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+from torch import nn
+
+from transfer.models import Architecture, register
+from transfer.run import CONF_DIR
+
+CLASSES = ("cat", "dog", "ship")
+
+
+def make_image_folder(root: Path, splits: dict[str, int], size: int = 32, classes=CLASSES, seed: int = 0) -> Path:
+    """Write ``splits[name]`` PNGs per class under ``root/name/<class>/``; each class has its own colour."""
+    rng = np.random.default_rng(seed)
+    for split, per_class in splits.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.array([200 if k == c else 40 for k in range(3)], dtype=float)
+                img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path: Path) -> Path:
+    """A CIFAR-style tree: 3 classes, 12 train and 4 test images each, 32 px."""
+    return make_image_folder(tmp_path / "tiny", {"train": 12, "test": 4})
+
+
+def _tiny_build() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
+
+
+def _tiny_split(net: nn.Module) -> tuple[nn.Module, int]:
+    net[-1] = nn.Identity()
+    return net, 8
+
+
+register(Architecture(name="tiny_test_cnn", family="test", build=_tiny_build, split=_tiny_split, weights=None))
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    """Compose ``conf/config.yaml`` with overrides, as the command line would."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never download: any attempt fails as it would offline."""
+    import urllib.error
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", refuse)

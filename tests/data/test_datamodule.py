@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import CLASSES, make_image_folder
+from transfer.data import CIFAR10Data, ImageFolderData, stratified_split
+from transfer.errors import ConfigError, DataNotFoundError
+
+
+def meta(adapt: str = "native", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size: int = 64):
+    return SimpleNamespace(adapt=adapt, mean=mean, std=std, interpolation="bilinear", input_size=input_size)
+
+
+def ready(dm, m=None):
+    dm.configure(m or meta())
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_stratified_split_is_exact_proportional_and_seeded():
+    targets = [0] * 50 + [1] * 30 + [2] * 20
+    keep, held = stratified_split(targets, 10, seed=3)
+    assert len(held) == 10 and len(keep) == 90
+    assert set(keep).isdisjoint(held) and sorted(set(keep) | set(held)) == list(range(100))
+    assert np.bincount(np.asarray(targets)[held]).tolist() == [5, 3, 2]
+    assert np.array_equal(held, stratified_split(targets, 10, seed=3)[1])
+    assert not np.array_equal(held, stratified_split(targets, 10, seed=4)[1])
+
+
+def test_stratified_split_never_takes_a_class_last_image():
+    keep, held = stratified_split([0, 1, 1, 1, 1, 1, 1, 1, 1, 1], 5, seed=0)
+    assert 0 in keep and len(held) == 5
+
+
+def test_cifar_folders_split_sizes_shapes_and_normalisation(tiny_cifar: Path):
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0, batch_size=4))
+    assert dm.classes == list(CLASSES)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 6, 12)
+    val_labels = [dm.val_set[i][1] for i in range(len(dm.val_set))]
+    assert sorted(val_labels) == [0, 0, 1, 1, 2, 2]  # stratified: 2 per class
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # Eval images are normalised with the model's statistics: (pixel/255 - 0.5) / 0.25.
+    img, _ = dm.val_set[0]
+    raw = torch.from_numpy(dm.val_set.images[dm.val_set.indices[0]]).permute(2, 0, 1).float() / 255
+    assert torch.allclose(img, (raw - 0.5) / 0.25, atol=1e-5)
+
+
+def test_resize_adapt_feeds_the_models_pretrained_size(tiny_cifar: Path):
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, batch_size=4),
+               meta(adapt="resize", input_size=48))
+    assert dm.preprocess.image_size == 48
+    assert dm.train_set[0][0].shape == (3, 48, 48) and dm.test_set[0][0].shape == (3, 48, 48)
+
+
+def test_train_augmentation_varies_while_eval_is_deterministic(tiny_cifar: Path):
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0))
+    assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0])
+    assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
+
+
+def _write_python_archive(root: Path, per_batch: int = 10) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+                 "labels": (np.arange(per_batch) % 10).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+
+def test_official_python_archive_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _write_python_archive(tmp_path)
+    # Our fabricated batches have other md5s than the real ones torchvision checks.
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+    dm = ready(CIFAR10Data(str(tmp_path), download=False, val_size=10, num_workers=0))
+    assert "python archive" in dm.source
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (40, 10, 10)
+    assert dm.train_set[0][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_missing_cifar_gives_one_actionable_error(tmp_path: Path, download: bool):
+    dm = CIFAR10Data(str(tmp_path / "nowhere"), download=download, num_workers=0)
+    with pytest.raises(DataNotFoundError) as err:
+        dm.prepare_data()
+    text = str(err.value)
+    assert "nowhere" in text and "data.root" in text and "cifar-10-batches-py" in text
+    assert ("download failed" in text) == download
+
+
+def test_imagefolder_splits_val_and_test_out_of_train_when_absent(tmp_path: Path):
+    root = make_image_folder(tmp_path / "mine", {"train": 10})
+    dm = ready(ImageFolderData(str(root), val_size=0.2, test_size=0.1, num_workers=0, image_size=40))
+    assert dm.classes == list(CLASSES)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (21, 6, 3)
+    rows = [set(ds.indices.tolist()) for ds in (dm.train_set, dm.val_set, dm.test_set)]
+    assert rows[0].isdisjoint(rows[1]) and rows[0].isdisjoint(rows[2]) and rows[1].isdisjoint(rows[2])
+    assert dm.train_set[0][0].shape == (3, 40, 40) and dm.val_set[0][0].shape == (3, 40, 40)
+
+
+def test_imagefolder_uses_validation_and_test_folders(tmp_path: Path):
+    root = make_image_folder(tmp_path / "mine", {"train": 6, "validation": 2, "test": 3}, size=50)
+    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32))
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 9)
+
+
+def test_imagefolder_without_train_folder_says_what_to_do(tmp_path: Path):
+    with pytest.raises(DataNotFoundError, match="train/<class>/<image>"):
+        _ = ImageFolderData(str(tmp_path)).classes
+
+
+def test_split_larger_than_dataset_is_a_config_error(tiny_cifar: Path):
+    with pytest.raises(ConfigError, match="data.val_size"):
+        ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=1000, num_workers=0))

