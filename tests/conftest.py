@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-from transfer.models import Architecture, register
+from transfer.models import Architecture, Split, register
 from transfer.run import CONF_DIR
 
 CLASSES = ("cat", "dog", "ship")
@@ -43,12 +43,23 @@ def _tiny_build() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
 
 
-def _tiny_split(net: nn.Module) -> tuple[nn.Module, int]:
+def _tiny_split(net: nn.Module) -> Split:
     net[-1] = nn.Identity()
-    return net, 8
+    return Split(net, None, 8)
+
+
+def _tiny_neck_build() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.Linear(6, 1000))
+
+
+def _tiny_neck_split(net: nn.Module) -> Split:
+    return Split(net[:5], net[5], 6)
 
 
 register(Architecture(name="tiny_test_cnn", family="test", build=_tiny_build, split=_tiny_split, weights=None))
+register(Architecture(name="tiny_test_neck", family="test", build=_tiny_neck_build, split=_tiny_neck_split,
+                      weights=None))
 
 
 @pytest.fixture

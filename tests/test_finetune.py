@@ -43,10 +43,11 @@ class Probe(L.Callback):
 
 
 def fit(data_root: Path, max_epochs: int, scheduler: dict | None = None, ckpt_dir: Path | None = None,
-        resume: str | None = None, **finetune: Any) -> tuple[Classifier, Probe]:
+        resume: str | None = None, model: dict | None = None, **finetune: Any) -> tuple[Classifier, Probe]:
     L.seed_everything(0)
     dm = CIFAR10Data(str(data_root), download=False, val_size=6, num_workers=0, batch_size=8)
-    module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, dm.classes, ADAM, scheduler)
+    model = model or {"name": "tiny_test_cnn", "pretrained": False}
+    module = Classifier(model, dm.classes, ADAM, scheduler)
     dm.configure(module.model.meta)
     probe = Probe()
     callbacks: list[L.Callback] = [StagedFinetuning(**finetune), probe]
@@ -126,3 +127,15 @@ def test_plateau_schedule_accepts_the_added_group(tiny_cifar: Path):
 def test_bad_finetune_settings_are_config_errors(kwargs: dict):
     with pytest.raises(ConfigError, match="finetune"):
         StagedFinetuning(**kwargs)
+
+
+def test_neck_trains_with_the_head_and_fixed_convs_never_train(tiny_cifar: Path):
+    model = {"name": "tiny_test_neck", "pretrained": False, "freeze_convs": 1}
+    module, probe = fit(tiny_cifar, 2, model=model, unfreeze_at_epoch=1)
+    opt = module.trainer.optimizers[0]
+    head_group, backbone_group = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    assert all(id(p) in head_group and p.requires_grad for p in module.model.neck.parameters())
+    first_conv, second_conv = module.backbone[0], module.backbone[1]
+    assert not any(p.requires_grad or id(p) in backbone_group for p in first_conv.parameters())
+    assert all(p.requires_grad and id(p) in backbone_group for p in second_conv.parameters())
+    assert probe.rows[1]["requires_grad"] == [False, False, True, True, True, True]

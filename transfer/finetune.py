@@ -38,6 +38,14 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def unfreezable(pl_module: L.LightningModule) -> list[nn.Parameter]:
+    """Backbone parameters the unfreeze may train: all but those the model keeps fixed (VGG16's first convs)."""
+    model = getattr(pl_module, "model", None)
+    if model is not None and hasattr(model, "trainable_backbone_parameters"):
+        return model.trainable_backbone_parameters()
+    return list(pl_module.backbone.parameters())
+
+
 def batchnorms(module: nn.Module) -> list[_BatchNorm]:
     """All BatchNorm layers inside ``module``."""
     return [m for m in module.modules() if isinstance(m, _BatchNorm)]
@@ -75,9 +83,10 @@ class StagedFinetuning(BackboneFinetuning):
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if self.frozen_at(epoch):
             return
-        backbone_params = list(pl_module.backbone.parameters())
+        backbone_params = unfreezable(pl_module)
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        set_requires_grad(pl_module.backbone, True)
+        for p in backbone_params:
+            p.requires_grad_(True)
         if any(id(p) in in_optimizer for p in backbone_params):
             return  # already unfrozen, or its group was restored from a checkpoint
         lr = optimizer.param_groups[0]["lr"] * self.backbone_initial_ratio_lr

