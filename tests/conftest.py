@@ -74,9 +74,11 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
 
 @pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never download: any attempt fails as it would offline."""
+def _no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never download (any attempt fails as it would offline) and never write caches outside tmp_path."""
     import urllib.error
+
+    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "decode-cache"))
 
     def refuse(*args, **kwargs):
         raise urllib.error.URLError("network disabled in tests")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,12 @@ TINY = ["trainer=cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "
         "data.batch_size=8", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false"]
 
 
+CACHE = tempfile.mkdtemp(prefix="transfer-test-cache-")
+
+
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer.run", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "transfer.run", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": CACHE, **(env or {})})
 
 
 @pytest.fixture(scope="module")

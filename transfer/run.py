@@ -4,7 +4,6 @@ A thin wrapper: Hydra composes ``conf/``, :func:`transfer.train.train` does the 
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import hydra
@@ -15,7 +14,17 @@ from transfer.errors import report_errors
 from transfer.train import train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-log = logging.getLogger("transfer")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def describe(summary: dict) -> str:
+    """The one-line result a run ends with."""
+    return (f"{summary['model']}: test accuracy {_fmt(summary['test_acc'])} (best checkpoint: epoch "
+            f"{summary['best_epoch']}, val accuracy {_fmt(summary['best_val_acc'])}); "
+            f"{summary['images_per_second']:.0f} train images/s")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -24,9 +33,7 @@ def main(cfg: DictConfig) -> float | None:
     """Train one configuration; returns the test accuracy (what Hydra sweepers optimise)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = train(cfg, run_dir)
-    print(f"\n{summary['model']}: test accuracy {summary['test_acc']:.4f} (best checkpoint, epoch "
-          f"{summary['best_epoch']}, val {summary['best_val_acc']:.4f}); {summary['images_per_second']:.0f} "
-          f"train images/s; outputs in {run_dir}")
+    print(f"\n{describe(summary)}; outputs in {run_dir}")
     return summary["test_acc"]
 
 

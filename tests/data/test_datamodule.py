@@ -122,3 +122,17 @@ def test_imagefolder_without_train_folder_says_what_to_do(tmp_path: Path):
 def test_split_larger_than_dataset_is_a_config_error(tiny_cifar: Path):
     with pytest.raises(ConfigError, match="data.val_size"):
         ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=1000, num_workers=0))
+
+
+def test_decoded_images_are_cached_and_invalidated_by_changes(tiny_cifar: Path, tmp_path: Path):
+    from PIL import Image
+
+    from transfer.data.datasets import decode_cached, list_images
+
+    files, _ = list_images(tiny_cifar / "train", list(CLASSES))
+    first = decode_cached(files, tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+    assert np.array_equal(decode_cached(files, tmp_path / "c"), first)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(files[0])
+    changed = decode_cached(files, tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2 and tuple(changed[0, 0, 0]) == (1, 2, 3)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from transfer.data.datasets import decode_all, list_classes, list_images
+from transfer.data.datasets import decode_cached, list_classes, list_images
 from transfer.errors import DataNotFoundError
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,15 @@ def _from_image_folders(root: Path) -> ArraySplits:
     if not train_files or not test_files:
         raise DataNotFoundError(f"{root}/train or {root}/test holds no image files; expected "
                                 f"train/<class>/<image> and test/<class>/<image> (.jpg, .png, ...).")
-    log.info("decoding %d images from %s", len(train_files) + len(test_files), root)
-    return ArraySplits(decode_all(train_files), train_targets, decode_all(test_files), test_targets,
-                       classes, f"image folders at {root}")
+    cache = cache_dir()
+    log.info("loading %d images from %s (decoded once, cached in %s)", len(train_files) + len(test_files), root, cache)
+    return ArraySplits(decode_cached(train_files, cache), train_targets, decode_cached(test_files, cache),
+                       test_targets, classes, f"image folders at {root}")
+
+
+def cache_dir() -> Path:
+    """Where decoded image arrays are kept: ``$TRANSFER_CACHE`` or ``~/.cache/transfer/decoded``."""
+    return Path(os.environ.get("TRANSFER_CACHE", Path.home() / ".cache" / "transfer" / "decoded")).expanduser()
 
 
 def _from_archive(root: Path) -> ArraySplits:

@@ -1,6 +1,8 @@
 """Datasets over in-memory arrays or image files, class discovery and stratified splits."""
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +14,7 @@ from torch.utils.data import Dataset
 
 from transfer.errors import ConfigError, DataNotFoundError
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -70,6 +73,40 @@ def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
         raise DataNotFoundError(f"Images under {files[0].parent.parent} have different sizes {sorted(shapes)[:3]}; "
                                 f"an in-memory CIFAR-style folder needs one size. Use data=imagefolder instead.")
     return np.stack(arrays)
+
+
+def decode_cached(files: Sequence[Path], cache_dir: Path) -> np.ndarray:
+    """:func:`decode_all`, remembered on disk: decoding 60k JPEGs takes ~20 s on 2 cores, loading the array <1 s.
+
+    The key hashes every file's path, size and modification time, so adding, removing or editing an image
+    invalidates the cache without reading the images. A cache that cannot be written is skipped, not an error.
+
+    Args:
+        files: image paths (same size).
+        cache_dir: where ``<key>.npy`` files live.
+
+    Returns:
+        The ``(N, H, W, 3)`` uint8 array.
+    """
+    digest = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    path = cache_dir / f"images-{digest.hexdigest()[:20]}.npy"
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable cache %s", path)
+    images = decode_all(files)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, images)
+        tmp.replace(path)  # atomic: a concurrent run never reads a half-written file
+    except OSError as err:
+        log.warning("could not write decode cache %s (%s); the next run decodes again", path, err)
+    return images
 
 
 class ArrayImages(Dataset):
