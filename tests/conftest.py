@@ -1,6 +1,10 @@
 """Shared fixtures: tiny image folders made in tmp_path, a tiny registered architecture, Hydra configs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,3 +89,25 @@ def _no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr("torchvision.datasets.utils.download_url", refuse)
+
+
+TINY = ["trainer=cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "data.val_size=6",
+        "data.batch_size=8", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false"]
+CACHE = tempfile.mkdtemp(prefix="transfer-test-cache-")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transfer.run", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": CACHE, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, list[str], Path]:
+    """One real ``python -m transfer.run`` (packaged EfficientNet-Lite0 weights, tiny data), shared by the tests
+    that read its outputs: ``(run_dir, completed process, its arguments, data root)``."""
+    root = make_image_folder(tmp_path_factory.mktemp("data") / "tiny", {"train": 12, "test": 4})
+    run_dir = tmp_path_factory.mktemp("runs") / "lite0"
+    args = ["model=efficientnet_lite0", f"data.root={root}", f"hydra.run.dir={run_dir}", *TINY]
+    return run_dir, run(*args), args, root
+
+

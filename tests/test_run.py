@@ -2,38 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-import pytest
-
-TINY = ["trainer=cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "data.val_size=6",
-        "data.batch_size=8", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false"]
-
-
-CACHE = tempfile.mkdtemp(prefix="transfer-test-cache-")
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer.run", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": CACHE, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, list[str]]:
-    from tests.conftest import make_image_folder
-
-    root = make_image_folder(tmp_path_factory.mktemp("data") / "tiny", {"train": 12, "test": 4})
-    run_dir = tmp_path_factory.mktemp("runs") / "lite0"
-    args = ["model=efficientnet_lite0", f"data.root={root}", f"hydra.run.dir={run_dir}", *TINY]
-    return run_dir, run(*args), args
+from tests.conftest import TINY, run
 
 
 def test_a_run_writes_every_output(finished_run):
-    run_dir, proc, _ = finished_run
+    run_dir, proc, *_ = finished_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout and str(run_dir) in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -59,7 +34,7 @@ def test_a_run_writes_every_output(finished_run):
 def test_a_checkpoint_describes_itself(finished_run):
     from transfer.module import Classifier
 
-    run_dir, proc, _ = finished_run
+    run_dir, proc, *_ = finished_run
     assert proc.returncode == 0
     module = Classifier.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert module.class_names == ["cat", "dog", "ship"]
@@ -68,7 +43,7 @@ def test_a_checkpoint_describes_itself(finished_run):
 
 
 def test_rerunning_into_a_finished_run_directory_overwrites_nothing(finished_run):
-    run_dir, proc, args = finished_run
+    run_dir, proc, args, _ = finished_run
     assert proc.returncode == 0
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
     again = run(*args)
@@ -100,3 +75,9 @@ def test_multirun_sweep_gives_each_job_its_own_directory(tiny_cifar: Path, tmp_p
     names = [p.parent.name for p in summaries]
     assert names[0].startswith("0_") and "finetune.bn=train" in names[0]
     assert names[1].startswith("1_") and "finetune.bn=frozen" in names[1]
+
+
+def test_an_input_size_the_adapted_model_cannot_take_is_a_clear_error(tiny_cifar: Path, tmp_path: Path):
+    proc = run("model=vit_b_16", "model.pretrained=false", "model.adapt=native", "data.image_size=48",
+               f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'run'}", *TINY)
+    assert proc.returncode == 2 and "cannot take 48 px inputs" in proc.stderr and "Traceback" not in proc.stderr

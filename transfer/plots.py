@@ -45,3 +45,53 @@ def plot_epoch_curves(epochs: Sequence[dict[str, float]], path: Path, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def image_grid(images: Sequence, titles: Sequence[str], truths: Sequence[str | None], path: Path,
+               max_images: int = 64) -> None:
+    """A grid of images titled with their prediction; green when it matches the known true label, red when not.
+
+    Args:
+        images: file paths or ``(H, W, 3)`` uint8 arrays.
+        titles: one caption per image (the prediction).
+        truths: the true label per image, or ``None`` when unknown.
+        path: PNG to write.
+        max_images: at most this many are drawn.
+    """
+    from PIL import Image
+
+    n = min(len(images), max_images)
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title, truth in zip(axes.flat, images[:n], titles[:n], truths[:n]):
+        if isinstance(img, (str, Path)):
+            with Image.open(img) as im:
+                img = np.asarray(im.convert("RGB"))
+        ax.imshow(img)
+        colour = "black" if truth is None else ("green" if title.split()[0] == truth else "red")
+        ax.set_title(title + ("" if truth is None else f"\ntrue: {truth}"), fontsize=7, color=colour)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
+    """Row-normalised confusion matrix (rows: true class), with counts in the cells."""
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.55 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -36,6 +37,23 @@ def check_fresh(run_dir: Path) -> None:
             f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
             f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
             f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new directory.")
+
+
+def check_input_size(module: Classifier, size: int) -> None:
+    """Fail before training, with a clear message, if the (adapted) model cannot take ``size`` px inputs."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        meta = module.model.meta
+        raise ConfigError(
+            f"Model {meta.name} with model.adapt={meta.adapt} cannot take {size} px inputs "
+            f"({str(err).splitlines()[0][:160]}). Use data.image_size=32 with adapt=native (transformers are adapted "
+            f"for 32 px), or model.adapt=resize to feed the pretrained {meta.input_size} px.") from err
+    finally:
+        module.train(was_training)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
@@ -75,6 +93,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                         optimizer=_container(cfg.optimizer), scheduler=_container(cfg.scheduler),
                         label_smoothing=float(cfg.label_smoothing))
     module.preprocess = datamodule.configure(module.model.meta)
+    check_input_size(module, module.preprocess.image_size)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     history = History()

@@ -31,6 +31,8 @@ class Preprocess:
         std: normalisation std.
         interpolation: resize interpolation (of the pretrained weights).
         crop_pct: for photos of any size, eval resizes to ``image_size / crop_pct`` then centre-crops.
+        native_size: the training data's own size (32 for CIFAR-10), ``None`` for photos of any size; decides
+            how new images are brought to ``image_size`` at prediction time.
     """
 
     image_size: int
@@ -38,6 +40,7 @@ class Preprocess:
     std: tuple[float, ...]
     interpolation: str = "bilinear"
     crop_pct: float = 0.875
+    native_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form, for checkpoints."""
@@ -60,7 +63,8 @@ def resolve_preprocess(meta: Any, image_size: int | None, native_size: int | Non
         image_size = native_size if (meta.adapt == "native" and native_size) else meta.input_size
     if int(image_size) < 8:
         raise ConfigError(f"data.image_size={image_size} is too small; use 32 (CIFAR's own size) or more.")
-    return Preprocess(int(image_size), tuple(meta.mean), tuple(meta.std), meta.interpolation)
+    return Preprocess(int(image_size), tuple(meta.mean), tuple(meta.std), meta.interpolation,
+                      native_size=native_size)
 
 
 def _normalize(pre: Preprocess) -> list[Any]:
@@ -111,12 +115,19 @@ def train_transform(pre: Preprocess, augment: Mapping[str, Any], native_size: in
 
 
 def eval_transform(pre: Preprocess, native_size: int | None) -> T.Compose:
-    """The validation/test/prediction pipeline: deterministic resize (and centre crop for photos), normalise."""
-    if native_size is None:
-        resize = int(round(pre.image_size / pre.crop_pct))
-        steps: list[Any] = [T.Resize(resize, interpolation=_interp(pre)), T.CenterCrop(pre.image_size)]
-    elif pre.image_size != native_size:
-        steps = [T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre), antialias=True)]
+    """The validation/test/prediction pipeline: deterministic resize (and centre crop for photos), normalise.
+
+    Args:
+        pre: the model's :class:`Preprocess`.
+        native_size: the data's own size; images of another size (new photos at prediction time) are
+            squashed to ``image_size`` like CIFAR's, so a CIFAR-trained model sees what it was trained on.
+
+    Returns:
+        A composed transform taking a PIL image.
+    """
+    if native_size is not None:
+        steps: list[Any] = [T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre), antialias=True)]
     else:
-        steps = []
+        resize = int(round(pre.image_size / pre.crop_pct))
+        steps = [T.Resize(resize, interpolation=_interp(pre)), T.CenterCrop(pre.image_size)]
     return T.Compose(steps + _normalize(pre))

@@ -1,0 +1,61 @@
+"""Using a trained model: predict from the checkpoint alone, evaluate on a data split, and agree."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CACHE
+from transfer.errors import ConfigError
+from transfer.predict import collect_images, find_checkpoint
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRANSFER_CACHE": CACHE})
+
+
+def test_predict_then_evaluate_agree_on_the_test_split(finished_run, tmp_path: Path):
+    run_dir, proc, _, root = finished_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pred = cli("transfer.predict", f"ckpt={run_dir}", f"images={root / 'test'}", "topk=2", "grid=true",
+               f"out={tmp_path / 'pred'}")
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(results) == 12 and all(r["true"] in ("cat", "dog", "ship") for r in results)
+    assert all(len(r["topk"]) == 2 and r["topk"][0][1] >= r["topk"][1][1] for r in results)
+    assert (tmp_path / "pred" / "predictions.csv").read_text().startswith("image,true,class1,prob1")
+    assert (tmp_path / "pred" / "predictions.png").stat().st_size > 0
+    predicted_acc = sum(r["label"] == r["true"] for r in results) / len(results)
+
+    ev = cli("transfer.evaluate", f"ckpt={run_dir}", f"data.root={root}", "data.val_size=6", "data.num_workers=0",
+             "data.download=false", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 12 and metrics["accuracy"] == pytest.approx(predicted_acc)
+    assert sum(map(sum, metrics["confusion"])) == 12
+    for name in ("confusion_matrix.png", "top_losses.png", "report.md"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_checkpoint_and_image_lookup_errors_are_clear(tmp_path: Path):
+    with pytest.raises(ConfigError, match="No checkpoint"):
+        find_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="matches no image files"):
+        collect_images(str(tmp_path / "*.jpg"))
+
+
+def test_classification_metrics_on_a_known_case():
+    import torch
+
+    from transfer.evaluate import classification_metrics
+
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    targets = torch.tensor([0, 0, 1, 1])
+    m = classification_metrics(logits, targets, ["a", "b"])
+    assert m["accuracy"] == 0.75 and m["confusion"] == [[2, 0], [1, 1]]
+    assert m["per_class"]["a"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["recall"] == 0.5

@@ -1,0 +1,126 @@
+"""``python -m transfer.evaluate ckpt=<checkpoint or run dir> [data=...] [split=test]``: the evaluate-only path.
+
+Writes into a new directory: ``metrics.json`` (accuracy, per-class accuracy, precision/recall/F1),
+``report.md`` (the classification report), ``confusion_matrix.png`` and ``top_losses.png`` (the images the
+model got most confidently wrong).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from transfer.data import ClassificationData
+from transfer.errors import ConfigError, report_errors
+from transfer.module import Classifier
+from transfer.plots import confusion_matrix_figure, image_grid
+from transfer.predict import _device, find_checkpoint
+from transfer.run import CONF_DIR
+
+
+@torch.no_grad()
+def collect(module: Classifier, loader: torch.utils.data.DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets over a loader."""
+    module = module.to(device).eval()
+    logits, targets = [], []
+    for x, y in loader:
+        logits.append(module(x.to(device)).float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, confusion matrix and per-class precision/recall/F1/support.
+
+    Args:
+        logits: ``(N, C)`` scores.
+        targets: ``(N,)`` true class indices.
+        classes: class names.
+
+    Returns:
+        A JSON-ready dict; ``confusion`` rows are true classes, columns predictions.
+    """
+    n = len(classes)
+    pred = logits.argmax(dim=1)
+    confusion = torch.bincount(targets * n + pred, minlength=n * n).reshape(n, n).numpy()
+    tp = np.diag(confusion).astype(float)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0)
+    per_class = {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                     "support": int(support[i])} for i, c in enumerate(classes)}
+    return {"accuracy": float((pred == targets).float().mean()), "n": int(len(targets)),
+            "loss": float(F.cross_entropy(logits, targets)), "per_class": per_class,
+            "macro_f1": float(f1.mean()), "confusion": confusion.tolist()}
+
+
+def report_markdown(metrics: dict[str, Any], title: str) -> str:
+    """The classification report as a Markdown table."""
+    lines = [f"# {title}", "", f"accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images, "
+             f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}", "",
+             "| class | precision | recall (class accuracy) | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+              for c, m in metrics["per_class"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
+    x, _ = dataset[i]
+    pre = module.preprocess
+    img = x * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]
+    return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Evaluate a checkpoint on a data split and write the report files into ``out``."""
+    module = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt))
+    datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
+    if datamodule.classes != module.class_names:
+        raise ConfigError(f"The checkpoint's classes {module.class_names} differ from the data's {datamodule.classes} "
+                          f"(data.root={datamodule.root}); evaluate on data with the same class folders.")
+    datamodule.image_size = module.preprocess.image_size
+    datamodule.configure(module.model.meta)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    if cfg.split not in ("test", "val"):
+        raise ConfigError(f"split={cfg.split!r}: use test or val.")
+    loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+    logits, targets = collect(module, loader, _device(cfg.device))
+    metrics = classification_metrics(logits, targets, module.class_names)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"
+    (out / "metrics.json").write_text(json.dumps({"ckpt": str(find_checkpoint(cfg.ckpt)), **metrics}, indent=1))
+    (out / "report.md").write_text(report_markdown(metrics, title))
+    confusion_matrix_figure(np.array(metrics["confusion"]), module.class_names, out / "confusion_matrix.png", title)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    worst = losses.argsort(descending=True)[: int(cfg.top_losses)].tolist()
+    probs = logits.softmax(dim=1)
+    names = module.class_names
+    image_grid([_raw_image(loader.dataset, i, module) for i in worst],
+               [f"{names[int(probs[i].argmax())]} {float(probs[i].max()):.2f}" for i in worst],
+               [names[int(targets[i])] for i in worst], out / "top_losses.png")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@report_errors
+def main(cfg: DictConfig) -> float:
+    """Command-line entry."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    metrics = evaluate(cfg, out)
+    print(report_markdown(metrics, "evaluation"))
+    print(f"outputs in {out}")
+    return metrics["accuracy"]
+
+
+if __name__ == "__main__":
+    main()
