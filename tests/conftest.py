@@ -92,7 +92,8 @@ def _no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 TINY = ["trainer=cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "data.val_size=6",
-        "data.batch_size=8", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false"]
+        "data.batch_size=8", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1"]
 CACHE = tempfile.mkdtemp(prefix="transfer-test-cache-")
 
 

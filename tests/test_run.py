@@ -81,3 +81,19 @@ def test_an_input_size_the_adapted_model_cannot_take_is_a_clear_error(tiny_cifar
     proc = run("model=vit_b_16", "model.pretrained=false", "model.adapt=native", "data.image_size=48",
                f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'run'}", *TINY)
     assert proc.returncode == 2 and "cannot take 48 px inputs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tensorboard_holds_scalars_inputs_confusion_and_hparams(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, proc, *_ = finished_run
+    assert proc.returncode == 0
+    tags: dict[str, set[str]] = {"scalars": set(), "images": set()}
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"train/loss_step", "val/acc", "lr-Adam/head", "lr-Adam/backbone"} <= tags["scalars"]
+    assert {"inputs/augmented", "test/confusion"} <= tags["images"]
+    assert "hp/test_acc" in tags["scalars"]

@@ -68,18 +68,20 @@ class Classifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch
         logits = self(x)
         metric(logits, y)
         self.log(f"{stage}/loss", self._loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
+        return logits.argmax(dim=1)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_acc)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Logs test loss/accuracy; returns the predicted classes (the confusion matrix is built from them)."""
+        return self._eval_step(batch, "test", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

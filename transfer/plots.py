@@ -78,8 +78,8 @@ def image_grid(images: Sequence, titles: Sequence[str], truths: Sequence[str | N
     plt.close(fig)
 
 
-def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
-    """Row-normalised confusion matrix (rows: true class), with counts in the cells."""
+def confusion_matrix_figure_object(matrix: np.ndarray, classes: Sequence[str], title: str = "") -> plt.Figure:
+    """Row-normalised confusion matrix (rows: true class) with counts in the cells, as a figure."""
     norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(5.0, 0.55 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -93,5 +93,11 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Pa
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix")
     fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
+    """:func:`confusion_matrix_figure_object`, saved as a PNG."""
+    fig = confusion_matrix_figure_object(matrix, classes, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -25,6 +25,7 @@ from transfer.models import count_parameters
 from transfer.module import Classifier
 from transfer.plots import plot_epoch_curves, plot_step_loss
 from transfer.provenance import code_version
+from transfer.tensorboard import TensorBoardExtras, log_hparams
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     finetune = StagedFinetuning(**_container(cfg.finetune))
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
                                  filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
-    trainer = build_trainer(cfg, run_dir, [finetune, checkpoint, history, LearningRateMonitor("epoch")])
+    callbacks = [finetune, checkpoint, history, LearningRateMonitor("epoch"), TensorBoardExtras()]
+    trainer = build_trainer(cfg, run_dir, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     train_seconds = time.perf_counter() - start
@@ -109,6 +111,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log_hparams(trainer, _hparams(cfg), {k: summary[k] for k in ("test_acc", "best_val_acc", "images_per_second")})
     _figures(history, run_dir, f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
              cfg.finetune.unfreeze_at_epoch)
     return summary
@@ -139,6 +142,16 @@ def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData
         "device": str(module.device), "precision": str(cfg.trainer.precision),
         "code": code_version(),
     }
+
+
+def _hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a sweep varies, flat, for TensorBoard's HParams tab."""
+    keys = ("model.name", "model.pretrained", "model.adapt", "optimizer._target_", "optimizer.lr",
+            "optimizer.weight_decay", "scheduler._target_", "finetune.unfreeze_at_epoch", "finetune.backbone_lr_ratio",
+            "finetune.bn", "data.batch_size", "data.image_size", "trainer.max_epochs", "trainer.precision", "seed",
+            "label_smoothing")
+    values = {k: OmegaConf.select(cfg, k) for k in keys}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
 
 
 def _figures(history: History, run_dir: Path, title: str, unfreeze_epoch: int | None) -> None:

@@ -1,0 +1,65 @@
+"""TensorBoard beyond scalars: augmented inputs at the start, the confusion matrix at the end, and HParams."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid
+
+
+def _writer(trainer: L.Trainer) -> Any | None:
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class TensorBoardExtras(L.Callback):
+    """Logs what a scalar dashboard misses.
+
+    * ``inputs/augmented``: the first training batch as the model sees it (un-normalised), to catch a wrong
+      augmentation or normalisation before hours are spent.
+    * ``test/confusion``: the test split's confusion matrix as a figure.
+    """
+
+    def __init__(self, max_images: int = 32) -> None:
+        self.max_images = max_images
+        self._logged_inputs = False
+        self._preds: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        writer = _writer(trainer)
+        if self._logged_inputs or writer is None or pl_module.preprocess is None:
+            return
+        x = batch[0][: self.max_images].detach().float().cpu()
+        pre = pl_module.preprocess
+        x = x * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]
+        writer.add_image("inputs/augmented", make_grid(x.clamp(0, 1), nrow=8), trainer.global_step)
+        self._logged_inputs = True
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._preds.append(outputs.cpu())  # test_step returns its predicted classes: no second forward pass
+        self._targets.append(batch[1].cpu())
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        writer = _writer(trainer)
+        if writer is None or not self._preds:
+            return
+        from transfer.plots import confusion_matrix_figure_object
+
+        n = len(pl_module.class_names)
+        pred, target = torch.cat(self._preds), torch.cat(self._targets)
+        matrix = torch.bincount(target * n + pred, minlength=n * n).reshape(n, n).numpy()
+        writer.add_figure("test/confusion", confusion_matrix_figure_object(matrix, pl_module.class_names),
+                          trainer.global_step)
+
+
+def log_hparams(trainer: L.Trainer, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Hyperparameters with final metrics, for TensorBoard's HParams tab (sweeps become one sortable table)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, {f"hp/{k}": v for k, v in metrics.items() if v is not None})
