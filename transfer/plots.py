@@ -101,3 +101,16 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Pa
     fig = confusion_matrix_figure_object(matrix, classes, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def overlay_curves(curves: dict[str, Sequence[float]], ylabel: str, path: Path) -> None:
+    """Several jobs' per-epoch curves on one axis, for a sweep report."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, ys in curves.items():
+        if ys:
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=label[:60])
+    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

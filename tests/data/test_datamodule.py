@@ -136,3 +136,11 @@ def test_decoded_images_are_cached_and_invalidated_by_changes(tiny_cifar: Path, 
     Image.new("RGB", (32, 32), (1, 2, 3)).save(files[0])
     changed = decode_cached(files, tmp_path / "c")
     assert len(list((tmp_path / "c").glob("*.npy"))) == 2 and tuple(changed[0, 0, 0]) == (1, 2, 3)
+
+
+def test_partial_evaluation_sees_every_class(tiny_cifar: Path):
+    """limit_val_batches / limit_test_batches read the first batches: those must not be one class only."""
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0))
+    first_test = [dm.test_set[i][1] for i in range(4)]
+    first_val = [dm.val_set[i][1] for i in range(3)]
+    assert len(set(first_test)) > 1 and len(set(first_val)) > 1

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transfer.data.cifar import CIFAR10_CLASSES, ensure_cifar10, load_cifar10
-from transfer.data.datasets import (ArrayImages, FileImages, list_classes, list_images, split_count,
+from transfer.data.datasets import (ArrayImages, FileImages, list_classes, list_images, mixed_order, split_count,
                                     stratified_split)
 from transfer.data.transforms import Preprocess, eval_transform, resolve_preprocess, train_transform
 from transfer.errors import ConfigError, DataNotFoundError
@@ -135,7 +135,8 @@ class CIFAR10Data(ClassificationData):
         keep, held = stratified_split(data.train_targets, count, self.split_seed)
         self.train_set = ArrayImages(data.train_images, data.train_targets, keep, train_tf)
         self.val_set = ArrayImages(data.train_images, data.train_targets, held, eval_tf)
-        self.test_set = ArrayImages(data.test_images, data.test_targets, range(len(data.test_targets)), eval_tf)
+        self.test_set = ArrayImages(data.test_images, data.test_targets,
+                                    mixed_order(len(data.test_targets), self.split_seed), eval_tf)
         self.source = data.source
 
 
@@ -186,7 +187,8 @@ class ImageFolderData(ClassificationData):
             folder = self._split_dir(*folders)
             if folder is not None:
                 split_files, split_targets = list_images(folder, classes)
-                splits[name] = FileImages(split_files, split_targets, range(len(split_files)), eval_tf)
+                splits[name] = FileImages(split_files, split_targets, mixed_order(len(split_files), self.split_seed),
+                                          eval_tf)
                 continue
             sub_targets = [targets[i] for i in keep]
             # Fractions are of the whole train folder, so val_size=0.1 means 10% whether or not test exists.

@@ -170,7 +170,8 @@ def stratified_split(targets: Sequence[int], count: int, seed: int) -> tuple[np.
         seed: split seed.
 
     Returns:
-        Sorted index arrays ``keep`` and ``held_out``.
+        ``keep`` (sorted) and ``held_out`` in a seeded random order, so that evaluating only the first
+        batches (``trainer.limit_val_batches``) still sees every class rather than the first one or two.
     """
     targets = np.asarray(targets)
     classes, sizes = np.unique(targets, return_counts=True)
@@ -186,6 +187,11 @@ def stratified_split(targets: Sequence[int], count: int, seed: int) -> tuple[np.
     for cls, n in zip(classes, take):
         members = np.flatnonzero(targets == cls)
         held.append(rng.permutation(members)[:n])
-    held_out = np.sort(np.concatenate(held)) if held else np.array([], dtype=int)
+    held_out = rng.permutation(np.concatenate(held)) if held else np.array([], dtype=int)
     keep = np.setdiff1d(np.arange(len(targets)), held_out)
     return keep, held_out
+
+
+def mixed_order(count: int, seed: int) -> np.ndarray:
+    """All indices in a seeded random order: class-sorted test folders evaluated in part stay representative."""
+    return np.random.default_rng(seed).permutation(count)

@@ -1,0 +1,45 @@
+"""The sweep report, from fabricated run directories."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from transfer.errors import ConfigError
+from transfer.report import epoch_to_fraction, write_report
+
+
+def fake_job(root: Path, name: str, model: str, seed: int, val_accs: list[float], test_acc: float) -> None:
+    job = root / name
+    job.mkdir(parents=True)
+    (job / "summary.json").write_text(json.dumps({
+        "model": model, "pretrained": True, "adapt": "native", "seed": seed, "params": 100, "epochs_run": len(val_accs),
+        "best_val_acc": max(val_accs), "test_acc": test_acc, "train_seconds": 10.0, "images_per_second": 50.0}))
+    (job / "history.json").write_text(json.dumps({"step_loss": [1.0], "epochs": [
+        {"epoch": i, "val/acc": a, "val/loss": 1 - a} for i, a in enumerate(val_accs)]}))
+
+
+def test_epoch_to_ninety_percent_of_best():
+    assert epoch_to_fraction([0.1, 0.5, 0.85, 0.9, 0.8]) == 3  # 0.85 >= 0.9 * 0.9
+    assert epoch_to_fraction([]) is None
+
+
+def test_report_has_a_row_per_job_seed_statistics_and_figures(tmp_path: Path):
+    fake_job(tmp_path, "0_seed=1", "resnet18", 1, [0.5, 0.7, 0.8], 0.78)
+    fake_job(tmp_path, "1_seed=2", "resnet18", 2, [0.4, 0.6, 0.9], 0.82)
+    fake_job(tmp_path, "2_model=alexnet", "alexnet", 1, [0.3, 0.5], 0.55)
+    md = write_report(tmp_path).read_text()
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [r["model"] for r in rows] == ["resnet18", "resnet18", "alexnet"]
+    assert rows[0]["epoch_to_90pct"] == "3" and rows[2]["test_acc"] == "0.55"
+    over_seeds = md.split("## Over seeds")[1]
+    assert "resnet18 | True | native | 2 | 0.8000 ± 0.0283" in over_seeds  # mean and sample std of 0.78, 0.82
+    assert "alexnet" not in over_seeds.split("![")[0]  # one seed: no statistics row
+    assert (tmp_path / "val_acc.png").stat().st_size > 0 and (tmp_path / "val_loss.png").stat().st_size > 0
+
+
+def test_a_folder_without_jobs_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="No finished jobs"):
+        write_report(tmp_path)
