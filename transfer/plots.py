@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -111,6 +112,42 @@ def overlay_curves(curves: dict[str, Sequence[float]], ylabel: str, path: Path) 
             ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=label[:60])
     ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def residual_figure(stats_by_weights: dict[str, list[Any]], path: Path, title: str = "") -> None:
+    """Per block: ||F(x)||/||x||, cos(F(x), x) and the gradient ratio residual/shortcut, one line per weight set."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, stats in stats_by_weights.items():
+        x = range(1, len(stats) + 1)
+        axes[0].plot(x, [s.rel_norm for s in stats], marker="o", ms=3, label=label)
+        axes[1].plot(x, [s.cos for s in stats], marker="o", ms=3, label=label)
+        axes[2].plot(x, [s.grad_residual / max(s.grad_shortcut, 1e-12) for s in stats], marker="o", ms=3, label=label)
+    for ax, ylabel in zip(axes, ("||F(x)|| / ||x||", "cos(F(x), x)", "||grad via F|| / ||grad via shortcut||")):
+        ax.set(xlabel="residual block", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    axes[2].set_yscale("log")
+    fig.suptitle(title or "Inside the residual blocks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plain_vs_residual_figure(result: dict[str, dict[str, list[float]]], path: Path, title: str = "") -> None:
+    """Training loss per step and mean gradient norm per block, plain vs residual."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for variant, data in result.items():
+        axes[0].plot(range(1, len(data["loss"]) + 1), data["loss"], lw=1, label=variant)
+        axes[1].plot(range(1, len(data["grad_norm"]) + 1), data["grad_norm"], marker="o", ms=3, label=variant)
+    axes[0].set(xlabel="step", ylabel="training loss", title="Training loss")
+    axes[1].set(xlabel="residual block (input side first)", ylabel="mean gradient norm of block parameters",
+                title="Gradient reaching each block", yscale="log")
+    for ax in axes:
+        ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
