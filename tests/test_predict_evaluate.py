@@ -59,3 +59,14 @@ def test_classification_metrics_on_a_known_case():
     m = classification_metrics(logits, targets, ["a", "b"])
     assert m["accuracy"] == 0.75 and m["confusion"] == [[2, 0], [1, 1]]
     assert m["per_class"]["a"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["recall"] == 0.5
+
+
+def test_untrained_head_demo_predicts_cifar_class_names(tiny_cifar: Path, tmp_path: Path):
+    """The source material's demo: a pretrained backbone with a fresh head, before any training."""
+    proc = cli("transfer.predict", "model=efficientnet_lite0", f"images={tiny_cifar / 'test' / 'cat'}", "topk=3",
+               f"out={tmp_path / 'demo'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "demo" / "predictions.json").read_text())
+    from transfer.data import CIFAR10_CLASSES
+
+    assert len(results) == 4 and all(r["label"] in CIFAR10_CLASSES and len(r["topk"]) == 3 for r in results)

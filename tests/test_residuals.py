@@ -23,7 +23,8 @@ def test_measures_on_a_hand_built_block_where_f_is_known():
 
 @pytest.mark.parametrize("name, count, kind", [("resnet18", 8, "BasicBlock"), ("resnet50", 16, "Bottleneck"),
                                                ("mobilenet_v2", 10, "InvertedResidual"),
-                                               ("efficientnet_b0", 9, "MBConv")])
+                                               ("efficientnet_b0", 9, "MBConv"),
+                                               ("efficientnet_lite0", 9, "InvertedResidual")])
 def test_every_residual_family_is_measured(name: str, count: int, kind: str):
     torch.manual_seed(0)
     model = create_model(name, 10, pretrained=False)

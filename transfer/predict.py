@@ -1,5 +1,8 @@
 """``python -m transfer.predict ckpt=<checkpoint or run dir> images=<file, folder or glob> [topk=5] [grid=true]``
 
+``model=<name>`` instead of ``ckpt=`` predicts with that pretrained backbone and a new, untrained head over
+CIFAR-10's classes (or ``classes=a,b,c``): the source material's "before training" demo.
+
 Top-k class names and probabilities for new images, from a checkpoint alone: it carries the architecture,
 class names, input size and normalisation. Results are printed as a table and written as CSV and JSON (and a
 PNG grid with ``grid=true``) into a new folder, ``outputs/predictions/<time>/`` unless ``out=`` says otherwise.
@@ -19,11 +22,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from transfer.data.datasets import IMAGE_EXTENSIONS
-from transfer.data.transforms import eval_transform
+from transfer.data.cifar import CIFAR10_CLASSES
+from transfer.data.transforms import eval_transform, resolve_preprocess
 from transfer.errors import ConfigError, report_errors
 from transfer.module import Classifier
 
-DEFAULTS = {"ckpt": None, "images": None, "topk": 5, "batch_size": 64, "grid": False, "out": None, "device": "auto"}
+CIFAR_SIZE = 32
+DEFAULTS = {"ckpt": None, "model": None, "classes": None, "images": None, "topk": 5, "batch_size": 64, "grid": False, "out": None, "device": "auto"}
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -96,6 +101,14 @@ def predict(module: Classifier, files: list[Path], topk: int = 5, batch_size: in
     return results
 
 
+def untrained(name: str, classes: str | None = None) -> Classifier:
+    """A pretrained backbone with a new head that has seen no data (its predictions are guesses)."""
+    names = [c.strip() for c in classes.split(",")] if classes else list(CIFAR10_CLASSES)
+    module = Classifier({"name": name}, names, {"_target_": "torch.optim.Adam"})
+    module.preprocess = resolve_preprocess(module.model.meta, None, CIFAR_SIZE)
+    return module
+
+
 def write_results(results: list[dict[str, Any]], out: Path) -> None:
     """``predictions.json`` and ``predictions.csv`` (one row per image, top-k flattened)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -123,10 +136,11 @@ def print_table(results: list[dict[str, Any]], limit: int = 50) -> None:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Command-line entry (``key=value`` arguments, as in Hydra)."""
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
-    if not cfg.ckpt or not cfg.images:
+    if not (cfg.ckpt or cfg.model) or not cfg.images:
         raise ConfigError("Usage: python -m transfer.predict ckpt=<checkpoint or run dir> images=<file, folder or "
-                          "glob> [topk=5] [grid=true] [out=DIR] [device=auto]")
-    module = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt))
+                          "glob> [topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for "
+                          "a pretrained backbone with an untrained head.")
+    module = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt)) if cfg.ckpt else untrained(cfg.model, cfg.classes)
     results = predict(module, collect_images(str(cfg.images)), int(cfg.topk), int(cfg.batch_size), str(cfg.device))
     out = Path(cfg.out or f"outputs/predictions/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}")
     write_results(results, out)

@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from timm.models import _efficientnet_blocks as timm_blocks
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, resnet
 
 from transfer.errors import ConfigError, WeightsUnavailableError, report_errors
@@ -47,6 +48,15 @@ def _bottleneck(b: nn.Module, x: Tensor) -> Tensor:
     return b.bn3(b.conv3(b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))))
 
 
+def _timm_branch(b: nn.Module, x: Tensor) -> Tensor:
+    # timm's blocks add their skip inside forward when has_skip is set; run that forward without it to get F.
+    b.has_skip = False
+    try:
+        return type(b).forward(b, x)
+    finally:
+        b.has_skip = True
+
+
 # block type -> (residual branch F, activation applied after the sum)
 FAMILIES: dict[type, tuple[Branch, Callable[[Tensor], Tensor]]] = {
     resnet.BasicBlock: (_basic, F.relu),
@@ -54,13 +64,15 @@ FAMILIES: dict[type, tuple[Branch, Callable[[Tensor], Tensor]]] = {
     mobilenetv2.InvertedResidual: (lambda b, x: b.conv(x), lambda t: t),
     mobilenetv3.InvertedResidual: (lambda b, x: b.block(x), lambda t: t),
     efficientnet.MBConv: (lambda b, x: b.stochastic_depth(b.block(x)), lambda t: t),
+    timm_blocks.InvertedResidual: (_timm_branch, lambda t: t),  # EfficientNet-Lite, timm MobileNets
+    timm_blocks.DepthwiseSeparableConv: (_timm_branch, lambda t: t),
 }
 
 
 def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Blocks with a shortcut, in forward order (mobile blocks without one, e.g. strided, are skipped)."""
     return [(name, m) for name, m in model.named_modules()
-            if type(m) in FAMILIES and getattr(m, "use_res_connect", True)]
+            if type(m) in FAMILIES and getattr(m, "use_res_connect", True) and getattr(m, "has_skip", True)]
 
 
 def _shortcut(block: nn.Module, x: Tensor) -> Tensor:
