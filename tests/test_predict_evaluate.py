@@ -70,3 +70,13 @@ def test_untrained_head_demo_predicts_cifar_class_names(tiny_cifar: Path, tmp_pa
     from transfer.data import CIFAR10_CLASSES
 
     assert len(results) == 4 and all(r["label"] in CIFAR10_CLASSES and len(r["topk"]) == 3 for r in results)
+
+
+def test_a_file_that_is_not_a_transfer_checkpoint_is_refused(tmp_path: Path):
+    import torch
+
+    from transfer.module import Classifier
+
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="not a checkpoint written by transfer.run"):
+        Classifier.from_checkpoint(tmp_path / "other.ckpt")

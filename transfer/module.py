@@ -5,6 +5,7 @@ carries class names, preprocessing and the code version, so prediction needs not
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from transfer.data.transforms import Preprocess
+from transfer.errors import ConfigError
 from transfer.models import TransferModel, create_model
 from transfer.optim import build_optimizer, build_scheduler
 from transfer.provenance import code_version
@@ -114,9 +116,15 @@ class Classifier(L.LightningModule):
         Returns:
             The module in eval mode, with ``preprocess`` restored.
         """
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        model_args = {**ckpt["hyper_parameters"]["model"], "pretrained": False, "weights": None}
-        module = cls.load_from_checkpoint(path, map_location=map_location, model=model_args)
+        # weights_only: a checkpoint handed to predict/evaluate must not be able to run code either.
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            model_args = {**ckpt["hyper_parameters"]["model"], "pretrained": False, "weights": None}
+        except (pickle.UnpicklingError, KeyError, TypeError, RuntimeError) as err:
+            raise ConfigError(f"{path} is not a checkpoint written by transfer.run, or holds pickled objects that "
+                              f"could run code ({type(err).__name__}: {str(err)[:120]}). Pass a .ckpt from a run's "
+                              f"checkpoints/ folder.") from err
+        module = cls.load_from_checkpoint(path, map_location=map_location, model=model_args, weights_only=True)
         info = ckpt.get("transfer", {})
         if info.get("preprocess"):
             pre = info["preprocess"]
