@@ -12,6 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
+def _save(fig: plt.Figure, path: Path, title: str = "", dpi: int = 120) -> None:
+    """Title (optional), lay out, write the PNG and free the figure (figures pile up in long sweeps otherwise)."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_step_loss(losses: Sequence[float], path: Path, title: str = "") -> None:
     """Training loss per iteration, with a moving average to show the trend through the noise."""
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -22,9 +31,7 @@ def plot_step_loss(losses: Sequence[float], path: Path, title: str = "") -> None
         ax.plot(range(window, len(losses) + 1), smooth, lw=1.5, label=f"moving average ({window})")
     ax.set(xlabel="iteration", ylabel="training loss", title=title or "Training loss per iteration")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_epoch_curves(epochs: Sequence[dict[str, float]], path: Path, title: str = "",
@@ -41,11 +48,7 @@ def plot_epoch_curves(epochs: Sequence[dict[str, float]], path: Path, title: str
         ax.set(xlabel="epoch", ylabel="accuracy" if metric == "acc" else "loss",
                title=("Accuracy" if metric == "acc" else "Loss") + " per epoch")
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, title)
 
 
 def image_grid(images: Sequence, titles: Sequence[str], truths: Sequence[str | None], path: Path,
@@ -74,9 +77,7 @@ def image_grid(images: Sequence, titles: Sequence[str], truths: Sequence[str | N
         ax.imshow(img)
         colour = "black" if truth is None else ("green" if title.split()[0] == truth else "red")
         ax.set_title(title + ("" if truth is None else f"\ntrue: {truth}"), fontsize=7, color=colour)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def confusion_matrix_figure_object(matrix: np.ndarray, classes: Sequence[str], title: str = "") -> plt.Figure:
@@ -99,9 +100,7 @@ def confusion_matrix_figure_object(matrix: np.ndarray, classes: Sequence[str], t
 
 def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> None:
     """:func:`confusion_matrix_figure_object`, saved as a PNG."""
-    fig = confusion_matrix_figure_object(matrix, classes, title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(confusion_matrix_figure_object(matrix, classes, title), path)
 
 
 def overlay_curves(curves: dict[str, Sequence[float]], ylabel: str, path: Path) -> None:
@@ -112,9 +111,7 @@ def overlay_curves(curves: dict[str, Sequence[float]], ylabel: str, path: Path) 
             ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=label[:60])
     ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def residual_figure(stats_by_weights: dict[str, list[Any]], path: Path, title: str = "") -> None:
@@ -129,10 +126,7 @@ def residual_figure(stats_by_weights: dict[str, list[Any]], path: Path, title: s
         ax.set(xlabel="residual block", ylabel=ylabel)
         ax.legend(fontsize=8)
     axes[2].set_yscale("log")
-    fig.suptitle(title or "Inside the residual blocks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, title or "Inside the residual blocks")
 
 
 def plain_vs_residual_figure(result: dict[str, dict[str, list[float]]], path: Path, title: str = "") -> None:
@@ -146,8 +140,4 @@ def plain_vs_residual_figure(result: dict[str, dict[str, list[float]]], path: Pa
                 title="Gradient reaching each block", yscale="log")
     for ax in axes:
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, title)
