@@ -10,6 +10,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path, title: str = "", dpi: int = 120) -> None:
@@ -45,6 +46,7 @@ def plot_epoch_curves(epochs: Sequence[dict[str, float]], path: Path, title: str
             ax.plot(x, ys, marker="o", ms=3, label="validation" if split == "val" else split)
         if unfreeze_epoch is not None and 0 < unfreeze_epoch < len(epochs):
             ax.axvline(unfreeze_epoch + 0.5, color="grey", ls="--", lw=1, label="backbone unfrozen")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="epoch", ylabel="accuracy" if metric == "acc" else "loss",
                title=("Accuracy" if metric == "acc" else "Loss") + " per epoch")
         ax.legend()
@@ -110,6 +112,7 @@ def overlay_curves(curves: dict[str, Sequence[float]], ylabel: str, path: Path) 
         if ys:
             ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=label[:60])
     ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     _save(fig, path)
 

@@ -67,6 +67,13 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
+def _label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """A short legend entry: job number, model, weights, adapt (and seed when the sweep varies it)."""
+    label = (f"{row['job'].split('_')[0]} {row['model']} {'pretrained' if row['pretrained'] else 'scratch'} "
+             f"{row['adapt']}")
+    return label + (f" seed {row['seed']}" if len({r["seed"] for r in rows}) > 1 else "")
+
+
 def write_report(sweep: Path) -> Path:
     """Write ``report.md``, ``report.csv`` and the overlay PNGs into ``sweep``; returns the Markdown path."""
     from transfer.plots import overlay_curves
@@ -87,7 +94,8 @@ def write_report(sweep: Path) -> Path:
         lines += [f"| {g['model']} | {g['pretrained']} | {g['adapt']} | {g['seeds']} | {g['test_acc'][0]:.4f} ± "
                   f"{g['test_acc'][1]:.4f} | {g['best_val_acc'][0]:.4f} ± {g['best_val_acc'][1]:.4f} |" for g in groups]
     for key, name in (("val/acc", "val_acc.png"), ("val/loss", "val_loss.png")):
-        overlay_curves({r["job"]: r["curves"][key] for r in rows}, key.replace("val/", "validation "), sweep / name)
+        overlay_curves({_label(r, rows): r["curves"][key] for r in rows}, key.replace("val/", "validation "),
+                       sweep / name)
         lines += ["", f"![{key}]({name})"]
     (sweep / "report.md").write_text("\n".join(lines) + "\n")
     return sweep / "report.md"
