@@ -148,8 +148,8 @@ def inspect_blocks(model: nn.Module, images: Tensor, targets: Tensor) -> list[Bl
 
 def stats_table(stats: list[BlockStats]) -> str:
     """A fixed-width text table."""
-    head = f"{'block':<22}{'kind':<12}{'|F|/|x|':>9}{'cos':>8}{'grad via x':>12}{'grad via F':>12}"
-    rows = [f"{s.block:<22}{s.kind:<12}{s.rel_norm:>9.3f}{s.cos:>8.3f}{s.grad_shortcut:>12.3g}{s.grad_residual:>12.3g}"
+    head = f"{'block':<22}{'kind':<18}{'|F|/|x|':>9}{'cos':>8}{'grad via x':>12}{'grad via F':>12}"
+    rows = [f"{s.block:<22}{s.kind:<18}{s.rel_norm:>9.3f}{s.cos:>8.3f}{s.grad_shortcut:>12.3g}{s.grad_residual:>12.3g}"
             for s in stats]
     return "\n".join([head, *rows])
 
