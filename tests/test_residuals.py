@@ -58,3 +58,10 @@ def test_plain_vs_residual_training_runs_both_variants_from_the_same_start():
     assert set(result) == {"residual", "plain"}
     for data in result.values():
         assert len(data["loss"]) == 3 and len(data["grad_norm"]) == 8 and all(g > 0 for g in data["grad_norm"])
+
+
+def test_training_with_instrumented_blocks_keeps_no_activations():
+    model = create_model("resnet18", 3, pretrained=False)
+    with instrument(model, plain=True, record=False) as records:
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert records == []

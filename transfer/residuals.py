@@ -93,9 +93,10 @@ class BlockStats:
 
 
 @contextmanager
-def instrument(model: nn.Module, plain: bool = False) -> Iterator[list[dict[str, Any]]]:
+def instrument(model: nn.Module, plain: bool = False, record: bool = True) -> Iterator[list[dict[str, Any]]]:
     """Run ``model`` with every residual block's input, branch and shortcut recorded (and, if ``plain``, without
-    the shortcut). Yields the list the records are appended to, one dict per block call."""
+    the shortcut). Yields the list the records are appended to, one dict per block call; ``record=False`` keeps
+    nothing (for training loops, where kept activations would hold every step's graph in memory)."""
     records: list[dict[str, Any]] = []
     blocks = residual_blocks(model)
     for name, block in blocks:
@@ -104,7 +105,8 @@ def instrument(model: nn.Module, plain: bool = False) -> Iterator[list[dict[str,
         def forward(x: Tensor, block=block, name=name, branch=branch, post=post) -> Tensor:
             f = branch(block, x)
             s = _shortcut(block, x)
-            records.append({"block": name, "kind": type(block).__name__, "x": x, "f": f, "s": s})
+            if record:
+                records.append({"block": name, "kind": type(block).__name__, "x": x, "f": f, "s": s})
             return post(f if plain else f + s)
 
         block.forward = forward  # instance attribute: nn.Module.__call__ picks it up
@@ -179,7 +181,7 @@ def train_plain_vs_residual(make_model: Callable[[], nn.Module], batches: list[t
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         blocks = residual_blocks(model)
         losses, grad_sums = [], [0.0] * len(blocks)
-        with instrument(model, plain=variant == "plain"):
+        with instrument(model, plain=variant == "plain", record=False):
             for step in range(steps):
                 x, y = batches[step % len(batches)]
                 opt.zero_grad(set_to_none=True)
