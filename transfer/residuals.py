@@ -202,10 +202,11 @@ def _weight_sets(cfg: Any, num_classes: int) -> dict[str, nn.Module]:
     args = {"name": cfg.model.name, "num_classes": num_classes, "adapt": cfg.model.adapt}
     torch.manual_seed(cfg.seed)
     sets = {"random": create_model(pretrained=False, **args)}
-    try:
-        sets["pretrained"] = create_model(pretrained=True, weights=cfg.model.weights, **args)
-    except WeightsUnavailableError as err:
-        print(f"pretrained weights skipped: {err}")
+    if cfg.model.pretrained or cfg.model.weights:  # model.pretrained=false: random (and checkpoint) only
+        try:
+            sets["pretrained"] = create_model(pretrained=True, weights=cfg.model.weights, **args)
+        except WeightsUnavailableError as err:
+            print(f"pretrained weights skipped: {err}")
     if cfg.ckpt:
         sets["fine-tuned"] = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt)).model
     return sets
