@@ -22,7 +22,7 @@ from transfer.data import ClassificationData
 from transfer.errors import ConfigError, report_errors
 from transfer.module import Classifier
 from transfer.plots import confusion_matrix_figure, image_grid
-from transfer.predict import _device, find_checkpoint
+from transfer.predict import find_checkpoint, pick_device
 from transfer.run import CONF_DIR
 
 
@@ -75,9 +75,7 @@ def report_markdown(metrics: dict[str, Any], title: str) -> str:
 
 def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
     x, _ = dataset[i]
-    pre = module.preprocess
-    img = x * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]
-    return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    return (module.preprocess.denormalize(x).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
 def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -94,7 +92,7 @@ def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split!r}: use test or val.")
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-    logits, targets = collect(module, loader, _device(cfg.device))
+    logits, targets = collect(module, loader, pick_device(cfg.device))
     metrics = classification_metrics(logits, targets, module.class_names)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"

@@ -60,7 +60,8 @@ def collect_images(spec: str) -> list[Path]:
     return sorted(files)
 
 
-def _device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
+    """``auto`` means the GPU when there is one, else the CPU; anything else is a torch device name."""
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -83,8 +84,8 @@ def predict(module: Classifier, files: list[Path], topk: int = 5, batch_size: in
     pre = module.preprocess
     if pre is None:
         raise ConfigError("The checkpoint has no preprocessing record; it was not written by transfer.run.")
-    transform = eval_transform(pre, pre.native_size)
-    dev = _device(device)
+    transform = eval_transform(pre)
+    dev = pick_device(device)
     module = module.to(dev).eval()
     names = module.class_names
     k = min(topk, len(names))

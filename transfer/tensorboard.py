@@ -34,10 +34,8 @@ class TensorBoardExtras(L.Callback):
         writer = _writer(trainer)
         if self._logged_inputs or writer is None or pl_module.preprocess is None:
             return
-        x = batch[0][: self.max_images].detach().float().cpu()
-        pre = pl_module.preprocess
-        x = x * torch.tensor(pre.std)[:, None, None] + torch.tensor(pre.mean)[:, None, None]
-        writer.add_image("inputs/augmented", make_grid(x.clamp(0, 1), nrow=8), trainer.global_step)
+        x = pl_module.preprocess.denormalize(batch[0][: self.max_images].detach().float().cpu())
+        writer.add_image("inputs/augmented", make_grid(x, nrow=8), trainer.global_step)
         self._logged_inputs = True
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

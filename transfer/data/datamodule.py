@@ -74,8 +74,7 @@ class ClassificationData(L.LightningDataModule):
         """``(train, eval)`` transforms for the configured model."""
         if self.preprocess is None:
             raise RuntimeError("call configure(model.meta) before setup(): normalisation comes from the model")
-        return (train_transform(self.preprocess, self.augment, self.native_size),
-                eval_transform(self.preprocess, self.native_size))
+        return train_transform(self.preprocess, self.augment), eval_transform(self.preprocess)
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

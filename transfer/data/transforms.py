@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
 from torchvision import transforms as T
 
 from transfer.errors import ConfigError
@@ -46,6 +48,12 @@ class Preprocess:
         """Plain-Python form, for checkpoints."""
         return asdict(self)
 
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Undo the normalisation of a ``(..., 3, H, W)`` batch, back to [0, 1] pixels for display."""
+        mean = torch.tensor(self.mean, device=x.device)[:, None, None]
+        std = torch.tensor(self.std, device=x.device)[:, None, None]
+        return (x * std + mean).clamp(0, 1)
+
 
 def resolve_preprocess(meta: Any, image_size: int | None, native_size: int | None) -> Preprocess:
     """Decide the model's input size and normalisation.
@@ -77,7 +85,7 @@ def _interp(pre: Preprocess) -> T.InterpolationMode:
     return _INTERPOLATION[pre.interpolation]
 
 
-def train_transform(pre: Preprocess, augment: Mapping[str, Any], native_size: int | None) -> T.Compose:
+def train_transform(pre: Preprocess, augment: Mapping[str, Any]) -> T.Compose:
     """The training pipeline: crop, flip, colour jitter, rotation, then resize and normalise.
 
     Args:
@@ -85,11 +93,11 @@ def train_transform(pre: Preprocess, augment: Mapping[str, Any], native_size: in
         augment: ``data.augment``; keys ``crop_padding`` (padded random crop at the native size) or
             ``resized_crop_scale`` (RandomResizedCrop, for photos), ``hflip``, ``color_jitter`` (four
             numbers), ``rotation`` (degrees). A missing or null key disables that step.
-        native_size: the dataset's own size, or ``None`` for photos of any size.
 
     Returns:
         A composed transform taking a PIL image.
     """
+    native_size = pre.native_size
     known = {"crop_padding", "resized_crop_scale", "hflip", "color_jitter", "rotation"}
     unknown = set(augment) - known
     if unknown:
@@ -114,18 +122,19 @@ def train_transform(pre: Preprocess, augment: Mapping[str, Any], native_size: in
     return T.Compose(steps + _normalize(pre))
 
 
-def eval_transform(pre: Preprocess, native_size: int | None) -> T.Compose:
+def eval_transform(pre: Preprocess) -> T.Compose:
     """The validation/test/prediction pipeline: deterministic resize (and centre crop for photos), normalise.
+
+    With a ``native_size`` (CIFAR-style data), images of another size (new photos at prediction time) are
+    squashed to ``image_size`` like CIFAR's, so a CIFAR-trained model sees what it was trained on.
 
     Args:
         pre: the model's :class:`Preprocess`.
-        native_size: the data's own size; images of another size (new photos at prediction time) are
-            squashed to ``image_size`` like CIFAR's, so a CIFAR-trained model sees what it was trained on.
 
     Returns:
         A composed transform taking a PIL image.
     """
-    if native_size is not None:
+    if pre.native_size is not None:
         steps: list[Any] = [T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre), antialias=True)]
     else:
         resize = int(round(pre.image_size / pre.crop_pct))

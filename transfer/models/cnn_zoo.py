@@ -17,7 +17,7 @@ from torchvision import models as tvm
 
 from transfer.models.adapt import shrink_conv
 from transfer.models.core import Architecture, Split, register
-from transfer.models.sources import timm_info, torchvision_info
+from transfer.models.sources import timm_info, timm_split, torchvision_info
 
 
 def _fc_split(attr: str):
@@ -66,11 +66,6 @@ def _inception_resnet_native(net: nn.Module) -> None:
     net.conv2d_1a.conv.stride = (1, 1)
     net.maxpool_3a = nn.Identity()
     net.maxpool_5a = nn.Identity()
-
-
-def _timm_split(net: nn.Module) -> Split:
-    net.reset_classifier(0)  # keeps timm's global pooling; the forward now returns pooled features
-    return Split(net, None, net.num_features)
 
 
 class LeNet5(nn.Module):
@@ -123,7 +118,7 @@ register(Architecture(
 
 register(Architecture(
     name="inception_resnet_v2", family="inception",
-    build=lambda: timm.create_model("inception_resnet_v2", pretrained=False), split=_timm_split,
+    build=lambda: timm.create_model("inception_resnet_v2", pretrained=False), split=timm_split,
     classifier="classif.", adapters={"native": _inception_resnet_native},
     **timm_info("inception_resnet_v2.tf_in1k")))
 

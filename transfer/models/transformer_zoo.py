@@ -19,7 +19,7 @@ from torchvision import models as tvm
 
 from transfer.models.adapt import interpolate_pos_embed, resample_kernel, resize_rel_pos_table
 from transfer.models.core import Architecture, Split, register
-from transfer.models.sources import timm_info, torchvision_info
+from transfer.models.sources import timm_info, timm_split, torchvision_info
 from transfer.models.weights import WeightSource
 
 NATIVE_SIZE, NATIVE_PATCH = 32, 4
@@ -65,11 +65,6 @@ def _swin_native(net: nn.Module) -> None:
         size = max(1, (size + 1) // 2)
 
 
-def _timm_split(net: nn.Module) -> Split:
-    net.reset_classifier(0)
-    return Split(net, None, net.num_features)
-
-
 def _timm_native(net: nn.Module) -> None:
     net.set_input_size(img_size=NATIVE_SIZE, patch_size=NATIVE_PATCH)
 
@@ -100,11 +95,11 @@ for _name, _tag in (("deit_small", "deit_small_patch16_224.fb_in1k"), ("deit_bas
                     ("beit_base", "beit_base_patch16_224.in22k_ft_in22k_in1k")):
     register(Architecture(name=_name, family=_name.split("_")[0],
                           build=lambda t=_tag: timm.create_model(t.split(".")[0], pretrained=False),
-                          split=_timm_split, classifier="head.", adapters={"native": _timm_native},
+                          split=timm_split, classifier="head.", adapters={"native": _timm_native},
                           **timm_info(_tag), **_TRANSFORMER))
 
 register(Architecture(
     name="mocov3_vit_base", family="vit",
-    build=lambda: timm.create_model("vit_base_patch16_224", pretrained=False), split=_timm_split,
+    build=lambda: timm.create_model("vit_base_patch16_224", pretrained=False), split=timm_split,
     weights=WeightSource("url", "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
     classifier="head.", convert=_moco_convert, adapters={"native": _timm_native}, **_TRANSFORMER))
