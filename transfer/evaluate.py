@@ -27,13 +27,15 @@ from transfer.run import CONF_DIR
 
 
 @torch.no_grad()
-def collect(module: Classifier, loader: torch.utils.data.DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets over a loader."""
+def collect(module: Classifier, datamodule: ClassificationData, loader: torch.utils.data.DataLoader,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets over one of ``datamodule``'s loaders."""
     module = module.to(device).eval()
     logits, targets = [], []
     for x, y in loader:
-        logits.append(module(x.to(device)).float().cpu())
-        targets.append(y)
+        x, y = datamodule.prepare_batch((x.to(device), y), train=False)
+        logits.append(module(x).float().cpu())
+        targets.append(y.cpu())
     return torch.cat(logits), torch.cat(targets)
 
 
@@ -75,6 +77,8 @@ def report_markdown(metrics: dict[str, Any], title: str) -> str:
 
 def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
     x, _ = dataset[i]
+    if x.dtype == torch.uint8:  # the in-memory path stores the image itself
+        return x.permute(1, 2, 0).numpy()
     return (module.preprocess.denormalize(x).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
@@ -92,7 +96,7 @@ def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split!r}: use test or val.")
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-    logits, targets = collect(module, loader, pick_device(cfg.device))
+    logits, targets = collect(module, datamodule, loader, pick_device(cfg.device))
     metrics = classification_metrics(logits, targets, module.class_names)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"

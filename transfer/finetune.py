@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
+from transfer.distributed import ddp_registered, sync_unregistered_grads
 from transfer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class StagedFinetuning(BackboneFinetuning):
                          backbone_initial_ratio_lr=backbone_lr_ratio, train_bn=bn == "train")
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.bn = bn
+        self._ddp_registered: set[int] | None = None
 
     def frozen_at(self, epoch: int) -> bool:
         """Whether the backbone is frozen during ``epoch``."""
@@ -119,6 +121,16 @@ class StagedFinetuning(BackboneFinetuning):
         keep_eval = self.bn == "frozen" and self.frozen_at(trainer.current_epoch)
         for bn in batchnorms(pl_module.backbone):
             bn.train(pl_module.training and not keep_eval)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._ddp_registered = ddp_registered(trainer, pl_module)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # DDP wrapped the model while the backbone was frozen, so it will never average the backbone's
+        # gradients: do it here, or each rank's backbone drifts on its own shard of the data.
+        if self._ddp_registered is not None and not self.frozen_at(trainer.current_epoch):
+            sync_unregistered_grads(trainer, unfreezable(pl_module), self._ddp_registered)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "unfreeze_at_epoch": self.unfreeze_at_epoch, "bn": self.bn}

@@ -46,7 +46,7 @@ class History(L.Callback):
                            batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._pending.append(loss.detach())
-        self.train_images += len(batch[1])
+        self.train_images += len(batch["target"] if isinstance(batch, dict) else batch[1])
         self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

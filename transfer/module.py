@@ -61,18 +61,22 @@ class Classifier(L.LightningModule):
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, dict):  # cached backbone features (finetune.cache_features): neck and head only
+            return self.model.head(self.model.neck(batch["features"])), batch["target"]
         x, y = batch
-        logits = self(x)
+        return self(x), y
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits, y = self._logits_and_targets(batch)
         loss = self._loss(logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
-        x, y = batch
-        logits = self(x)
+    def _eval_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
+        logits, y = self._logits_and_targets(batch)
         metric(logits, y)
         self.log(f"{stage}/loss", self._loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)

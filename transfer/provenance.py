@@ -1,6 +1,7 @@
 """Which code and library versions produced a result, saved beside every run and in every checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 from functools import lru_cache
@@ -34,3 +35,16 @@ def code_version() -> dict[str, Any]:
     return {"transfer": __version__, "git_commit": _git("rev-parse", "HEAD"),
             "git_dirty": bool(status) if status is not None else None,
             "python": platform.python_version(), "packages": versions}
+
+
+def state_digest(tensors: dict[str, Any]) -> str:
+    """sha1 over the names, shapes, dtypes and bytes of a state dict: equal digests mean bit-equal weights
+    (and BatchNorm buffers). Used to key cached features and to compare DDP ranks."""
+    import torch
+
+    digest = hashlib.sha1()
+    for name, t in sorted(tensors.items()):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -222,7 +222,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, list[BlockStats]]:
     datamodule.configure(sets["random"].meta)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    x, y = next(iter(torch.utils.data.DataLoader(datamodule.val_set, batch_size=int(cfg.images))))
+    datamodule.eval_batch_size = int(cfg.images)
+    x, y = datamodule.prepare_batch(next(iter(datamodule.val_dataloader())), train=False)
     stats = {label: inspect_blocks(model, x, y) for label, model in sets.items()}
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for label, s in stats.items() for row in as_rows(s, label)]
@@ -234,7 +235,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, list[BlockStats]]:
     steps = int(cfg.plain_vs_residual.steps)
     if steps > 0:
         loader = iter(datamodule.train_dataloader())
-        batches = [next(loader) for _ in range(int(cfg.plain_vs_residual.batches))]
+        batches = [datamodule.prepare_batch(next(loader), train=True) for _ in range(int(cfg.plain_vs_residual.batches))]
 
         def fresh() -> nn.Module:
             torch.manual_seed(cfg.seed)

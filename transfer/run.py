@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from transfer.errors import report_errors
@@ -33,7 +34,8 @@ def main(cfg: DictConfig) -> float | None:
     """Train one configuration; returns the test accuracy (what Hydra sweepers optimise)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = train(cfg, run_dir)
-    print(f"\n{describe(summary)}; outputs in {run_dir}")
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this function
+        print(f"\n{describe(summary)}; outputs in {run_dir}")
     return summary["test_acc"]
 
 

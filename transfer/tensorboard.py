@@ -32,8 +32,8 @@ class TensorBoardExtras(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         writer = _writer(trainer)
-        if self._logged_inputs or writer is None or pl_module.preprocess is None:
-            return
+        if self._logged_inputs or writer is None or pl_module.preprocess is None or isinstance(batch, dict):
+            return  # (a dict batch holds cached features, not images)
         x = pl_module.preprocess.denormalize(batch[0][: self.max_images].detach().float().cpu())
         writer.add_image("inputs/augmented", make_grid(x, nrow=8), trainer.global_step)
         self._logged_inputs = True

@@ -15,10 +15,14 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from transfer.compute import apply_compute, resolve_precision
 from transfer.data import ClassificationData
+from transfer.distributed import weights_in_sync
 from transfer.errors import ConfigError
+from transfer.features import FeatureCache
 from transfer.finetune import StagedFinetuning
 from transfer.history import History
 from transfer.models import count_parameters
@@ -61,6 +65,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
     """A Lightning Trainer with the ``trainer`` group as its arguments and TensorBoard logs in the run dir."""
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
     args: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    args["precision"] = resolve_precision(args.get("precision", "auto"), args.get("accelerator"))
+    if OmegaConf.select(cfg, "finetune.cache_features"):
+        # the loaders switch from cached features to images at the unfreeze epoch
+        args.setdefault("reload_dataloaders_every_n_epochs", 1)
     try:
         return L.Trainer(**args, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks)
     except (TypeError, ValueError) as err:
@@ -95,26 +103,42 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                         label_smoothing=float(cfg.label_smoothing))
     module.preprocess = datamodule.configure(module.model.meta)
     check_input_size(module, module.preprocess.image_size)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    apply_compute(module.model, **_container(cfg.compute))
+    _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     history = History()
-    finetune = StagedFinetuning(**_container(cfg.finetune))
+    finetune_args = _container(cfg.finetune)
+    cache_features, cache_views = finetune_args.pop("cache_features", False), finetune_args.pop("cache_views", 1)
+    finetune = StagedFinetuning(**finetune_args)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
                                  filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
     callbacks = [finetune, checkpoint, history, LearningRateMonitor("epoch"), TensorBoardExtras()]
+    if cache_features:
+        callbacks.append(FeatureCache(finetune.unfreeze_at_epoch, views=cache_views))
     trainer = build_trainer(cfg, run_dir, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     train_seconds = time.perf_counter() - start
+    in_sync = weights_in_sync(trainer, module)
+    if in_sync is False:
+        log.warning("the ranks finished with different weights: gradients were not averaged for some parameters")
     best = checkpoint.best_model_path or None
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
 
     summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["distributed"] = {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                              "weights_identical_across_ranks": in_sync}
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _figures(history, run_dir, f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
+                 cfg.finetune.unfreeze_at_epoch)
     log_hparams(trainer, _hparams(cfg), {k: summary[k] for k in ("test_acc", "best_val_acc", "images_per_second")})
-    _figures(history, run_dir, f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
-             cfg.finetune.unfreeze_at_epoch)
     return summary
+
+
+@rank_zero_only
+def _write_rank_zero(path: Path, text: str) -> None:
+    path.write_text(text)
 
 
 def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData, history: History,
@@ -139,7 +163,9 @@ def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData
         "last_checkpoint": checkpoint.last_model_path,
         "seed": cfg.seed,
         "data": datamodule.describe() | {"batch_size": datamodule.batch_size},
-        "device": str(module.device), "precision": str(cfg.trainer.precision),
+        "device": str(module.device), "precision": str(module.trainer.precision),
+        "channels_last": bool(cfg.compute.channels_last), "compiled": bool(cfg.compute.compile),
+        "cached_frozen_phase": bool(OmegaConf.select(cfg, "finetune.cache_features")),
         "code": code_version(),
     }
 
@@ -148,7 +174,7 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     """The settings a sweep varies, flat, for TensorBoard's HParams tab."""
     keys = ("model.name", "model.pretrained", "model.adapt", "optimizer._target_", "optimizer.lr",
             "optimizer.weight_decay", "scheduler._target_", "finetune.unfreeze_at_epoch", "finetune.backbone_lr_ratio",
-            "finetune.bn", "data.batch_size", "data.image_size", "trainer.max_epochs", "trainer.precision", "seed",
+            "finetune.bn", "finetune.cache_features", "data.batch_size", "data.augment_on", "data.image_size", "trainer.max_epochs", "trainer.precision", "seed",
             "label_smoothing")
     values = {k: OmegaConf.select(cfg, k) for k in keys}
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}

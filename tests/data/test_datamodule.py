@@ -24,6 +24,15 @@ def ready(dm, m=None):
     return dm
 
 
+def model_batch(dm, split: str = "train"):
+    """The first batch of a split as the model receives it (after the device-side step, where there is one)."""
+    loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+    return dm.prepare_batch(next(iter(loader)), train=split == "train")
+
+
+PATHS = pytest.mark.parametrize("augment_on", ["device", "cpu_pil"])
+
+
 def test_stratified_split_is_exact_proportional_and_seeded():
     targets = [0] * 50 + [1] * 30 + [2] * 20
     keep, held = stratified_split(targets, 10, seed=3)
@@ -39,31 +48,44 @@ def test_stratified_split_never_takes_a_class_last_image():
     assert 0 in keep and len(held) == 5
 
 
-def test_cifar_folders_split_sizes_shapes_and_normalisation(tiny_cifar: Path):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0, batch_size=4))
+@PATHS
+def test_cifar_folders_split_sizes_shapes_and_normalisation(tiny_cifar: Path, augment_on: str):
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0, batch_size=4,
+                           eval_batch_size=6, augment_on=augment_on))
     assert dm.classes == list(CLASSES)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 6, 12)
     val_labels = [dm.val_set[i][1] for i in range(len(dm.val_set))]
     assert sorted(val_labels) == [0, 0, 1, 1, 2, 2]  # stratified: 2 per class
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = model_batch(dm, "train")
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     # Eval images are normalised with the model's statistics: (pixel/255 - 0.5) / 0.25.
-    img, _ = dm.val_set[0]
-    raw = torch.from_numpy(dm.val_set.images[dm.val_set.indices[0]]).permute(2, 0, 1).float() / 255
-    assert torch.allclose(img, (raw - 0.5) / 0.25, atol=1e-5)
+    x, y = model_batch(dm, "val")
+    raw = torch.from_numpy(dm.val_set.images[dm.val_set.indices]).permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(x, (raw - 0.5) / 0.25, atol=1e-5)
+    assert y.tolist() == [dm.val_set[i][1] for i in range(6)]
 
 
-def test_resize_adapt_feeds_the_models_pretrained_size(tiny_cifar: Path):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, batch_size=4),
-               meta(adapt="resize", input_size=48))
+@PATHS
+def test_resize_adapt_feeds_the_models_pretrained_size(tiny_cifar: Path, augment_on: str):
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, batch_size=4,
+                           augment_on=augment_on), meta(adapt="resize", input_size=48))
     assert dm.preprocess.image_size == 48
-    assert dm.train_set[0][0].shape == (3, 48, 48) and dm.test_set[0][0].shape == (3, 48, 48)
+    assert model_batch(dm, "train")[0].shape == (4, 3, 48, 48) and model_batch(dm, "test")[0].shape[1:] == (3, 48, 48)
 
 
 def test_train_augmentation_varies_while_eval_is_deterministic(tiny_cifar: Path):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0))
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, augment_on="cpu_pil"))
     assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0])
     assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, augment_on="device"))
+    batch = next(iter(dm.train_dataloader()))
+    assert not torch.equal(dm.prepare_batch(batch, train=True)[0], dm.prepare_batch(batch, train=True)[0])
+    assert torch.equal(dm.prepare_batch(batch, train=False)[0], dm.prepare_batch(batch, train=False)[0])
+
+
+def test_unknown_augment_path_is_a_config_error(tiny_cifar: Path):
+    with pytest.raises(ConfigError, match="augment_on"):
+        CIFAR10Data(str(tiny_cifar), augment_on="gpu")
 
 
 def _write_python_archive(root: Path, per_batch: int = 10) -> None:
@@ -98,20 +120,41 @@ def test_missing_cifar_gives_one_actionable_error(tmp_path: Path, download: bool
     assert ("download failed" in text) == download
 
 
-def test_imagefolder_splits_val_and_test_out_of_train_when_absent(tmp_path: Path):
+@PATHS
+def test_imagefolder_splits_val_and_test_out_of_train_when_absent(tmp_path: Path, augment_on: str):
     root = make_image_folder(tmp_path / "mine", {"train": 10})
-    dm = ready(ImageFolderData(str(root), val_size=0.2, test_size=0.1, num_workers=0, image_size=40))
+    dm = ready(ImageFolderData(str(root), val_size=0.2, test_size=0.1, num_workers=0, image_size=40, batch_size=4,
+                               augment_on=augment_on))
     assert dm.classes == list(CLASSES)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (21, 6, 3)
     rows = [set(ds.indices.tolist()) for ds in (dm.train_set, dm.val_set, dm.test_set)]
     assert rows[0].isdisjoint(rows[1]) and rows[0].isdisjoint(rows[2]) and rows[1].isdisjoint(rows[2])
-    assert dm.train_set[0][0].shape == (3, 40, 40) and dm.val_set[0][0].shape == (3, 40, 40)
+    assert model_batch(dm, "train")[0].shape == (4, 3, 40, 40) and model_batch(dm, "val")[0].shape == (6, 3, 40, 40)
+    assert ("decoded into memory" in dm.source) == (augment_on == "device")
 
 
 def test_imagefolder_uses_validation_and_test_folders(tmp_path: Path):
     root = make_image_folder(tmp_path / "mine", {"train": 6, "validation": 2, "test": 3}, size=50)
     dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32))
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 9)
+
+
+def test_imagefolder_too_large_for_memory_streams_from_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    root = make_image_folder(tmp_path / "mine", {"train": 6}, size=50)
+    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32, memory_limit_gb=1e-6))
+    assert "decoded into memory" not in dm.source and "memory_limit_gb" in caplog.text
+    x, _ = model_batch(dm, "train")
+    assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32)
+
+
+def test_in_memory_photo_eval_view_equals_the_pil_eval_transform(tmp_path: Path):
+    """Decoding to image_size / crop_pct and centre-cropping on the device gives the PIL eval pipeline's pixels."""
+    root = make_image_folder(tmp_path / "mine", {"train": 4, "test": 2}, size=70)
+    pil = ready(ImageFolderData(str(root), num_workers=0, image_size=48, val_size=2, augment_on="cpu_pil"))
+    dev = ready(ImageFolderData(str(root), num_workers=0, image_size=48, val_size=2, augment_on="device"))
+    a, b = model_batch(pil, "test")[0], model_batch(dev, "test")[0]
+    assert a.shape == b.shape == (6, 3, 48, 48)
+    assert (a - b).abs().mean() < 0.05  # resampling filters differ by a grey level or two, nothing more
 
 
 def test_imagefolder_without_train_folder_says_what_to_do(tmp_path: Path):

@@ -5,6 +5,7 @@ at the test set, and both take their normalisation and input size from the model
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping
@@ -15,13 +16,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transfer.data.cifar import CIFAR10_CLASSES, ensure_cifar10, load_cifar10
-from transfer.data.datasets import (ArrayImages, FileImages, list_classes, list_images, mixed_order, split_count,
-                                    stratified_split)
+from transfer.data.batch_augment import BatchAugment
+from transfer.data.cifar import CIFAR10_CLASSES, cache_dir, ensure_cifar10, load_cifar10
+from transfer.data.datasets import (ArrayImages, FileImages, TensorImages, decode_cached, keep_batch, list_classes,
+                                    list_images, mixed_order, split_count, stratified_split)
 from transfer.data.transforms import Preprocess, eval_transform, resolve_preprocess, train_transform
 from transfer.errors import ConfigError, DataNotFoundError
 
 log = logging.getLogger(__name__)
+
+
+AUGMENT_ON = ("device", "cpu_pil")
 
 
 def default_workers() -> int:
@@ -40,14 +45,23 @@ class ClassificationData(L.LightningDataModule):
         image_size: side length fed to the model; ``None`` lets the model decide (see ``resolve_preprocess``).
         augment: the ``data.augment`` mapping.
         split_seed: seed of the validation (and test) hold-out.
+        augment_on: ``device`` holds uint8 images in memory and augments whole batches on the training device
+            (:class:`~transfer.data.batch_augment.BatchAugment`); ``cpu_pil`` runs the per-image PIL transforms
+            in loader workers (any torchvision transform can be added there).
     """
 
     native_size: int | None = None  # the dataset's own image size, when all images share one
     default_augment: dict[str, Any] = {}
 
     def __init__(self, root: str, batch_size: int = 64, eval_batch_size: int = 256, num_workers: int | None = None,
-                 image_size: int | None = None, augment: Mapping[str, Any] | None = None, split_seed: int = 0) -> None:
+                 image_size: int | None = None, augment: Mapping[str, Any] | None = None, split_seed: int = 0,
+                 augment_on: str = "device") -> None:
         super().__init__()
+        if augment_on not in AUGMENT_ON:
+            raise ConfigError(f"data.augment_on={augment_on!r} is not one of {AUGMENT_ON}.")
+        self.augment_on = augment_on
+        self.batch_augment: BatchAugment | None = None
+        self.feature_cache: Any = None  # a transfer.features.FeatureCache while it serves the frozen phase
         self.root = Path(root).expanduser()
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
@@ -79,15 +93,72 @@ class ClassificationData(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("setup() has not run")
+        # In-memory uint8 batches are one indexing copy each: worker processes would only add IPC.
+        in_memory = isinstance(dataset, TensorImages)
+        workers = 0 if in_memory else self.num_workers
         return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                          drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+                          drop_last=train and len(dataset) > self.batch_size, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          collate_fn=keep_batch if in_memory else None)
+
+    def prepare_batch(self, batch: Any, train: bool) -> Any:
+        """Turn a uint8 in-memory batch into model input on its device: augmented when ``train``, normalised.
+
+        Batches from the PIL path (already float) pass through. Lightning calls this after moving the batch to
+        the device; loops outside a Trainer call it themselves.
+        """
+        if isinstance(batch, dict):  # cached features (transfer.features): nothing to do
+            return batch
+        x, y = batch[0], batch[1]
+        if x.dtype != torch.uint8:
+            return batch
+        if self.batch_augment is None:
+            if self.preprocess is None:
+                raise RuntimeError("call configure(model.meta) before using the data: normalisation comes from the model")
+            self.batch_augment = BatchAugment(self.preprocess, self.augment)
+        if self.batch_augment.mean.device != x.device:
+            self.batch_augment.to(x.device)
+        return self.batch_augment(x, train=train), y
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        return self.prepare_batch(batch, train=bool(trainer is not None and trainer.training))
+
+    def _images(self, images: Any, targets: Any, indices: Any, transform: Any) -> Dataset:
+        """An in-memory split for the configured augmentation path."""
+        if self.augment_on == "device":
+            return TensorImages(images, targets, indices)
+        return ArrayImages(images, targets, indices, transform)
+
+    def _cached(self) -> bool:
+        cache = self.feature_cache
+        return cache is not None and self.trainer is not None and cache.active(self.trainer.current_epoch)
 
     def train_dataloader(self) -> DataLoader:
+        if self._cached():
+            return self.feature_cache.loader("train", self, self.batch_size, train=True)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self._cached():
+            return self.feature_cache.loader("val", self, self.eval_batch_size, train=False)
         return self._loader(self.val_set, train=False)
+
+    def feature_batches(self, split: str, augmented: bool) -> DataLoader:
+        """``split``'s images in dataset order, for feature extraction (pass each batch to :meth:`prepare_batch`).
+
+        Args:
+            split: ``train``, ``val`` or ``test``.
+            augmented: the training augmentation (an augmented view) rather than the eval view.
+        """
+        dataset = getattr(self, f"{split}_set")
+        if isinstance(dataset, (ArrayImages, FileImages)):
+            train_tf, eval_tf = self.transforms()
+            dataset = copy.copy(dataset)
+            dataset.transform = train_tf if augmented else eval_tf
+        in_memory = isinstance(dataset, TensorImages)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=0 if in_memory else self.num_workers, collate_fn=keep_batch if in_memory else None)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
@@ -132,10 +203,10 @@ class CIFAR10Data(ClassificationData):
         train_tf, eval_tf = self.transforms()
         count = split_count(self.val_size, len(data.train_targets), "data.val_size")
         keep, held = stratified_split(data.train_targets, count, self.split_seed)
-        self.train_set = ArrayImages(data.train_images, data.train_targets, keep, train_tf)
-        self.val_set = ArrayImages(data.train_images, data.train_targets, held, eval_tf)
-        self.test_set = ArrayImages(data.test_images, data.test_targets,
-                                    mixed_order(len(data.test_targets), self.split_seed), eval_tf)
+        self.train_set = self._images(data.train_images, data.train_targets, keep, train_tf)
+        self.val_set = self._images(data.train_images, data.train_targets, held, eval_tf)
+        self.test_set = self._images(data.test_images, data.test_targets,
+                                     mixed_order(len(data.test_targets), self.split_seed), eval_tf)
         self.source = data.source
 
 
@@ -153,9 +224,11 @@ class ImageFolderData(ClassificationData):
     default_augment = {"resized_crop_scale": (0.35, 1.0), "hflip": True, "color_jitter": (0.2, 0.2, 0.2, 0.1),
                        "rotation": 15}
 
-    def __init__(self, root: str, val_size: float = 0.1, test_size: float = 0.1, **kwargs: Any) -> None:
+    def __init__(self, root: str, val_size: float = 0.1, test_size: float = 0.1, memory_limit_gb: float = 4.0,
+                 **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.val_size, self.test_size = val_size, test_size
+        self.memory_limit_gb = float(memory_limit_gb)
 
     @property
     def classes(self) -> list[str]:
@@ -172,29 +245,60 @@ class ImageFolderData(ClassificationData):
     def _split_dir(self, *names: str) -> Path | None:
         return next((self.root / n for n in names if (self.root / n).is_dir()), None)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def _splits(self) -> dict[str, tuple[list[Path], list[int], list[int]]]:
+        """``{split: (files, targets, indices)}``, holding val/test out of train where their folders are missing."""
         classes = self.classes
         files, targets = list_images(self.root / "train", classes)
         if not files:
             raise DataNotFoundError(f"{self.root / 'train'} holds no image files in its class folders.")
-        train_tf, eval_tf = self.transforms()
         keep = list(range(len(files)))
-        splits: dict[str, FileImages] = {}
+        splits: dict[str, tuple[list[Path], list[int], list[int]]] = {}
         for name, size, folders in (("test", self.test_size, ("test",)), ("val", self.val_size, ("val", "validation"))):
             folder = self._split_dir(*folders)
             if folder is not None:
                 split_files, split_targets = list_images(folder, classes)
-                splits[name] = FileImages(split_files, split_targets, mixed_order(len(split_files), self.split_seed),
-                                          eval_tf)
+                splits[name] = (split_files, split_targets, list(mixed_order(len(split_files), self.split_seed)))
                 continue
             sub_targets = [targets[i] for i in keep]
             # Fractions are of the whole train folder, so val_size=0.1 means 10% whether or not test exists.
             count = split_count(size, len(files), f"data.{name}_size")
             kept, held = stratified_split(sub_targets, min(count, len(keep) - 1), self.split_seed)
-            splits[name] = FileImages(files, targets, [keep[i] for i in held], eval_tf)
+            splits[name] = (files, targets, [keep[i] for i in held])
             keep = [keep[i] for i in kept]
-        self.train_set = FileImages(files, targets, keep, train_tf)
-        self.val_set, self.test_set = splits["val"], splits["test"]
-        self.source = f"image folders at {self.root}"
+        splits["train"] = (files, targets, keep)
+        return splits
+
+    def stored_size(self) -> int:
+        """Side of the square each image is decoded to for the in-memory path: the eval transform's resize, so
+        the eval centre crop is exact and train crops have the margin around it."""
+        pre = self.preprocess
+        assert pre is not None
+        return int(round(pre.image_size / pre.crop_pct))
+
+    def _fits_in_memory(self, splits: dict[str, tuple[list[Path], list[int], list[int]]]) -> bool:
+        distinct = {id(f): len(f) for f, _, _ in splits.values()}
+        need = sum(distinct.values()) * self.stored_size() ** 2 * 3 / 2**30
+        if need <= self.memory_limit_gb:
+            return True
+        log.warning("data.augment_on=device: %d images at %d px need %.1f GB > data.memory_limit_gb=%.1f; streaming "
+                    "them from disk with %d workers and per-image PIL augmentation instead", sum(distinct.values()),
+                    self.stored_size(), need, self.memory_limit_gb, self.num_workers)
+        return False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self._splits()
+        train_tf, eval_tf = self.transforms()
+        in_memory = self.augment_on == "device" and self._fits_in_memory(splits)
+        decoded: dict[int, Any] = {}
+        made: dict[str, Dataset] = {}
+        for name, (files, targets, indices) in splits.items():
+            if in_memory:
+                if id(files) not in decoded:
+                    decoded[id(files)] = decode_cached(files, cache_dir(), size=self.stored_size())
+                made[name] = TensorImages(decoded[id(files)], targets, indices)
+            else:
+                made[name] = FileImages(files, targets, indices, train_tf if name == "train" else eval_tf)
+        self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]
+        self.source = f"image folders at {self.root}" + (" (decoded into memory)" if in_memory else "")

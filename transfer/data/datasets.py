@@ -7,9 +7,12 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from transfer.errors import ConfigError, DataNotFoundError
@@ -53,7 +56,8 @@ def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
 
     Args:
         files: image paths, all of the same size unless ``size`` is given.
-        size: resize every image to ``size x size`` when given.
+        size: bring every image to ``size x size`` the way the eval transform does: shorter side resized to
+            ``size``, then the centre square kept.
 
     Returns:
         The stacked array.
@@ -63,7 +67,7 @@ def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
         with Image.open(path) as img:
             img = img.convert("RGB")
             if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
+                img = ImageOps.fit(img, (size, size), Image.BILINEAR)
             return np.asarray(img)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -75,30 +79,37 @@ def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
     return np.stack(arrays)
 
 
-def decode_cached(files: Sequence[Path], cache_dir: Path) -> np.ndarray:
+def files_digest(files: Sequence[Path], extra: str = "") -> str:
+    """A key for a list of files from their paths, sizes and modification times (the files are not read)."""
+    digest = hashlib.sha1(extra.encode())
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def decode_cached(files: Sequence[Path], cache_dir: Path, size: int | None = None) -> np.ndarray:
     """:func:`decode_all`, remembered on disk: decoding 60k JPEGs takes ~20 s on 2 cores, loading the array <1 s.
 
-    The key hashes every file's path, size and modification time, so adding, removing or editing an image
-    invalidates the cache without reading the images. A cache that cannot be written is skipped, not an error.
+    The key hashes every file's path, size and modification time (and ``size``), so adding, removing or
+    editing an image invalidates the cache without reading the images. A cache that cannot be written is
+    skipped, not an error.
 
     Args:
-        files: image paths (same size).
+        files: image paths (same size unless ``size`` is given).
         cache_dir: where ``<key>.npy`` files live.
+        size: see :func:`decode_all`.
 
     Returns:
         The ``(N, H, W, 3)`` uint8 array.
     """
-    digest = hashlib.sha1()
-    for f in files:
-        st = f.stat()
-        digest.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    path = cache_dir / f"images-{digest.hexdigest()[:20]}.npy"
+    path = cache_dir / f"images-{files_digest(files, '' if size is None else f'fit{size}')}.npy"
     if path.is_file():
         try:
             return np.load(path)
         except (OSError, ValueError):
             log.warning("ignoring unreadable cache %s", path)
-    images = decode_all(files)
+    images = decode_all(files, size)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
@@ -130,6 +141,39 @@ class ArrayImages(Dataset):
         row = self.indices[i]
         img = Image.fromarray(self.images[row])
         return (self.transform(img) if self.transform else img), int(self.targets[row])
+
+
+class TensorImages(Dataset):
+    """uint8 images served a whole batch at a time, for augmentation on the training device.
+
+    The DataLoader hands ``__getitems__`` the batch's indices, so a batch is one fancy-indexing copy out of the
+    in-memory array, with no per-image Python and no collation; pair it with :func:`keep_batch`.
+
+    Args:
+        images: uint8 ``(N, H, W, 3)`` array (shared, not copied, between the splits that index it).
+        targets: class index per image.
+        indices: which rows of ``images`` this split uses.
+    """
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], indices: Sequence[int]) -> None:
+        self.images, self.targets, self.indices = images, torch.as_tensor(np.asarray(targets)), np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitems__(self, items: Sequence[int]) -> tuple[Tensor, Tensor]:
+        rows = self.indices[np.asarray(items)]
+        # (B, H, W, 3) -> a (B, 3, H, W) view: channels-last in memory, which is what the model wants anyway
+        return torch.from_numpy(self.images[rows]).permute(0, 3, 1, 2), self.targets[rows]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        images, targets = self.__getitems__([i])
+        return images[0], int(targets[0])
+
+
+def keep_batch(batch: Any) -> Any:
+    """DataLoader ``collate_fn`` for datasets whose ``__getitems__`` already returns a stacked batch."""
+    return batch
 
 
 class FileImages(Dataset):

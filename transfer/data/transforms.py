@@ -85,6 +85,20 @@ def _interp(pre: Preprocess) -> T.InterpolationMode:
     return _INTERPOLATION[pre.interpolation]
 
 
+AUGMENT_KEYS = ("crop_padding", "resized_crop_scale", "hflip", "color_jitter", "rotation")
+
+
+def check_augment(augment: Mapping[str, Any]) -> None:
+    """Reject ``data.augment`` keys neither augmentation path knows, and malformed colour jitter."""
+    unknown = set(augment) - set(AUGMENT_KEYS)
+    if unknown:
+        raise ConfigError(f"Unknown data.augment keys {sorted(unknown)}; known keys are {sorted(AUGMENT_KEYS)}.")
+    jitter = augment.get("color_jitter")
+    if jitter and len(jitter) != 4:
+        raise ConfigError(f"data.augment.color_jitter={list(jitter)} needs four numbers: brightness, contrast, "
+                          f"saturation, hue (e.g. [0.2, 0.2, 0.2, 0.1]).")
+
+
 def train_transform(pre: Preprocess, augment: Mapping[str, Any]) -> T.Compose:
     """The training pipeline: crop, flip, colour jitter, rotation, then resize and normalise.
 
@@ -98,10 +112,7 @@ def train_transform(pre: Preprocess, augment: Mapping[str, Any]) -> T.Compose:
         A composed transform taking a PIL image.
     """
     native_size = pre.native_size
-    known = {"crop_padding", "resized_crop_scale", "hflip", "color_jitter", "rotation"}
-    unknown = set(augment) - known
-    if unknown:
-        raise ConfigError(f"Unknown data.augment keys {sorted(unknown)}; known keys are {sorted(known)}.")
+    check_augment(augment)
     steps: list[Any] = []
     if augment.get("resized_crop_scale") is not None:
         scale = tuple(augment["resized_crop_scale"])
