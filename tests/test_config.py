@@ -46,3 +46,22 @@ def test_pretrained_vs_scratch_is_a_two_job_sweep():
         cfg = compose("config", overrides=["+experiment=pretrained_vs_scratch"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.params["model.pretrained"] == "true,false"
+
+
+def test_ddp_and_slurm_launcher_configs_compose(compose_cfg):
+    cfg = compose_cfg("trainer=ddp", "trainer.num_nodes=2")
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes == 2 and cfg.trainer.accelerator == "gpu"
+    assert compose_cfg("trainer=ddp_cpu").trainer.accelerator == "cpu"
+    from hydra import compose, initialize_config_dir
+
+    from transfer.run import CONF_DIR
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        full = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = full.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == 1
+
+
+def test_speed_defaults_are_the_documented_ones(compose_cfg):
+    cfg = compose_cfg()
+    assert cfg.data.augment_on == "device" and cfg.compute.channels_last and not cfg.compute.compile
+    assert cfg.trainer.precision == "auto" and cfg.finetune.cache_features is False

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import make_image_folder, run
+
+
+def test_two_process_cpu_ddp_run_ends_with_identical_weights_on_both_ranks(tmp_path: Path):
+    """gloo DDP, 2 ranks, backbone unfrozen in the second epoch: DDP wrapped the model while the backbone was
+    frozen, so only the finetuning callback's own all-reduce keeps the ranks' backbones equal."""
+    root = make_image_folder(tmp_path / "data", {"train": 12, "test": 4})
+    run_dir = tmp_path / "run"
+    proc = run("model=lenet5", "model.pretrained=false", f"data.root={root}", f"hydra.run.dir={run_dir}",
+               "trainer=ddp_cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "data.val_size=6",
+               "data.batch_size=4", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["distributed"] == {"world_size": 2, "strategy": "DDPStrategy",
+                                      "weights_identical_across_ranks": True}
+    assert summary["epochs_run"] == 2 and summary["test_acc"] is not None
+    assert proc.stdout.count("test accuracy") == 1  # one summary line, from rank 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert "lr/backbone" in history["epochs"][-1]  # the unfreeze happened under DDP
