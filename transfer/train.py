@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -106,15 +106,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     apply_compute(module.model, **_container(cfg.compute))
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    history = History()
-    finetune_args = _container(cfg.finetune)
-    cache_features, cache_views = finetune_args.pop("cache_features", False), finetune_args.pop("cache_views", 1)
-    finetune = StagedFinetuning(**finetune_args)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
-                                 filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
-    callbacks = [finetune, checkpoint, history, LearningRateMonitor("epoch"), TensorBoardExtras()]
-    if cache_features:
-        callbacks.append(FeatureCache(finetune.unfreeze_at_epoch, views=cache_views))
+    history, checkpoint = History(), ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
+        filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
+    callbacks = [*_finetune_callbacks(cfg), checkpoint, history, LearningRateMonitor("epoch"), TensorBoardExtras()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.get("log_every_n_steps", 20))))
     trainer = build_trainer(cfg, run_dir, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
@@ -134,6 +132,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                  cfg.finetune.unfreeze_at_epoch)
     log_hparams(trainer, _hparams(cfg), {k: summary[k] for k in ("test_acc", "best_val_acc", "images_per_second")})
     return summary
+
+
+def _finetune_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Staged unfreezing, plus the feature cache serving its frozen epochs when ``finetune.cache_features``."""
+    args = _container(cfg.finetune)
+    cache_features, cache_views = args.pop("cache_features", False), args.pop("cache_views", 1)
+    finetune = StagedFinetuning(**args)
+    return [finetune] + ([FeatureCache(finetune.unfreeze_at_epoch, views=cache_views)] if cache_features else [])
 
 
 @rank_zero_only

@@ -1,0 +1,213 @@
+"""Side-by-side speed benchmarks against the source material's loop, printed as one table of ratios.
+
+    python -m transfer.benchmarks [--data DIR] [--seed-loop PATH] [--repeats 3] [--time-to-accuracy]
+
+Every measurement runs in its own process (so its peak memory is its own), the configurations alternate
+within each repeat (so a slow minute of the machine hits all of them), and the table shows medians:
+
+1. augmented batches/s of 64: batched on-device augmentation vs the seed's per-image PIL pipeline;
+2. end-to-end training images/s, the seed's ResNet-18 at 32 px, batch 64: ``Trainer.fit`` with this
+   project's data path vs ``seed_loop.py`` (fp32, and bf16 autocast where the CPU has bf16), and Lightning's
+   overhead against a plain loop over the same model, data and optimizer;
+3. seconds per frozen-backbone epoch (EfficientNet-Lite0, ImageNet weights): cached features vs not, with
+   the head's validation accuracy for each;
+4. time to 90% CIFAR-10 test accuracy with EfficientNet-Lite0 from a cold start (``--time-to-accuracy``:
+   runs ``TTA_COMMAND`` once, ~35 minutes on 2 CPU cores; otherwise reported as not run);
+5. peak resident memory of every measured process.
+
+Results also go to ``outputs/benchmarks/<time>.{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+# The documented time-to-accuracy run: the pretrained Lite0 at CIFAR's own 32 px, one cached frozen epoch,
+# then the whole network under a cosine schedule inside a 30-minute budget.
+TTA_COMMAND = ["model=efficientnet_lite0", "finetune.cache_features=true", "finetune.unfreeze_at_epoch=1",
+               "scheduler=cosine", "trainer.max_epochs=8", "trainer.max_time=00:00:30:00",
+               "trainer.enable_progress_bar=false"]
+
+
+def run_json(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command that prints a JSON line last; add its peak resident memory (MB) from the kernel."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"benchmark step failed (exit {proc.returncode}): {' '.join(args)}")
+    return {**json.loads(lines[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def measure(name: str, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "transfer.benchmarks.measure", name, "--data", str(data), *extra]
+
+
+def ensure_data(data: Path) -> Path:
+    """CIFAR-10 folders at ``data``; extracted from ``../shared/data/cifar10-jpeg.tar.gz`` when missing."""
+    if (data / "train").is_dir():
+        return data
+    archive = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    if not archive.is_file():
+        raise SystemExit(f"No CIFAR-10 image folders at {data} and no archive at {archive}: pass --data DIR "
+                         f"(DIR/train/<class>/*.jpg) or set TRANSFER_DATA.")
+    print(f"extracting {archive} into {data} ...", flush=True)
+    data.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(data, filter="data")
+    return data
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU runs bf16 matmuls natively (elsewhere bf16 autocast is emulated, slow)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def machine() -> str:
+    """One line: CPU model and cores, GPU, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def collect(data: Path, seed_loop: Path, repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Run every configuration ``repeats`` times, interleaved; return their results by configuration."""
+    seed = str(seed_loop)
+    configs = {
+        "augment_ours": measure("augment_ours", data),
+        "augment_seed": measure("augment_seed", data, "--seed-loop", seed),
+        "train_seed": [sys.executable, seed, "--data", str(data), "--model", "resnet18", "--steps", "50",
+                       "--batch-size", "64"],
+        "train_ours": measure("train_lightning", data),
+        "train_raw": measure("train_raw", data),
+    }
+    if cpu_has_bf16() or torch.cuda.is_available():
+        configs["train_ours_bf16"] = measure("train_lightning", data, "--precision", "bf16-mixed")
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
+    for r in range(repeats):
+        for name, cmd in configs.items():
+            results[name].append(run_json(cmd))
+            print(f"  repeat {r + 1}/{repeats} {name}: {results[name][-1]}", flush=True)
+    for cached in (False, True):  # once each: an epoch median over 3 epochs is already a repeat
+        with tempfile.TemporaryDirectory() as cache:  # a fresh cache: the extraction is part of the cost
+            extra = ["--cached", "--cache", cache] if cached else []
+            key = "frozen_cached" if cached else "frozen_uncached"
+            results[key] = [run_json(measure("frozen_epoch", data, *extra))]
+            print(f"  {key}: {results[key][-1]}", flush=True)
+    return results
+
+
+def med(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def table(results: dict[str, list[dict[str, Any]]], tta: dict[str, Any] | None) -> list[list[str]]:
+    """The five rows: measurement, ours, reference, ratio, target, peak MB ours / reference."""
+    def mem(a: str, b: str | None = None) -> str:
+        return f"{med(results[a], 'peak_rss_mb'):.0f}" + (f" / {med(results[b], 'peak_rss_mb'):.0f}" if b else "")
+
+    aug_o, aug_s = med(results["augment_ours"], "batches_per_s"), med(results["augment_seed"], "batches_per_s")
+    tr_o, tr_s = med(results["train_ours"], "images_per_s"), med(results["train_seed"], "images_per_s")
+    raw = med(results["train_raw"], "images_per_s")
+    rows = [["1 augmented batches/s (64 imgs)", f"{aug_o:.0f}", f"{aug_s:.1f} (seed PIL)", f"{aug_o / aug_s:.1f}x",
+             ">= 20x", mem("augment_ours", "augment_seed")],
+            ["2 train img/s resnet18 32px fp32", f"{tr_o:.0f}", f"{tr_s:.0f} (seed loop)", f"{tr_o / tr_s:.2f}x",
+             ">= 1.5x", mem("train_ours", "train_seed")]]
+    if "train_ours_bf16" in results:
+        bf = med(results["train_ours_bf16"], "images_per_s")
+        rows.append(["2 train img/s, ours bf16-mixed", f"{bf:.0f}", f"{tr_s:.0f} (seed loop, fp32)",
+                     f"{bf / tr_s:.2f}x", ">= 1.5x", mem("train_ours_bf16", "train_seed")])
+    rows.append(["2 Lightning overhead vs raw loop", f"{tr_o:.0f}", f"{raw:.0f} (raw loop)",
+                 f"{(raw / tr_o - 1) * 100:+.1f}%", "<= 5%", mem("train_ours", "train_raw")])
+    cached, plain = results["frozen_cached"][0], results["frozen_uncached"][0]
+    rows.append([f"3 frozen epoch s ({plain['images']} imgs, lite0)", f"{cached['epoch_s']:.2f} "
+                 f"(+{cached['setup_s']:.1f} once; val {cached['val_acc']:.3f})",
+                 f"{plain['epoch_s']:.2f} (val {plain['val_acc']:.3f})", f"{plain['epoch_s'] / cached['epoch_s']:.0f}x",
+                 ">= 20x", mem("frozen_cached", "frozen_uncached")])
+    if tta:
+        rows.append(["4 time to 90% test acc, lite0, cold", f"{tta['wall_s'] / 60:.1f} min -> {tta['test_acc']:.4f}",
+                     "", "reached" if tta["test_acc"] >= 0.9 else "not reached", "<= 30 min",
+                     f"{tta['peak_rss_mb']:.0f}"])
+    else:
+        rows.append(["4 time to 90% test acc, lite0, cold", "not run", "", "", "<= 30 min",
+                     "(pass --time-to-accuracy)"])
+    return rows
+
+
+def time_to_accuracy(data: Path) -> dict[str, Any]:
+    """Run ``TTA_COMMAND`` from a cold start (empty decode and feature caches) and read its summary."""
+    with tempfile.TemporaryDirectory() as cache:
+        run_dir = REPO / "outputs" / "benchmarks" / time.strftime("tta-%Y-%m-%d_%H-%M-%S")
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "transfer.run", *TTA_COMMAND, f"data.root={data}", f"hydra.run.dir={run_dir}"]
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "TRANSFER_CACHE": cache})
+            _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"the time-to-accuracy run failed; see {run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"wall_s": wall, "test_acc": summary["test_acc"], "run_dir": str(run_dir),
+            "peak_rss_mb": usage.ru_maxrss / 1024, "command": "python -m transfer.run " + " ".join(TTA_COMMAND)}
+
+
+def markdown(rows: list[list[str]], header: str) -> str:
+    head = ["measurement", "ours", "reference", "ratio", "target", "peak MB ours / ref"]
+    lines = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main() -> None:
+    """Command-line entry."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get(
+        "TRANSFER_DATA", Path.home() / ".cache" / "transfer-data" / "cifar10")).expanduser())
+    ap.add_argument("--seed-loop", type=Path, default=REPO.parent / "shared" / "baseline" / "seed_loop.py")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--time-to-accuracy", action="store_true", help="also run the ~35 min time-to-90%% run")
+    args = ap.parse_args()
+    if not args.seed_loop.is_file():
+        raise SystemExit(f"The seed loop is not at {args.seed_loop}: pass --seed-loop PATH/seed_loop.py.")
+    data = ensure_data(args.data)
+    header = f"Machine: {machine()}. Medians of {args.repeats} interleaved repeats; data {data}."
+    print(header, flush=True)
+    results = collect(data, args.seed_loop, args.repeats)
+    tta = time_to_accuracy(data) if args.time_to_accuracy else None
+    text = markdown(table(results, tta), header)
+    print("\n" + text)
+    out = REPO / "outputs" / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    (out / f"{stamp}.md").write_text(text + "\n")
+    (out / f"{stamp}.json").write_text(json.dumps({"machine": machine(), "results": results, "tta": tta}, indent=1))
+    print(f"\nwritten to {out / stamp}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""One benchmark measurement per process, printed as a JSON line (peak memory is then the process's own).
+
+    python -m transfer.benchmarks.measure augment_ours --data DIR
+    python -m transfer.benchmarks.measure augment_seed --data DIR --seed-loop ../shared/baseline/seed_loop.py
+    python -m transfer.benchmarks.measure train_lightning --data DIR [--precision bf16-mixed]
+    python -m transfer.benchmarks.measure train_raw --data DIR
+    python -m transfer.benchmarks.measure frozen_epoch --data DIR --cached
+
+``python -m transfer.benchmarks`` runs them side by side with the seed loop and prints the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from transfer.compute import apply_compute
+from transfer.data import CIFAR10Data
+from transfer.module import Classifier
+
+ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-4}  # the seed's optimizer
+# The seed's model: torchvision ResNet-18 unchanged (7x7/s2 stem) with a new 10-way fc, fed 32 px.
+SEED_RESNET18 = {"name": "resnet18", "pretrained": False, "adapt": "resize"}
+
+
+def _data(root: str, batch_size: int = 64, **kwargs: Any) -> CIFAR10Data:
+    return CIFAR10Data(root, download=False, batch_size=batch_size, num_workers=0, image_size=32, **kwargs)
+
+
+def _rate(fn: Any, repeats: int) -> float:
+    """Median over ``repeats`` of the rate ``fn`` returns."""
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def augment_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Batches/s of model-ready augmented batches: in-memory uint8 loader + batched augmentation."""
+    dm = _data(args.data)
+    module = Classifier(SEED_RESNET18, dm.classes, ADAM)
+    dm.configure(module.model.meta)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+
+    def once() -> float:
+        it, start = iter(loader), time.perf_counter()
+        for _ in range(args.batches):
+            dm.prepare_batch(next(it), train=True)
+        return args.batches / (time.perf_counter() - start)
+
+    once()  # warm-up
+    return {"batches_per_s": _rate(once, args.repeats)}
+
+
+def _seed_module(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location("seed_loop", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import the seed loop from {path}: pass --seed-loop")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def augment_seed(args: argparse.Namespace) -> dict[str, Any]:
+    """Batches/s of the seed's data path: its in-memory dataset, per-image PIL transforms, num_workers=0."""
+    from torchvision import transforms
+
+    seed = _seed_module(args.seed_loop)
+    tf = transforms.Compose([  # seed_loop.py's train transform, verbatim
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
+        transforms.RandomRotation(15),
+        transforms.ToTensor(),
+        transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    ])
+    ds = seed.InMemoryImages(Path(args.data) / "train", tf, 10000)
+    loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=0, drop_last=True)
+
+    def once() -> float:
+        it, start = iter(loader), time.perf_counter()
+        for _ in range(args.batches // 4):  # ~25x slower: fewer batches give the same timing precision
+            next(it)
+        return args.batches // 4 / (time.perf_counter() - start)
+
+    return {"batches_per_s": _rate(once, args.repeats)}
+
+
+class StepTimer(L.Callback):
+    """Wall time from the end of step ``warmup`` to the end of the last step (data loading included)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.images = warmup, 0.0, 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+        elif trainer.global_step > self.warmup:
+            self.end = time.perf_counter()
+            self.images += len(batch[1])
+
+
+def _train_parts(args: argparse.Namespace) -> tuple[CIFAR10Data, Classifier]:
+    L.seed_everything(0)
+    dm = _data(args.data)
+    module = Classifier(SEED_RESNET18, dm.classes, ADAM)
+    dm.configure(module.model.meta)
+    module.preprocess = dm.preprocess
+    apply_compute(module.model, channels_last=True)
+    return dm, module
+
+
+def train_lightning(args: argparse.Namespace) -> dict[str, Any]:
+    """Training images/s through ``Trainer.fit`` with this project's module and data path (no validation)."""
+    from transfer.history import History
+
+    dm, module = _train_parts(args)
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=20, callbacks=[timer, History()])
+    trainer.fit(module, datamodule=dm)
+    return {"images_per_s": timer.images / (timer.end - timer.start), "precision": args.precision}
+
+
+def train_raw(args: argparse.Namespace) -> dict[str, Any]:
+    """The same model, data path, optimizer and precision in a plain loop: the Lightning overhead's reference."""
+    dm, module = _train_parts(args)
+    dm.setup("fit")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = module.model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    bf16 = args.precision.startswith("bf16")
+    it, images, start = iter(dm.train_dataloader()), 0, 0.0
+    for step in range(args.warmup + args.steps):
+        x, y = dm.prepare_batch(tuple(t.to(device) for t in next(it)), train=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step + 1 == args.warmup:
+            start = time.perf_counter()
+        elif step + 1 > args.warmup:
+            images += len(y)
+    return {"images_per_s": images / (time.perf_counter() - start), "precision": args.precision}
+
+
+def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per frozen-backbone epoch (EfficientNet-Lite0, packaged ImageNet weights) on ``--images``
+    training images, with or without the feature cache; the cache's one-time extraction reported apart."""
+    from transfer.features import FeatureCache
+    from transfer.finetune import StagedFinetuning
+
+    L.seed_everything(0)
+    dm = _data(args.data)
+    module = Classifier({"name": "efficientnet_lite0", "pretrained": True}, dm.classes, ADAM)
+    module.preprocess = dm.configure(module.model.meta)
+    apply_compute(module.model, channels_last=True)
+    dm.setup("fit")
+    keep = dm.train_set.indices  # sorted by class: take a random subset, not the first classes
+    dm.train_set.indices = keep[np.random.default_rng(0).permutation(len(keep))[: args.images]]
+    epochs = EpochTimer()
+    callbacks: list[L.Callback] = [StagedFinetuning(unfreeze_at_epoch=None), epochs]
+    if args.cached:
+        callbacks.append(FeatureCache(None, root=args.cache))
+    trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=args.epochs, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks, reload_dataloaders_every_n_epochs=1 if args.cached else 0)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return {"epoch_s": statistics.median(epochs.seconds), "setup_s": epochs.first_start - start,
+            "images": args.images, "cached": args.cached, "val_acc": _val_accuracy(module, dm)}
+
+
+@torch.no_grad()
+def _val_accuracy(module: Classifier, dm: CIFAR10Data) -> float:
+    """The head's quality: accuracy on the held-out validation images, through the backbone, in eval mode."""
+    module.eval()
+    correct = total = 0
+    for batch in dm._loader(dm.val_set, train=False):
+        x, y = dm.prepare_batch(tuple(t.to(module.device) for t in batch), train=False)
+        correct += int((module(x).argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+class EpochTimer(L.Callback):
+    """Seconds of each training epoch, and when the first one started."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.first_start, self._start = 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self.first_start = self.first_start or self._start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+MEASURES = {f.__name__: f for f in (augment_ours, augment_seed, train_lightning, train_raw, frozen_epoch)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: run one measurement, print one JSON line with its peak resident memory."""
+    import resource
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("measure", choices=sorted(MEASURES))
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--seed-loop", default="../shared/baseline/seed_loop.py")
+    ap.add_argument("--batches", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--images", type=int, default=6400)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--cached", action="store_true")
+    ap.add_argument("--cache", default=None, help="feature cache folder (a fresh one measures the extraction)")
+    args = ap.parse_args(argv)
+    result = MEASURES[args.measure](args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"measure": args.measure, **{k: (round(v, 3) if isinstance(v, float) else v)
+                                                  for k, v in result.items()}}))
+
+
+if __name__ == "__main__":
+    main()
