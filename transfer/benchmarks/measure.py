@@ -170,7 +170,7 @@ def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     keep = dm.train_set.indices  # sorted by class: take a random subset, not the first classes
     dm.train_set.indices = keep[np.random.default_rng(0).permutation(len(keep))[: args.images]]
     epochs = EpochTimer()
-    callbacks: list[L.Callback] = [StagedFinetuning(unfreeze_at_epoch=None), epochs]
+    callbacks: list[L.Callback] = [StagedFinetuning(unfreeze_at_epoch=None, bn=args.bn), epochs]
     if args.cached:
         callbacks.append(FeatureCache(None, root=args.cache))
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=args.epochs, limit_val_batches=0, logger=False,
@@ -179,7 +179,7 @@ def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return {"epoch_s": statistics.median(epochs.seconds), "setup_s": epochs.first_start - start,
-            "images": args.images, "cached": args.cached, "val_acc": _val_accuracy(module, dm)}
+            "images": args.images, "cached": args.cached, "bn": args.bn, "val_acc": _val_accuracy(module, dm)}
 
 
 @torch.no_grad()
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=6400)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--cached", action="store_true")
+    ap.add_argument("--bn", default="train", choices=["train", "frozen"])
     ap.add_argument("--cache", default=None, help="feature cache folder (a fresh one measures the extraction)")
     args = ap.parse_args(argv)
     result = MEASURES[args.measure](args)

@@ -60,8 +60,12 @@ class BatchAugment(nn.Module):
         self.augment = dict(augment or {})
         check_augment(self.augment)
         self.generator = generator
+        # constants live on the batch's device with the module: no host-to-device copies per batch
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("grey", torch.tensor(_GREY).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb2yiq", _RGB2YIQ.clone(), persistent=False)
+        self.register_buffer("yiq2rgb", _YIQ2RGB.clone(), persistent=False)
 
     @torch.no_grad()
     def forward(self, images: Tensor, train: bool = True) -> Tensor:
@@ -158,13 +162,13 @@ class BatchAugment(nn.Module):
         angle = _uniform(b, -hue, hue, gen, dev) * 2 * math.pi  # hue is a fraction of the colour wheel
         # brightness and contrast first (torchvision clamps after each step; pixels stay in [0, 1] here too)
         x = (x * bright.view(b, 1, 1, 1)).clamp_(0, 1)
-        grey = (x * x.new_tensor(_GREY).view(1, 3, 1, 1)).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        grey = (x * self.grey).sum(1, keepdim=True).mean((2, 3), keepdim=True)
         x = (contr.view(b, 1, 1, 1) * x + (1 - contr.view(b, 1, 1, 1)) * grey).clamp_(0, 1)
         # saturation and hue: one matrix per sample, applied in YIQ (luma kept, chroma scaled and rotated)
         cos, sin = torch.cos(angle) * sat, torch.sin(angle) * sat
         one, zero = torch.ones_like(cos), torch.zeros_like(cos)
         twist = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
                              torch.stack([zero, sin, cos], 1)], 1)
-        matrix = _YIQ2RGB.to(dev) @ twist @ _RGB2YIQ.to(dev)  # (B, 3, 3)
+        matrix = self.yiq2rgb @ twist @ self.rgb2yiq  # (B, 3, 3)
         out = torch.bmm(matrix, x.contiguous().view(b, 3, -1)).view_as(x)
         return out.clamp_(0, 1)
