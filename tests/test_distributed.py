@@ -8,12 +8,13 @@ from tests.conftest import make_image_folder, run
 
 def test_two_process_cpu_ddp_run_ends_with_identical_weights_on_both_ranks(tmp_path: Path):
     """gloo DDP, 2 ranks, backbone unfrozen in the second epoch: DDP wrapped the model while the backbone was
-    frozen, so only the finetuning callback's own all-reduce keeps the ranks' backbones equal."""
+    frozen, so only the finetuning callback's own all-reduce keeps the ranks' backbones equal. The frozen
+    epoch runs on cached features (rank 0 computes them, rank 1 waits and reads the file)."""
     root = make_image_folder(tmp_path / "data", {"train": 12, "test": 4})
     run_dir = tmp_path / "run"
     proc = run("model=lenet5", "model.pretrained=false", f"data.root={root}", f"hydra.run.dir={run_dir}",
-               "trainer=ddp_cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "data.val_size=6",
-               "data.batch_size=4", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false")
+               "trainer=ddp_cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "finetune.cache_features=true",
+               "data.val_size=6", "data.batch_size=4", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "strategy": "DDPStrategy",
@@ -22,3 +23,5 @@ def test_two_process_cpu_ddp_run_ends_with_identical_weights_on_both_ranks(tmp_p
     assert proc.stdout.count("test accuracy") == 1  # one summary line, from rank 0
     history = json.loads((run_dir / "history.json").read_text())
     assert "lr/backbone" in history["epochs"][-1]  # the unfreeze happened under DDP
+    log = "".join(f.read_text() for f in run_dir.glob("*.log")) + proc.stderr  # rank 1 logs to its own file
+    assert "train features computed" in log and "train features loaded" in log  # one rank each

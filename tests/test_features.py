@@ -74,11 +74,16 @@ def _key(module: Classifier, dm: CIFAR10Data, **change: Any) -> str:
     return cache_key(module.backbone, module.model.meta, pre, change.pop("dataset", dm.train_set), 1, dm.augment)
 
 
-def test_cache_key_changes_with_model_weights_image_size_and_data(tiny_cifar: Path):
-    dm = CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0)
+def _ready(root: Path) -> tuple[Classifier, CIFAR10Data]:
+    dm = CIFAR10Data(str(root), download=False, val_size=6, num_workers=0)
     module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, dm.classes, ADAM)
     dm.configure(module.model.meta)
     dm.setup("fit")
+    return module, dm
+
+
+def test_cache_key_changes_with_model_weights_image_size_and_data(tiny_cifar: Path):
+    module, dm = _ready(tiny_cifar)
     base = _key(module, dm)
     assert _key(module, dm) == base
     other_model = Classifier({"name": "tiny_test_neck", "pretrained": False}, dm.classes, ADAM)
@@ -97,10 +102,7 @@ def test_cache_key_changes_with_model_weights_image_size_and_data(tiny_cifar: Pa
 
 
 def test_bn_running_stats_are_part_of_the_weights_key(tiny_cifar: Path):
-    dm = CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0)
-    module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, dm.classes, ADAM)
-    dm.configure(module.model.meta)
-    dm.setup("fit")
+    module, dm = _ready(tiny_cifar)
     before = _key(module, dm)
     bn = next(m for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn.running_mean += 0.5

@@ -56,6 +56,7 @@ def run_json(args: list[str], env: dict[str, str] | None = None) -> dict[str, An
 
 
 def measure(name: str, data: Path, *extra: str) -> list[str]:
+    """The command line of one :mod:`transfer.benchmarks.measure` measurement."""
     return [sys.executable, "-m", "transfer.benchmarks.measure", name, "--data", str(data), *extra]
 
 
@@ -124,6 +125,7 @@ def collect(data: Path, seed_loop: Path, repeats: int) -> dict[str, list[dict[st
 
 
 def med(rows: list[dict[str, Any]], key: str) -> float:
+    """Median of ``key`` over repeats."""
     return statistics.median(r[key] for r in rows)
 
 
