@@ -80,14 +80,18 @@ class BatchAugment(nn.Module):
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"BatchAugment takes uint8 (B, 3, H, W) batches, got {images.dtype} {tuple(images.shape)}.")
-        x = images.contiguous().float().div_(255)  # NCHW: grid_sample and bmm are slower on channels-last
+        # NCHW float in 0..255: the warp is linear, so the /255 waits to be folded into a later multiply
+        x = images.contiguous().float()
         aug = self.augment if train else {}
         x, window = self._geometry(x, aug)
         if aug.get("color_jitter"):
-            x = self._colour(x, *aug["color_jitter"])
+            x = self._colour(x, *aug["color_jitter"])  # returns [0, 1]
+        else:
+            x = x.mul_(1 / 255)
         if window is not None:  # torchvision rotates after the jitter: the corners it exposes stay black
-            x = x * window
-        x = (x - self.mean).div_(self.std)
+            x = x.mul_(window)
+        # (x - mean) / std as one fused multiply-add
+        x = torch.addcmul(-self.mean / self.std, x, 1 / self.std)
         return x.contiguous(memory_format=torch.channels_last)
 
     def _geometry(self, x: Tensor, aug: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
@@ -160,10 +164,12 @@ class BatchAugment(nn.Module):
         contr = _uniform(b, max(0.0, 1 - contrast), 1 + contrast, gen, dev)
         sat = _uniform(b, max(0.0, 1 - saturation), 1 + saturation, gen, dev)
         angle = _uniform(b, -hue, hue, gen, dev) * 2 * math.pi  # hue is a fraction of the colour wheel
-        # brightness and contrast first (torchvision clamps after each step; pixels stay in [0, 1] here too)
-        x = (x * bright.view(b, 1, 1, 1)).clamp_(0, 1)
-        grey = (x * self.grey).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-        x = (contr.view(b, 1, 1, 1) * x + (1 - contr.view(b, 1, 1, 1)) * grey).clamp_(0, 1)
+        # brightness (with the pending /255) and contrast first; torchvision clamps after each step, so do we.
+        # The mean grey is the luma-weighted sum of the channel means: one reduction, no grey image.
+        x = x.mul_((bright / 255).view(b, 1, 1, 1)).clamp_(0, 1)
+        grey = (x.mean((2, 3)) * self.grey.view(1, 3)).sum(1).view(b, 1, 1, 1)
+        c = contr.view(b, 1, 1, 1)
+        x = x.mul_(c).add_((1 - c) * grey).clamp_(0, 1)
         # saturation and hue: one matrix per sample, applied in YIQ (luma kept, chroma scaled and rotated)
         cos, sin = torch.cos(angle) * sat, torch.sin(angle) * sat
         one, zero = torch.ones_like(cos), torch.zeros_like(cos)
