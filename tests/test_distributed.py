@@ -3,6 +3,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from tests.conftest import make_image_folder, run
 
 
@@ -25,3 +28,10 @@ def test_two_process_cpu_ddp_run_ends_with_identical_weights_on_both_ranks(tmp_p
     assert "lr/backbone" in history["epochs"][-1]  # the unfreeze happened under DDP
     log = "".join(f.read_text() for f in run_dir.glob("*.log")) + proc.stderr  # rank 1 logs to its own file
     assert "train features computed" in log and "train features loaded" in log  # one rank each
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error under test exists only without a GPU")
+def test_gpu_ddp_on_a_machine_without_gpus_points_to_the_cpu_variant(tiny_cifar: Path, tmp_path: Path):
+    proc = run("model=lenet5", "model.pretrained=false", f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'r'}",
+               "trainer=ddp", "data.download=false")
+    assert proc.returncode == 2 and "trainer=ddp_cpu" in proc.stderr and "Traceback" not in proc.stderr

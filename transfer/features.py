@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transfer.data.cifar import cache_dir
 from transfer.data.datasets import ArrayImages, FileImages, TensorImages, files_digest, keep_batch
+from transfer.errors import ConfigError
 from transfer.provenance import state_digest
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,6 @@ class FeatureCache(L.Callback):
 
     def __init__(self, until_epoch: int | None, views: int = 1, root: str | Path | None = None) -> None:
         if views < 1:
-            from transfer.errors import ConfigError
             raise ConfigError(f"finetune.cache_views={views}: use 1 (un-augmented) or more (augmented copies).")
         self.until_epoch, self.views = until_epoch, int(views)
         self.root = Path(root) if root is not None else cache_dir() / "features"

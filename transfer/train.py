@@ -75,7 +75,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
         raise ConfigError(f"The trainer settings {args} were rejected by lightning.Trainer: {err}") from err
     except Exception as err:  # MisconfigurationException: e.g. accelerator=gpu on a machine without one
         if type(err).__name__ == "MisconfigurationException":
-            raise ConfigError(f"{err} Use trainer=cpu (or trainer.accelerator=cpu) on a machine without a GPU.") from err
+            hint = ("trainer=ddp_cpu for DDP over CPU processes" if "ddp" in str(args.get("strategy", ""))
+                    else "trainer=cpu (or trainer.accelerator=cpu)")
+            raise ConfigError(f"{err} Use {hint} on a machine without a GPU.") from err
         raise
 
 
