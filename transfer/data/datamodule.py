@@ -82,6 +82,7 @@ class ClassificationData(L.LightningDataModule):
     def configure(self, meta: Any) -> Preprocess:
         """Take input size and normalisation from a model's :class:`~transfer.models.ModelMeta`."""
         self.preprocess = resolve_preprocess(meta, self.image_size, self.native_size)
+        self.batch_augment = None  # rebuilt for the new size and normalisation on the next batch
         return self.preprocess
 
     def transforms(self) -> tuple[Any, Any]:
@@ -156,9 +157,7 @@ class ClassificationData(L.LightningDataModule):
             train_tf, eval_tf = self.transforms()
             dataset = copy.copy(dataset)
             dataset.transform = train_tf if augmented else eval_tf
-        in_memory = isinstance(dataset, TensorImages)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
-                          num_workers=0 if in_memory else self.num_workers, collate_fn=keep_batch if in_memory else None)
+        return self._loader(dataset, train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
