@@ -51,6 +51,7 @@ def weights_in_sync(trainer: L.Trainer, module: nn.Module) -> bool | None:
     """Whether all ranks hold bit-identical weights; ``None`` for a single-process run."""
     if trainer.world_size < 2:
         return None
-    mine = torch.tensor([int(state_digest(module.state_dict())[:15], 16)], dtype=torch.int64, device=trainer.strategy.root_device)
+    digest = int(state_digest(module.state_dict())[:15], 16)  # 60 bits: fits an int64 tensor
+    mine = torch.tensor([digest], dtype=torch.int64, device=trainer.strategy.root_device)
     everyone = trainer.strategy.all_gather(mine)
     return bool((everyone == mine).all())

@@ -126,9 +126,12 @@ class FeatureCache(L.Callback):
         path = self.root / f"{split}-{key}.pt"
         if not path.is_file() and trainer.world_size > 1:
             # one rank computes, the others wait and read its file (or compute themselves without a shared disk)
-            if trainer.is_global_zero:
-                self._save(self._compute(split, datamodule, module, views), path)
+            feats = self._compute(split, datamodule, module, views) if trainer.is_global_zero else None
+            if feats is not None:
+                self._save(feats, path)
             trainer.strategy.barrier("feature_cache")
+            if feats is not None:
+                return feats  # rank 0 keeps what it computed rather than reading it back
         if path.is_file():
             try:
                 stored = torch.load(path, map_location="cpu", weights_only=True)

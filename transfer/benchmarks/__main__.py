@@ -42,17 +42,23 @@ TTA_COMMAND = ["model=efficientnet_lite0", "finetune.cache_features=true", "fine
                "trainer.enable_progress_bar=false"]
 
 
-def run_json(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a command that prints a JSON line last; add its peak resident memory (MB) from the kernel."""
+def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run a command in the repo; return its exit code, its stdout and its peak resident memory (MB, from the
+    kernel's accounting of that one child)."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
-        lines = [line for line in out.read().splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"benchmark step failed (exit {proc.returncode}): {' '.join(args)}")
-    return {**json.loads(lines[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+        return os.waitstatus_to_exitcode(status), out.read(), usage.ru_maxrss / 1024
+
+
+def run_json(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command that prints a JSON line last; add its peak resident memory (MB)."""
+    code, stdout, rss = run_measured(args, env)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        raise SystemExit(f"benchmark step failed (exit {code}): {' '.join(args)}")
+    return {**json.loads(lines[-1]), "peak_rss_mb": rss}
 
 
 def measure(name: str, data: Path, *extra: str) -> list[str]:
@@ -169,16 +175,13 @@ def time_to_accuracy(data: Path) -> dict[str, Any]:
         run_dir = REPO / "outputs" / "benchmarks" / time.strftime("tta-%Y-%m-%d_%H-%M-%S")
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "transfer.run", *TTA_COMMAND, f"data.root={data}", f"hydra.run.dir={run_dir}"]
-        with tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "TRANSFER_CACHE": cache})
-            _, status, usage = os.wait4(proc.pid, 0)
+        code, _, rss = run_measured(cmd, {"TRANSFER_CACHE": cache})  # the run's own log is in run_dir
         wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    if code != 0:
         raise SystemExit(f"the time-to-accuracy run failed; see {run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"wall_s": wall, "test_acc": summary["test_acc"], "run_dir": str(run_dir),
-            "peak_rss_mb": usage.ru_maxrss / 1024, "command": "python -m transfer.run " + " ".join(TTA_COMMAND)}
+            "peak_rss_mb": rss, "command": "python -m transfer.run " + " ".join(TTA_COMMAND)}
 
 
 def markdown(rows: list[list[str]], header: str) -> str:
