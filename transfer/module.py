@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from transfer.data.transforms import Preprocess
 from transfer.errors import ConfigError
+from transfer.mix import BatchMix
 from transfer.models import TransferModel, create_model
 from transfer.optim import build_optimizer, build_scheduler
 from transfer.provenance import code_version
@@ -31,14 +32,18 @@ class Classifier(L.LightningModule):
         optimizer: the ``optimizer`` config group.
         scheduler: the ``scheduler`` config group, or ``None``.
         label_smoothing: cross-entropy label smoothing.
+        mix: MixUp/CutMix of training batches (:class:`~transfer.mix.BatchMix` arguments), or ``None``.
+        tta: test-time augmentation: average the logits of each test image and its mirror image.
     """
 
     def __init__(self, model: dict[str, Any], class_names: list[str], optimizer: dict[str, Any],
-                 scheduler: dict[str, Any] | None = None, label_smoothing: float = 0.0) -> None:
+                 scheduler: dict[str, Any] | None = None, label_smoothing: float = 0.0,
+                 mix: dict[str, Any] | None = None, tta: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
+        self.mix = BatchMix(len(self.class_names), **mix) if mix else None
         self.preprocess: Preprocess | None = None  # set by the run once the data module has resolved it
         n = len(self.class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
@@ -58,25 +63,34 @@ class Classifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Logits as the run's test uses them: with ``tta``, the mean of the image's and its mirror's."""
+        if self.hparams.get("tta"):
+            return (self.model(x) + self.model(x.flip(-1))) / 2
+        return self.model(x)
+
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        # y: class indices, or class probabilities after MixUp/CutMix (cross_entropy takes both)
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
-    def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _logits_and_targets(self, batch: Any, test: bool = False) -> tuple[Tensor, Tensor]:
         if isinstance(batch, dict):  # cached backbone features (finetune.cache_features): neck and head only
             return self.model.head(self.model.neck(batch["features"])), batch["target"]
         x, y = batch
-        return self(x), y
+        return (self.predict_logits(x) if test else self(x)), y
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.mix is not None and not isinstance(batch, dict):
+            batch = self.mix(*batch)
         logits, y = self._logits_and_targets(batch)
         loss = self._loss(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc(logits, y.argmax(1) if y.ndim == 2 else y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def _eval_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
-        logits, y = self._logits_and_targets(batch)
+        logits, y = self._logits_and_targets(batch, test=stage == "test")
         metric(logits, y)
         self.log(f"{stage}/loss", self._loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
@@ -91,14 +105,15 @@ class Classifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).softmax(dim=-1)
+        return self.predict_logits(x).softmax(dim=-1)
 
     def configure_optimizers(self) -> Any:
         # Only what is trainable now: the finetuning callback froze the backbone in setup() and adds it as
         # its own param group when it unfreezes.
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = build_optimizer(self.hparams.optimizer, [{"params": params, "name": "head"}])
-        scheduler = build_scheduler(self.hparams.scheduler, optimizer)
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer,
+                                    total_steps=self.trainer.estimated_stepping_batches if self._trainer else None)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

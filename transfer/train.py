@@ -25,7 +25,7 @@ from transfer.errors import ConfigError
 from transfer.features import FeatureCache
 from transfer.finetune import StagedFinetuning
 from transfer.history import History
-from transfer.models import count_parameters
+from transfer.models import count_parameters, resolve_adapt
 from transfer.module import Classifier
 from transfer.plots import plot_epoch_curves, plot_step_loss
 from transfer.provenance import code_version
@@ -100,9 +100,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
-    module = Classifier(model=_container(cfg.model), class_names=datamodule.classes,
+    model_args = _container(cfg.model)
+    model_args["adapt"] = resolve_adapt(cfg.model.name, cfg.model.adapt,
+                                        cfg.data.get("image_size") or datamodule.native_size)
+    module = Classifier(model=model_args, class_names=datamodule.classes,
                         optimizer=_container(cfg.optimizer), scheduler=_container(cfg.scheduler),
-                        label_smoothing=float(cfg.label_smoothing))
+                        label_smoothing=float(cfg.label_smoothing), mix=_container(cfg.get("mix")),
+                        tta=bool(cfg.get("tta", False)))
     module.preprocess = datamodule.configure(module.model.meta)
     check_input_size(module, module.preprocess.image_size)
     apply_compute(module.model, **_container(cfg.compute))
@@ -111,7 +115,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     history, checkpoint = History(), ModelCheckpoint(
         dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
         filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
-    callbacks = [*_finetune_callbacks(cfg), checkpoint, history, LearningRateMonitor("epoch"), TensorBoardExtras()]
+    callbacks = [*_finetune_callbacks(cfg), *_configured_callbacks(cfg), checkpoint, history,
+                 LearningRateMonitor("epoch"), TensorBoardExtras()]
     if cfg.trainer.get("enable_progress_bar", True):
         # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.get("log_every_n_steps", 20))))
@@ -144,6 +149,12 @@ def _finetune_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [finetune] + ([FeatureCache(finetune.unfreeze_at_epoch, views=cache_views)] if cache_features else [])
 
 
+def _configured_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The ``callbacks`` group: every entry with a ``_target_`` (``~callbacks.<name>`` removes one)."""
+    entries = cfg.get("callbacks") or {}
+    return [instantiate(node) for node in entries.values() if node is not None and node.get("_target_")]
+
+
 @rank_zero_only
 def _write_rank_zero(path: Path, text: str) -> None:
     path.write_text(text)
@@ -156,7 +167,7 @@ def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData
     return {
         "model": cfg.model.name,
         "pretrained": bool(cfg.model.pretrained or cfg.model.weights),
-        "adapt": cfg.model.adapt,
+        "adapt": module.model.meta.adapt,
         "weight_source": module.model.meta.weight_source,
         "params": count_parameters(module.model),
         "image_size": module.preprocess.image_size if module.preprocess else None,

@@ -60,6 +60,8 @@ class BatchAugment(nn.Module):
         self.augment = dict(augment or {})
         check_augment(self.augment)
         self.generator = generator
+        # Progressive resizing (transfer.progressive) lowers the training size for early epochs; eval keeps pre's.
+        self.train_size: int | None = None
         # constants live on the batch's device with the module: no host-to-device copies per batch
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1), persistent=False)
@@ -97,7 +99,7 @@ class BatchAugment(nn.Module):
     def _geometry(self, x: Tensor, aug: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
         """Crop, flip, rotate and resize in one warp; also the mask of output pixels inside the crop window."""
         b, _, h, w = x.shape
-        size = self.pre.image_size
+        size = self.train_size or self.pre.image_size
         if not aug:
             return self._eval_view(x), None
         theta = self._theta(b, h, w, aug, x.device)

@@ -62,6 +62,7 @@ class ClassificationData(L.LightningDataModule):
         self.augment_on = augment_on
         self.batch_augment: BatchAugment | None = None
         self.feature_cache: Any = None  # a transfer.features.FeatureCache while it serves the frozen phase
+        self.train_image_size: int | None = None  # set per epoch by transfer.progressive.ProgressiveResize
         self.root = Path(root).expanduser()
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
@@ -119,6 +120,7 @@ class ClassificationData(L.LightningDataModule):
             self.batch_augment = BatchAugment(self.preprocess, self.augment)
         if self.batch_augment.mean.device != x.device:
             self.batch_augment.to(x.device)
+        self.batch_augment.train_size = self.train_image_size
         return self.batch_augment(x, train=train), y
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
