@@ -3,6 +3,9 @@
 ``model=<name>`` instead of ``ckpt=`` predicts with that pretrained backbone and a new, untrained head over
 CIFAR-10's classes (or ``classes=a,b,c``): the source material's "before training" demo.
 
+``ckpt=`` may also name an exported ``.onnx`` file (``python -m transfer.export``): onnxruntime runs it, with the
+class names and preprocessing of the JSON beside it.
+
 Top-k class names and probabilities for new images, from a checkpoint alone: it carries the architecture,
 class names, input size and normalisation. Results are printed as a table and written as CSV and JSON (and a
 PNG grid with ``grid=true``) into a new folder, ``outputs/predictions/<time>/`` unless ``out=`` says otherwise.
@@ -65,13 +68,31 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
+def load_classifier(path: str | Path) -> Any:
+    """A trained model from a checkpoint or run directory, or from an exported ``.onnx`` file.
+
+    Args:
+        path: a ``.ckpt``, a run directory, or an ``.onnx`` written by ``transfer.export``.
+
+    Returns:
+        A :class:`Classifier` (via ``from_checkpoint``, ``weights_only``) or an
+        :class:`~transfer.onnx_runtime.OnnxClassifier`; both work with :func:`predict`.
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        from transfer.onnx_runtime import OnnxClassifier
+
+        return OnnxClassifier(path)
+    return Classifier.from_checkpoint(find_checkpoint(path))
+
+
 @torch.no_grad()
 def predict(module: Classifier, files: list[Path], topk: int = 5, batch_size: int = 64,
             device: str = "auto") -> list[dict[str, Any]]:
     """Classify image files with a trained module.
 
     Args:
-        module: from :meth:`Classifier.from_checkpoint` (its ``preprocess`` decides the transform).
+        module: from :func:`load_classifier` (a Classifier or an ONNX model; its ``preprocess`` decides the
+            transform).
         files: image paths.
         topk: how many classes to report per image.
         batch_size: images per forward pass.
@@ -138,10 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Command-line entry (``key=value`` arguments, as in Hydra)."""
     cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
     if not (cfg.ckpt or cfg.model) or not cfg.images:
-        raise ConfigError("Usage: python -m transfer.predict ckpt=<checkpoint or run dir> images=<file, folder or "
-                          "glob> [topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for "
+        raise ConfigError("Usage: python -m transfer.predict ckpt=<checkpoint, run dir or exported .onnx> "
+                          "images=<file, folder or glob> [topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for "
                           "a pretrained backbone with an untrained head.")
-    module = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt)) if cfg.ckpt else untrained(cfg.model, cfg.classes)
+    module = load_classifier(cfg.ckpt) if cfg.ckpt else untrained(cfg.model, cfg.classes)
     results = predict(module, collect_images(str(cfg.images)), int(cfg.topk), int(cfg.batch_size), str(cfg.device))
     out = Path(cfg.out or f"outputs/predictions/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}")
     write_results(results, out)
