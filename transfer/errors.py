@@ -29,6 +29,14 @@ class ConfigError(TransferError):
     """A configuration value is invalid or a run would overwrite an earlier one."""
 
 
+class CorruptImagesError(DataNotFoundError):
+    """Image files that cannot be decoded (truncated, not an image, unsupported)."""
+
+
+class DivergenceError(TransferError):
+    """Training produced a non-finite (or exploding) loss and was stopped."""
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from transfer.data.batch_augment import BatchAugment
 from transfer.data.cifar import CIFAR10_CLASSES, cache_dir, ensure_cifar10, load_cifar10
-from transfer.data.datasets import (ArrayImages, FileImages, TensorImages, decode_cached, keep_batch, list_classes,
-                                    list_images, mixed_order, split_count, stratified_split)
+from transfer.data.datasets import (ArrayImages, FileImages, TensorImages, decode_cached_checked, keep_batch,
+                                    list_classes, list_images, mixed_order, scan_cached, split_count, stratified_split)
+from transfer.data.decode import describe_corrupt
+from transfer.data.folders import check_classes, check_not_empty, find_layout
 from transfer.data.transforms import Preprocess, eval_transform, resolve_preprocess, train_transform
-from transfer.errors import ConfigError, DataNotFoundError
+from transfer.errors import ConfigError, CorruptImagesError
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +214,19 @@ class CIFAR10Data(ClassificationData):
 
 
 class ImageFolderData(ClassificationData):
-    """A user's images: ``root/train/<class>/*`` plus optional ``val/`` (or ``validation/``) and ``test/``.
+    """A user's images: ``root/train/<class>/*`` plus optional ``val/`` (or ``validation/``) and ``test/``, or
+    the flat ``root/<class>/*``.
 
-    Missing validation or test splits are held out of ``train``, stratified by class.
+    Missing validation or test splits are held out of the training images, stratified by class and seeded.
+    Every split must hold the same, non-empty class folders. Images of any mode, bit depth and EXIF
+    orientation are converted to upright 8-bit RGB; non-image files are ignored; files that cannot be decoded
+    are an error naming them, or, with ``skip_corrupt``, left out and counted (:meth:`describe`).
 
     Args:
         val_size: fraction (< 1) or count (>= 1) of train held out when there is no val folder.
         test_size: likewise when there is no test folder.
+        memory_limit_gb: above this, images stream from disk through PIL workers instead of living in memory.
+        skip_corrupt: leave out undecodable files (logged, counted in the summary) instead of failing.
         **kwargs: see :class:`ClassificationData`.
     """
 
@@ -226,38 +234,35 @@ class ImageFolderData(ClassificationData):
                        "rotation": 15}
 
     def __init__(self, root: str, val_size: float = 0.1, test_size: float = 0.1, memory_limit_gb: float = 4.0,
-                 **kwargs: Any) -> None:
+                 skip_corrupt: bool = False, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self.val_size, self.test_size = val_size, test_size
         self.memory_limit_gb = float(memory_limit_gb)
+        self.skip_corrupt = bool(skip_corrupt)
+        self.skipped: dict[Path, str] = {}
 
     @property
     def classes(self) -> list[str]:
-        train = self.root / "train"
-        if not train.is_dir():
-            raise DataNotFoundError(
-                f"No training images at {train}. data=imagefolder expects data.root to hold train/<class>/<image> "
-                f"(and optionally val/ and test/ with the same class folders); set data.root=/path/to/your/images.")
-        classes = list_classes(train)
-        if len(classes) < 2:
-            raise ConfigError(f"{train} has {len(classes)} class folder(s); a classifier needs at least two.")
-        return classes
+        train_dir, splits = find_layout(self.root)
+        return check_classes(train_dir, splits)
 
-    def _split_dir(self, *names: str) -> Path | None:
-        return next((self.root / n for n in names if (self.root / n).is_dir()), None)
+    @property
+    def layout(self) -> str:
+        """``split`` (``root/train/...``) or ``flat`` (``root/<class>/...``)."""
+        return "split" if find_layout(self.root)[0] != self.root else "flat"
 
     def _splits(self) -> dict[str, tuple[list[Path], list[int], list[int]]]:
         """``{split: (files, targets, indices)}``, holding val/test out of train where their folders are missing."""
-        classes = self.classes
-        files, targets = list_images(self.root / "train", classes)
-        if not files:
-            raise DataNotFoundError(f"{self.root / 'train'} holds no image files in its class folders.")
+        train_dir, folders = find_layout(self.root)
+        classes = check_classes(train_dir, folders)
+        files, targets = list_images(train_dir, classes)
+        check_not_empty("train", train_dir, classes, targets)
         keep = list(range(len(files)))
         splits: dict[str, tuple[list[Path], list[int], list[int]]] = {}
-        for name, size, folders in (("test", self.test_size, ("test",)), ("val", self.val_size, ("val", "validation"))):
-            folder = self._split_dir(*folders)
-            if folder is not None:
-                split_files, split_targets = list_images(folder, classes)
+        for name, size in (("test", self.test_size), ("val", self.val_size)):
+            if name in folders:
+                split_files, split_targets = list_images(folders[name], classes)
+                check_not_empty(name, folders[name], classes, split_targets)
                 splits[name] = (split_files, split_targets, list(mixed_order(len(split_files), self.split_seed)))
                 continue
             sub_targets = [targets[i] for i in keep]
@@ -286,6 +291,19 @@ class ImageFolderData(ClassificationData):
                     self.stored_size(), need, self.memory_limit_gb, self.num_workers)
         return False
 
+    def _drop_corrupt(self, splits: dict[str, tuple[list[Path], list[int], list[int]]],
+                      bad: dict[int, dict[int, str]]) -> dict[str, tuple[list[Path], list[int], list[int]]]:
+        """Fail naming the undecodable files, or (``skip_corrupt``) leave them out of every split and count them."""
+        found = {f[row]: why for f, _, _ in splits.values() for row, why in bad.get(id(f), {}).items()}
+        if not found:
+            return splits
+        if not self.skip_corrupt:
+            raise CorruptImagesError(describe_corrupt(found))
+        self.skipped = found
+        log.warning("data.skip_corrupt=true: skipping %d undecodable image file(s), e.g. %s", len(found),
+                    "; ".join(f"{p} ({why})" for p, why in list(found.items())[:3]))
+        return {name: (f, t, [i for i in idx if i not in bad.get(id(f), {})]) for name, (f, t, idx) in splits.items()}
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -293,13 +311,25 @@ class ImageFolderData(ClassificationData):
         train_tf, eval_tf = self.transforms()
         in_memory = self.augment_on == "device" and self._fits_in_memory(splits)
         decoded: dict[int, Any] = {}
-        made: dict[str, Dataset] = {}
-        for name, (files, targets, indices) in splits.items():
+        bad: dict[int, dict[int, str]] = {}
+        for files, _, _ in splits.values():
+            if id(files) in bad:
+                continue
             if in_memory:
-                if id(files) not in decoded:
-                    decoded[id(files)] = decode_cached(files, cache_dir(), size=self.stored_size())
+                decoded[id(files)], bad[id(files)] = decode_cached_checked(files, cache_dir(), size=self.stored_size())
+            else:
+                bad[id(files)] = scan_cached(files, cache_dir())
+        made: dict[str, Dataset] = {}
+        for name, (files, targets, indices) in self._drop_corrupt(splits, bad).items():
+            if in_memory:
                 made[name] = TensorImages(decoded[id(files)], targets, indices)
             else:
                 made[name] = FileImages(files, targets, indices, train_tf if name == "train" else eval_tf)
         self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]
-        self.source = f"image folders at {self.root}" + (" (decoded into memory)" if in_memory else "")
+        self.source = f"image folders at {self.root} ({self.layout} layout)" + (
+            " (decoded into memory)" if in_memory else "")
+
+    def describe(self) -> dict[str, Any]:
+        """Split sizes, origin and the undecodable files left out (``skip_corrupt``), for the run summary."""
+        return super().describe() | {"corrupt_skipped": len(self.skipped),
+                                     "corrupt_files": [str(p) for p in list(self.skipped)[:20]]}

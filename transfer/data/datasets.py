@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -11,14 +12,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from transfer.errors import ConfigError, DataNotFoundError
+from transfer.data.decode import IMAGE_EXTENSIONS, decode_error, describe_corrupt, is_image_file, read_rgb
+from transfer.errors import ConfigError, CorruptImagesError, DataNotFoundError
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = ["IMAGE_EXTENSIONS"]  # re-exported: transfer.predict filters files with it
 
 
 def list_classes(folder: Path) -> list[str]:
@@ -28,6 +30,8 @@ def list_classes(folder: Path) -> list[str]:
 
 def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
     """Image files under ``folder/<class>/`` (recursively) with their class indices.
+
+    Files are recognised by extension; anything else (``.txt``, ``Thumbs.db``, hidden files) is ignored.
 
     Args:
         folder: a split folder such as ``root/train``.
@@ -43,16 +47,19 @@ def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[
         if not class_dir.is_dir():
             raise DataNotFoundError(
                 f"{folder} has no folder for class {name!r}, which the training split has. Every split must "
-                f"contain the same class folders; add {class_dir} (it may be empty only if you also drop "
-                f"the class from train).")
-        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                f"contain the same class folders; add {class_dir} with images of that class, or remove the "
+                f"class from every split.")
+        found = sorted(p for p in class_dir.rglob("*") if is_image_file(p))
         files += found
         targets += [index] * len(found)
     return files, targets
 
 
-def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
+def decode_checked(files: Sequence[Path], size: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Decode images into one ``(N, H, W, 3)`` uint8 array, using a thread per core (PIL releases the GIL).
+
+    Any mode, bit depth and EXIF orientation is handled (:func:`~transfer.data.decode.read_rgb`); files that
+    cannot be decoded become all-zero rows and are reported, not raised.
 
     Args:
         files: image paths, all of the same size unless ``size`` is given.
@@ -60,23 +67,37 @@ def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
             ``size``, then the centre square kept.
 
     Returns:
-        The stacked array.
+        The stacked array and ``{row: reason}`` for the files that could not be decoded.
     """
 
-    def read(path: Path) -> np.ndarray:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if size is not None and img.size != (size, size):
-                img = ImageOps.fit(img, (size, size), Image.BILINEAR)
-            return np.asarray(img)
+    def read(path: Path) -> np.ndarray | str:
+        try:
+            return np.asarray(read_rgb(path, size))
+        except Exception:  # noqa: BLE001 - decode_error re-reads it to say why, in one line
+            return decode_error(path) or "unreadable"
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        arrays = list(pool.map(read, files, chunksize=256))
+        results = list(pool.map(read, files, chunksize=256))
+    bad = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+    arrays = [r for r in results if not isinstance(r, str)]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DataNotFoundError(f"Images under {files[0].parent.parent} have different sizes {sorted(shapes)[:3]}; "
                                 f"an in-memory CIFAR-style folder needs one size. Use data=imagefolder instead.")
-    return np.stack(arrays)
+    shape = next(iter(shapes)) if shapes else (size or 1, size or 1, 3)
+    out = np.zeros((len(files), *shape), dtype=np.uint8)
+    good = [i for i in range(len(files)) if i not in bad]
+    if arrays:
+        out[good] = np.stack(arrays)
+    return out, bad
+
+
+def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
+    """:func:`decode_checked` that refuses corrupt files, naming the first ones (see its arguments)."""
+    images, bad = decode_checked(files, size)
+    if bad:
+        raise CorruptImagesError(describe_corrupt({files[i]: why for i, why in bad.items()}))
+    return images
 
 
 def files_digest(files: Sequence[Path], extra: str = "") -> str:
@@ -89,35 +110,71 @@ def files_digest(files: Sequence[Path], extra: str = "") -> str:
 
 
 def decode_cached(files: Sequence[Path], cache_dir: Path, size: int | None = None) -> np.ndarray:
-    """:func:`decode_all`, remembered on disk: decoding 60k JPEGs takes ~20 s on 2 cores, loading the array <1 s.
+    """:func:`decode_cached_checked` that refuses corrupt files, naming the first ones (see its arguments)."""
+    images, bad = decode_cached_checked(files, cache_dir, size)
+    if bad:
+        raise CorruptImagesError(describe_corrupt({files[i]: why for i, why in bad.items()}))
+    return images
+
+
+def decode_cached_checked(files: Sequence[Path], cache_dir: Path,
+                          size: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """:func:`decode_checked`, remembered on disk: decoding 60k JPEGs takes ~20 s on 2 cores, loading <1 s.
 
     The key hashes every file's path, size and modification time (and ``size``), so adding, removing or
-    editing an image invalidates the cache without reading the images. A cache that cannot be written is
-    skipped, not an error.
+    editing an image invalidates the cache without reading the images. The rows that failed to decode are
+    kept beside the array (``<key>.bad.json``). A cache that cannot be written is skipped, not an error.
 
     Args:
         files: image paths (same size unless ``size`` is given).
         cache_dir: where ``<key>.npy`` files live.
-        size: see :func:`decode_all`.
+        size: see :func:`decode_checked`.
 
     Returns:
-        The ``(N, H, W, 3)`` uint8 array.
+        The ``(N, H, W, 3)`` uint8 array and ``{row: reason}`` for the files that could not be decoded.
     """
     path = cache_dir / f"images-{files_digest(files, '' if size is None else f'fit{size}')}.npy"
+    bad_path = path.with_suffix(".bad.json")
     if path.is_file():
         try:
-            return np.load(path)
+            bad = {int(k): v for k, v in json.loads(bad_path.read_text()).items()} if bad_path.is_file() else {}
+            return np.load(path), bad
         except (OSError, ValueError):
             log.warning("ignoring unreadable cache %s", path)
-    images = decode_all(files, size)
+    images, bad = decode_checked(files, size)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if bad:
+            bad_path.write_text(json.dumps(bad))
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, images)
         tmp.replace(path)  # atomic: a concurrent run never reads a half-written file
     except OSError as err:
         log.warning("could not write decode cache %s (%s); the next run decodes again", path, err)
-    return images
+    return images, bad
+
+
+def scan_cached(files: Sequence[Path], cache_dir: Path) -> dict[int, str]:
+    """``{row: reason}`` for the files that cannot be decoded, remembered on disk like :func:`decode_cached`.
+
+    For folders streamed from disk: one full decode of every file up front, so a corrupt image is found
+    before training rather than in the middle of an epoch.
+    """
+    path = cache_dir / f"scan-{files_digest(files, 'scan')}.json"
+    if path.is_file():
+        try:
+            return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable cache %s", path)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reasons = list(pool.map(decode_error, files, chunksize=64))
+    bad = {i: why for i, why in enumerate(reasons) if why is not None}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(bad))
+    except OSError as err:
+        log.warning("could not write scan cache %s (%s)", path, err)
+    return bad
 
 
 class ArrayImages(Dataset):
@@ -188,8 +245,7 @@ class FileImages(Dataset):
 
     def __getitem__(self, i: int):
         row = self.indices[i]
-        with Image.open(self.files[row]) as img:
-            img = img.convert("RGB")
+        img = read_rgb(self.files[row])
         return (self.transform(img) if self.transform else img), int(self.targets[row])
 
 
