@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from transfer.benchmarks.__main__ import ensure_data, markdown, run_json, table
+from tests.conftest import TINY, make_image_folder
+from transfer.benchmarks.race import TIMELINE, accuracy_at, race_table, run_timeline, time_to
 
 
 def _rows(key: str, values: list[float], mem: float = 100.0, **extra) -> list[dict]:
@@ -29,24 +31,36 @@ def results(bf16: bool = True) -> dict:
 
 
 def test_table_reports_median_ratios_against_the_references():
-    rows = {r[0]: r for r in table(results(), None)}
+    rows = {r[0]: r for r in table(results())}
     assert rows["1 augmented batches/s (64 imgs)"][3] == "20.0x"  # 800 / 40, medians
     assert rows["2 train img/s resnet18 32px fp32"][3] == "1.28x"  # 410 / 320
     assert rows["2 train img/s, ours bf16-mixed"][3] == "1.56x"
     assert rows["2 Lightning overhead vs raw loop"][3] == "+4.9%"  # 430 / 410 - 1
     frozen = rows["3 frozen epoch s (6400 imgs, lite0)"]
     assert frozen[3] == "20x" and "0.600 bn=frozen" in frozen[2] and "+12.0 once" in frozen[1]
-    assert "not run" in rows["4 time to 90% test acc, lite0, cold"][1]
-    assert len(table(results(bf16=False), None)) == len(rows) - 1
+    assert len(table(results(bf16=False))) == len(rows) - 1
+    text = markdown(table(results()), "Machine: test")
+    assert text.startswith("Machine: test") and text.count("\n| ") == 6
 
 
-def test_time_to_accuracy_row_says_whether_the_target_was_reached():
-    tta = {"wall_s": 1800.0, "test_acc": 0.8512, "peak_rss_mb": 2000.0}
-    row = table(results(), tta)[-1]
-    assert row[1] == "30.0 min -> 0.8512" and row[3] == "not reached"
-    assert table(results(), {**tta, "test_acc": 0.91})[-1][3] == "reached"
-    text = markdown(table(results(), tta), "Machine: test")
-    assert text.startswith("Machine: test") and text.count("\n| ") == 7
+def test_race_reads_accuracy_at_each_time_point_and_time_to_each_threshold():
+    rows = [{"epoch": 1, "seconds": 100.0, "test_acc": 0.80}, {"epoch": 2, "seconds": 230.0, "test_acc": 0.86},
+            {"epoch": 3, "seconds": 500.0, "test_acc": 0.905}]
+    assert accuracy_at(rows, 1) is None and accuracy_at(rows, 2) == 0.80 and accuracy_at(rows, 4) == 0.86
+    assert accuracy_at(rows, 15) == 0.905
+    assert time_to(rows, 0.85) == pytest.approx(230 / 60) and time_to(rows, 0.95) is None
+    text = race_table({"cifar10": {"ours": {"rows": rows}, "plain": {"rows": []}}})
+    ours, plain = text.splitlines()[2:]
+    assert "| 80.00% | 86.00% | 90.50% | 90.50% |" in ours and "| 3.8 min |" in ours and "failed" in plain
+
+
+def test_run_timeline_charges_neither_side_for_its_test_evaluations():
+    script = ("import json, time; time.sleep(0.3); "
+              "print(json.dumps({'timeline': 1, 'unix_time': time.time(), 'eval_seconds': 0.2, 'test_acc': 0.5}))")
+    out = run_timeline([sys.executable, "-c", script], "test")
+    (row,) = out["rows"]
+    assert out["exit_code"] == 0 and row["test_acc"] == 0.5
+    assert 0.0 <= row["seconds"] < out["wall_s"] - 0.15  # 0.2 s of evaluation taken off the wall time
 
 
 def test_run_json_reads_the_last_json_line_and_peak_memory():
@@ -64,3 +78,14 @@ def test_missing_data_names_both_places_it_looked(tmp_path: Path, monkeypatch: p
         ensure_data(tmp_path / "nothing")
     (tmp_path / "ok" / "train").mkdir(parents=True)
     assert ensure_data(tmp_path / "ok") == tmp_path / "ok"
+
+
+def test_plain_loop_and_the_framework_print_one_timeline_row_per_epoch(tmp_path: Path):
+    root = make_image_folder(tmp_path / "data", {"train": 8, "test": 4})
+    plain = run_timeline([sys.executable, "-m", "transfer.benchmarks.plain_loop", "--data", str(root), "--epochs", "2",
+                          "--batch-size", "8", "--size", "32"], "plain")
+    ours = run_timeline([sys.executable, "-m", "transfer.run", "model=lenet5", f"data.root={root}",
+                         f"hydra.run.dir={tmp_path / 'run'}", *TINY, TIMELINE], "ours")
+    for out in (plain, ours):
+        assert out["exit_code"] == 0 and [r["epoch"] for r in out["rows"]] == [1, 2]
+        assert all(0 <= r["test_acc"] <= 1 and r["seconds"] > 0 for r in out["rows"])

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from transfer.data import CIFAR10Data
 from transfer.errors import ConfigError
-from transfer.finetune import StagedFinetuning, batchnorms
+from transfer.finetune import StagedFinetuning, batchnorms, layer_groups
 from transfer.module import Classifier
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 0.01}
@@ -123,7 +123,8 @@ def test_plateau_schedule_accepts_the_added_group(tiny_cifar: Path):
     assert probe.rows[-1]["groups"] == ["head", "backbone"]
 
 
-@pytest.mark.parametrize("kwargs", [{"bn": "sometimes"}, {"unfreeze_at_epoch": -1}, {"backbone_lr_ratio": 0}])
+@pytest.mark.parametrize("kwargs", [{"bn": "sometimes"}, {"unfreeze_at_epoch": -1}, {"backbone_lr_ratio": 0},
+                                    {"layer_decay": 0}, {"layer_decay": 1.5}])
 def test_bad_finetune_settings_are_config_errors(kwargs: dict):
     with pytest.raises(ConfigError, match="finetune"):
         StagedFinetuning(**kwargs)
@@ -139,3 +140,48 @@ def test_neck_trains_with_the_head_and_fixed_convs_never_train(tiny_cifar: Path)
     assert not any(p.requires_grad or id(p) in backbone_group for p in first_conv.parameters())
     assert all(p.requires_grad and id(p) in backbone_group for p in second_conv.parameters())
     assert probe.rows[1]["requires_grad"] == [False, False, True, True, True, True]
+
+
+ONECYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.01, "total_steps": None,
+            "pct_start": 0.3, "interval": "step"}
+WARMUP_COSINE = {"_target_": "transfer.optim.WarmupCosine", "total_steps": None, "warmup": 0.3, "interval": "step"}
+
+
+def test_layer_groups_split_numbered_blocks_with_the_stem_first():
+    names = ["conv_stem.weight", "bn1.weight", "blocks.0.0.conv.weight", "blocks.0.1.conv.weight",
+             "blocks.1.0.conv.weight", "conv_head.weight", "bn2.weight"]
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in names]
+    groups = layer_groups(list(zip(names, params)))
+    index = {id(p): i for i, p in enumerate(params)}
+    assert [[index[id(p)] for p in g] for g in groups] == [[0, 1], [2, 3], [4, 5, 6]]
+    resnet = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.1.conv1.weight", "layer2.0.conv1.weight"]
+    assert [len(g) for g in layer_groups([(n, torch.nn.Parameter(torch.zeros(1))) for n in resnet])] == [2, 1, 1, 1]
+
+
+def test_layer_decay_gives_deeper_layers_geometrically_lower_rates(tiny_cifar: Path):
+    _, probe = fit(tiny_cifar, 1, unfreeze_at_epoch=0, backbone_lr_ratio=0.5, layer_decay=0.25)
+    row = probe.rows[0]
+    assert row["groups"] == ["head", "backbone.0", "backbone.1"]  # the conv, then the BatchNorm block
+    assert row["lrs"] == pytest.approx([0.01, 0.01 * 0.5 * 0.25, 0.01 * 0.5])
+
+
+@pytest.mark.parametrize("scheduler", [ONECYCLE, WARMUP_COSINE], ids=["onecycle", "warmup_cosine"])
+def test_per_step_schedules_span_the_run_and_drive_the_backbone_added_later(tiny_cifar: Path, scheduler: dict):
+    module, probe = fit(tiny_cifar, 4, scheduler=scheduler, unfreeze_at_epoch=2, backbone_lr_ratio=0.1)
+    sched = module.trainer.lr_scheduler_configs[0].scheduler
+    steps = module.trainer.estimated_stepping_batches
+    assert module.trainer.global_step == steps == getattr(sched, "total_steps", steps)  # no hand-entered count
+    head = [row["lrs"][0] for row in probe.rows]
+    assert head[1] > head[0] and head[3] < head[2] < head[1]  # warm-up in epoch 0-1, then decay
+    for row in probe.rows[2:]:
+        assert row["lrs"][1] == pytest.approx(row["lrs"][0] * 0.1)  # the backbone follows the same curve
+    final = module.trainer.optimizers[0].param_groups
+    assert final[1]["lr"] == pytest.approx(final[0]["lr"] * 0.1) and final[0]["lr"] < head[2] / 10
+
+
+def test_per_step_schedule_without_max_epochs_is_a_config_error():
+    from transfer.optim import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="max_epochs"):
+        build_scheduler(ONECYCLE, opt, total_steps=float("inf"))

@@ -34,7 +34,7 @@ def collect(module: Classifier, datamodule: ClassificationData, loader: torch.ut
     logits, targets = [], []
     for x, y in loader:
         x, y = datamodule.prepare_batch((x.to(device), y), train=False)
-        logits.append(module(x).float().cpu())
+        logits.append(module.predict_logits(x).float().cpu())  # flip TTA when the module's ``tta`` is on
         targets.append(y.cpu())
     return torch.cat(logits), torch.cat(targets)
 
@@ -85,6 +85,8 @@ def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
 def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Evaluate a checkpoint on a data split and write the report files into ``out``."""
     module = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt))
+    if cfg.get("tta") is not None:  # null keeps what the run tested with
+        module.hparams.tta = bool(cfg.tta)
     datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
     if datamodule.classes != module.class_names:
         raise ConfigError(f"The checkpoint's classes {module.class_names} differ from the data's {datamodule.classes} "

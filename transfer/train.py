@@ -85,6 +85,32 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
+def build(cfg: DictConfig) -> tuple[ClassificationData, Classifier]:
+    """The data module and the LightningModule of a composed config, checked against each other.
+
+    ``model.adapt=auto`` is resolved here from the input size, the model's weights decide the preprocessing, and
+    a model that cannot take that size fails now, before any data is read.
+
+    Args:
+        cfg: the composed config.
+
+    Returns:
+        ``(datamodule, module)``, the module's ``preprocess`` set from its weights.
+    """
+    datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
+    model_args = _container(cfg.model)
+    model_args["adapt"] = resolve_adapt(cfg.model.name, cfg.model.adapt,
+                                        cfg.data.get("image_size") or datamodule.native_size)
+    module = Classifier(model=model_args, class_names=datamodule.classes,
+                        optimizer=_container(cfg.optimizer), scheduler=_container(cfg.scheduler),
+                        label_smoothing=float(cfg.label_smoothing), mix=_container(cfg.get("mix")),
+                        tta=bool(cfg.get("tta", False)))
+    module.preprocess = datamodule.configure(module.model.meta)
+    check_input_size(module, module.preprocess.image_size)
+    apply_compute(module.model, **_container(cfg.compute))
+    return datamodule, module
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train, test the best checkpoint, and write the run's outputs into ``run_dir``.
 
@@ -99,23 +125,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     check_fresh(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
-    model_args = _container(cfg.model)
-    model_args["adapt"] = resolve_adapt(cfg.model.name, cfg.model.adapt,
-                                        cfg.data.get("image_size") or datamodule.native_size)
-    module = Classifier(model=model_args, class_names=datamodule.classes,
-                        optimizer=_container(cfg.optimizer), scheduler=_container(cfg.scheduler),
-                        label_smoothing=float(cfg.label_smoothing), mix=_container(cfg.get("mix")),
-                        tta=bool(cfg.get("tta", False)))
-    module.preprocess = datamodule.configure(module.model.meta)
-    check_input_size(module, module.preprocess.image_size)
-    apply_compute(module.model, **_container(cfg.compute))
+    datamodule, module = build(cfg)
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     history, checkpoint = History(), ModelCheckpoint(
         dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
         filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
-    callbacks = [*_finetune_callbacks(cfg), *_configured_callbacks(cfg), checkpoint, history,
+    callbacks = [*finetune_callbacks(cfg), *_configured_callbacks(cfg), checkpoint, history,
                  LearningRateMonitor("epoch"), TensorBoardExtras()]
     if cfg.trainer.get("enable_progress_bar", True):
         # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
@@ -141,12 +157,21 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def _finetune_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Staged unfreezing, plus the feature cache serving its frozen epochs when ``finetune.cache_features``."""
+def finetune_callbacks(cfg: DictConfig, cache: bool = True) -> list[L.Callback]:
+    """Staged unfreezing, plus the feature cache serving its frozen epochs when ``finetune.cache_features``.
+
+    Args:
+        cfg: the composed config.
+        cache: honour ``finetune.cache_features`` (the lr range test trains on images only).
+
+    Returns:
+        The callbacks, staged unfreezing first.
+    """
     args = _container(cfg.finetune)
     cache_features, cache_views = args.pop("cache_features", False), args.pop("cache_views", 1)
     finetune = StagedFinetuning(**args)
-    return [finetune] + ([FeatureCache(finetune.unfreeze_at_epoch, views=cache_views)] if cache_features else [])
+    use_cache = cache and cache_features
+    return [finetune] + ([FeatureCache(finetune.unfreeze_at_epoch, views=cache_views)] if use_cache else [])
 
 
 def _configured_callbacks(cfg: DictConfig) -> list[L.Callback]:

@@ -1,6 +1,6 @@
 """Side-by-side speed benchmarks against the source material's loop, printed as one table of ratios.
 
-    python -m transfer.benchmarks [--data DIR] [--seed-loop PATH] [--repeats 3] [--time-to-accuracy]
+    python -m transfer.benchmarks [--data DIR] [--seed-loop PATH] [--repeats 3] [--time-to-accuracy [--skip-speed]]
 
 Every measurement runs in its own process (so its peak memory is its own), the configurations alternate
 within each repeat (so a slow minute of the machine hits all of them), and the table shows medians:
@@ -11,9 +11,9 @@ within each repeat (so a slow minute of the machine hits all of them), and the t
    overhead against a plain loop over the same model, data and optimizer;
 3. seconds per frozen-backbone epoch (EfficientNet-Lite0, ImageNet weights): cached features vs not, with
    the head's validation accuracy for each;
-4. time to 90% CIFAR-10 test accuracy with EfficientNet-Lite0 from a cold start (``--time-to-accuracy``:
-   runs ``TTA_COMMAND`` once, ~35 minutes on 2 CPU cores; otherwise reported as not run);
-5. peak resident memory of every measured process.
+4. peak resident memory of every measured process;
+5. with ``--time-to-accuracy`` (``--skip-speed`` for it alone): the race of the default recipe against the
+   plain loop on CIFAR-10 and on the clothing photos (:mod:`transfer.benchmarks.race`; ~40 min on 2 CPU cores).
 
 Results also go to ``outputs/benchmarks/<time>.{md,json}``.
 """
@@ -34,14 +34,9 @@ from typing import Any
 
 import torch
 
+from transfer.benchmarks.race import race
+
 REPO = Path(__file__).resolve().parents[2]
-# The documented time-to-accuracy run: the pretrained Lite0 at CIFAR's own 32 px, one cached frozen epoch,
-# then the whole network under a cosine schedule inside a 30-minute budget.
-TTA_COMMAND = ["model=efficientnet_lite0", "finetune.cache_features=true", "finetune.unfreeze_at_epoch=1",
-               "scheduler=cosine", "trainer.max_epochs=8", "trainer.max_time=00:00:30:00",
-               "trainer.enable_progress_bar=false"]
-
-
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
     """Run a command in the repo; return its exit code, its stdout and its peak resident memory (MB, from the
     kernel's accounting of that one child)."""
@@ -66,18 +61,24 @@ def measure(name: str, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "transfer.benchmarks.measure", name, "--data", str(data), *extra]
 
 
-def ensure_data(data: Path) -> Path:
-    """CIFAR-10 folders at ``data``; extracted from ``../shared/data/cifar10-jpeg.tar.gz`` when missing."""
+def ensure_data(data: Path, archive_name: str = "cifar10-jpeg.tar.gz", strip: int = 0) -> Path:
+    """Image folders at ``data``; extracted from ``../shared/data/<archive_name>`` when missing.
+
+    Args:
+        data: where the ``train/`` folder should be.
+        archive_name: the archive in ``../shared/data``.
+        strip: the archive's leading folders above ``train/`` (clothing-10's tarball holds ``clothing-10/``).
+    """
     if (data / "train").is_dir():
         return data
-    archive = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    archive = REPO.parent / "shared" / "data" / archive_name
     if not archive.is_file():
         raise SystemExit(f"No CIFAR-10 image folders at {data} and no archive at {archive}: pass --data DIR "
                          f"(DIR/train/<class>/*.jpg) or set TRANSFER_DATA.")
     print(f"extracting {archive} into {data} ...", flush=True)
     data.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(data, filter="data")
+        tar.extractall(data if not strip else data.parents[strip - 1], filter="data")
     return data
 
 
@@ -135,8 +136,8 @@ def med(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def table(results: dict[str, list[dict[str, Any]]], tta: dict[str, Any] | None) -> list[list[str]]:
-    """The five rows: measurement, ours, reference, ratio, target, peak MB ours / reference."""
+def table(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
+    """The rows: measurement, ours, reference, ratio, target, peak MB ours / reference."""
     def mem(a: str, b: str | None = None) -> str:
         return f"{med(results[a], 'peak_rss_mb'):.0f}" + (f" / {med(results[b], 'peak_rss_mb'):.0f}" if b else "")
 
@@ -159,29 +160,7 @@ def table(results: dict[str, list[dict[str, Any]]], tta: dict[str, Any] | None) 
                  f"(+{cached['setup_s']:.1f} once; val {cached['val_acc']:.3f})",
                  f"{plain['epoch_s']:.2f} (val {plain['val_acc']:.3f} bn=train, {frozen_bn['val_acc']:.3f} bn=frozen)",
                  f"{plain['epoch_s'] / cached['epoch_s']:.0f}x", ">= 20x", mem("frozen_cached", "frozen_uncached")])
-    if tta:
-        rows.append(["4 time to 90% test acc, lite0, cold", f"{tta['wall_s'] / 60:.1f} min -> {tta['test_acc']:.4f}",
-                     "", "reached" if tta["test_acc"] >= 0.9 else "not reached", "<= 30 min",
-                     f"{tta['peak_rss_mb']:.0f}"])
-    else:
-        rows.append(["4 time to 90% test acc, lite0, cold", "not run", "", "", "<= 30 min",
-                     "(pass --time-to-accuracy)"])
     return rows
-
-
-def time_to_accuracy(data: Path) -> dict[str, Any]:
-    """Run ``TTA_COMMAND`` from a cold start (empty decode and feature caches) and read its summary."""
-    with tempfile.TemporaryDirectory() as cache:
-        run_dir = REPO / "outputs" / "benchmarks" / time.strftime("tta-%Y-%m-%d_%H-%M-%S")
-        start = time.perf_counter()
-        cmd = [sys.executable, "-m", "transfer.run", *TTA_COMMAND, f"data.root={data}", f"hydra.run.dir={run_dir}"]
-        code, _, rss = run_measured(cmd, {"TRANSFER_CACHE": cache})  # the run's own log is in run_dir
-        wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"the time-to-accuracy run failed; see {run_dir}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"wall_s": wall, "test_acc": summary["test_acc"], "run_dir": str(run_dir),
-            "peak_rss_mb": rss, "command": "python -m transfer.run " + " ".join(TTA_COMMAND)}
 
 
 def markdown(rows: list[list[str]], header: str) -> str:
@@ -197,22 +176,28 @@ def main() -> None:
         "TRANSFER_DATA", Path.home() / ".cache" / "transfer-data" / "cifar10")).expanduser())
     ap.add_argument("--seed-loop", type=Path, default=REPO.parent / "shared" / "baseline" / "seed_loop.py")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--time-to-accuracy", action="store_true", help="also run the ~35 min time-to-90%% run")
+    ap.add_argument("--time-to-accuracy", action="store_true",
+                    help="also race the default recipe against the plain loop (~40 min on 2 CPU cores)")
+    ap.add_argument("--skip-speed", action="store_true", help="skip the speed rows (with --time-to-accuracy)")
+    ap.add_argument("--clothing", type=Path, default=Path.home() / ".cache" / "transfer-data" / "clothing-10")
     args = ap.parse_args()
     if not args.seed_loop.is_file():
         raise SystemExit(f"The seed loop is not at {args.seed_loop}: pass --seed-loop PATH/seed_loop.py.")
     data = ensure_data(args.data)
     header = f"Machine: {machine()}. Medians of {args.repeats} interleaved repeats; data {data}."
     print(header, flush=True)
-    results = collect(data, args.seed_loop, args.repeats)
-    tta = time_to_accuracy(data) if args.time_to_accuracy else None
-    text = markdown(table(results, tta), header)
+    results = {} if args.skip_speed else collect(data, args.seed_loop, args.repeats)
+    text = header if args.skip_speed else markdown(table(results), header)
     print("\n" + text)
+    race_result = race(data, ensure_data(args.clothing, "clothing-10.tar.gz", strip=1)) if args.time_to_accuracy else None
+    if race_result:
+        text += "\n\nTime-to-accuracy race (python -m transfer.benchmarks.race):\n\n" + race_result["table"]
     out = REPO / "outputs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     (out / f"{stamp}.md").write_text(text + "\n")
-    (out / f"{stamp}.json").write_text(json.dumps({"machine": machine(), "results": results, "tta": tta}, indent=1))
+    (out / f"{stamp}.json").write_text(json.dumps({"machine": machine(), "results": results,
+                                                   "race": race_result and race_result["results"]}, indent=1))
     print(f"\nwritten to {out / stamp}.md and .json")
 
 
