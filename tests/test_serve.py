@@ -1,0 +1,160 @@
+"""The served model: a real ``python -m transfer.serve`` on 127.0.0.1, talked to with a real HTTP client."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import CLASSES, make_image_folder
+from tests.test_export import make_run
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("litserve")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(seed: int = 0, size: int = 32) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def start_server(ckpt: Path, port: int, *overrides: str, log: Path) -> subprocess.Popen:
+    """``python -m transfer.serve`` in its own process group; returns once ``/health`` says ok."""
+    proc = subprocess.Popen([sys.executable, "-m", "transfer.serve", f"ckpt={ckpt}", f"port={port}", *overrides],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"server not healthy after 240 s: {log.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """End the server's process group (it and the LitServe workers it started)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """``(base_url, run_dir, image folder)``: a LeNet-5 checkpoint served with batching (up to 8, 0.2 s wait) and a
+    50 kB body limit."""
+    tmp = tmp_path_factory.mktemp("serve")
+    root = make_image_folder(tmp / "data", {"test": 2})
+    run_dir = tmp / "run"
+    make_run(run_dir, root)
+    port = free_port()
+    proc = start_server(run_dir, port, "max_batch_size=8", "batch_timeout=0.2", "topk=2", "max_image_mb=0.05",
+                        log=tmp / "server.log")
+    try:
+        yield f"http://127.0.0.1:{port}", run_dir, root
+    finally:
+        stop_server(proc)
+
+
+def test_health_and_info(server):
+    url, run_dir, _ = server
+    assert httpx.get(f"{url}/health").text.strip('"') == "ok"
+    info = httpx.get(f"{url}/info").json()["model"]
+    assert info["classes"] == list(CLASSES) and info["image_size"] == 32 and info["max_batch_size"] == 8
+
+
+def test_upload_and_base64_give_the_checkpoints_topk(server):
+    from transfer.module import Classifier
+    from transfer.predict import predict
+
+    url, run_dir, root = server
+    image = sorted((root / "test" / "dog").iterdir())[0]
+    data = image.read_bytes()
+    upload = httpx.post(f"{url}/predict", files={"image": ("dog.png", data, "image/png")}, timeout=60)
+    as_json = httpx.post(f"{url}/predict", json={"image": base64.b64encode(data).decode()}, timeout=60)
+    data_url = httpx.post(f"{url}/predict", json={"image": "data:image/png;base64," + base64.b64encode(data).decode()})
+    assert upload.status_code == as_json.status_code == data_url.status_code == 200, upload.text
+    answer = upload.json()
+    assert len(answer["topk"]) == 2 and answer["label"] == answer["topk"][0]["class"] in CLASSES
+    assert [t["class"] for t in as_json.json()["topk"]] == [t["class"] for t in answer["topk"]]
+    expected = predict(Classifier.from_checkpoint(run_dir / "checkpoints" / "last.ckpt"), [image], topk=2)[0]
+    assert [t["class"] for t in answer["topk"]] == [c for c, _ in expected["topk"]]
+    assert all(abs(t["prob"] - p) < 1e-5 for t, (_, p) in zip(answer["topk"], expected["topk"]))
+
+
+def test_concurrent_requests_are_batched(server):
+    url = server[0]
+
+    def one(seed: int) -> dict:
+        return httpx.post(f"{url}/predict", files={"image": ("x.png", png_bytes(seed), "image/png")}, timeout=60).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(16)))
+    assert all(a["label"] in CLASSES for a in answers)
+    assert max(a["batched_with"] for a in answers) > 1  # at least one forward pass served several requests
+
+
+@pytest.mark.parametrize("kwargs, status, message", [
+    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "not accepted"),
+    ({"data": {"image": "x"}}, 415, "not accepted"),  # a form without a file: urlencoded
+    ({"content": b"{oops", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ({"json": {"picture": "abc"}}, 400, "need {\"image\""),
+    ({"json": {"image": "%%% not base64"}}, 400, "not valid base64"),
+    ({"json": {"image": base64.b64encode(b"just some text").decode()}}, 400, "not an image"),
+    ({"files": {"image": ("notes.txt", b"plain text", "text/plain")}}, 400, "not an image"),
+    ({"files": {"other": ("a.png", b"", "image/png")}, "data": {"k": "v"}}, 400, "not an image"),
+    ({"files": {"image": ("big.png", png_bytes(size=256), "image/png")}}, 413, "limit"),
+])
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, kwargs, status, message):
+    url = server[0]
+    response = httpx.post(f"{url}/predict", timeout=60, **kwargs)
+    assert response.status_code == status and message in response.json()["detail"], response.text
+    assert httpx.get(f"{url}/health").status_code == 200
+    ok = httpx.post(f"{url}/predict", files={"image": ("x.png", png_bytes(1), "image/png")}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_a_bad_request_in_a_busy_batch_fails_alone(server):
+    url = server[0]
+
+    def one(i: int) -> int:
+        body = b"not an image" if i % 2 else png_bytes(i)
+        return httpx.post(f"{url}/predict", files={"image": ("x.png", body, "image/png")}, timeout=60).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(one, range(8)))
+    assert codes == [200, 400] * 4
+
+
+def test_unreadable_checkpoint_is_a_clear_error_before_serving(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "transfer.serve", f"ckpt={tmp_path}", f"port={free_port()}"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == 2 and "No checkpoint" in proc.stderr
