@@ -4,11 +4,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,15 +16,10 @@ from PIL import Image
 
 from tests.conftest import CLASSES, make_image_folder
 from tests.test_export import make_run
+from transfer.benchmarks.serve_load import free_port, load, markdown, start_server, stop_server
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("litserve")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(seed: int = 0, size: int = 32) -> bytes:
@@ -35,36 +27,6 @@ def png_bytes(seed: int = 0, size: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "PNG")
     return buf.getvalue()
-
-
-def start_server(ckpt: Path, port: int, *overrides: str, log: Path) -> subprocess.Popen:
-    """``python -m transfer.serve`` in its own process group; returns once ``/health`` says ok."""
-    proc = subprocess.Popen([sys.executable, "-m", "transfer.serve", f"ckpt={ckpt}", f"port={port}", *overrides],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"server not healthy after 240 s: {log.read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """End the server's process group (it and the LitServe workers it started)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +38,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     run_dir = tmp / "run"
     make_run(run_dir, root)
     port = free_port()
-    proc = start_server(run_dir, port, "max_batch_size=8", "batch_timeout=0.2", "topk=2", "max_image_mb=0.05",
-                        log=tmp / "server.log")
+    proc = start_server(run_dir, port, ["max_batch_size=8", "batch_timeout=0.2", "topk=2", "max_image_mb=0.05"],
+                        tmp / "server.log")
     try:
         yield f"http://127.0.0.1:{port}", run_dir, root
     finally:
@@ -158,3 +120,11 @@ def test_unreadable_checkpoint_is_a_clear_error_before_serving(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "transfer.serve", f"ckpt={tmp_path}", f"port={free_port()}"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     assert proc.returncode == 2 and "No checkpoint" in proc.stderr
+
+
+def test_load_test_reports_throughput_and_latency_percentiles(server):
+    result = load(f"{server[0]}/predict", png_bytes(3), requests=12, concurrency=4, max_seconds=120)
+    assert result["requests_ok"] == 12 and result["errors"] == 0 and result["req_per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+    table = markdown([{"max_batch_size": 8, "batch_timeout": 0.2, **result}], "header")
+    assert table.startswith("header") and "| 8 | 0.2 |" in table
