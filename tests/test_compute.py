@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from transfer.compute import apply_compute, resolve_precision
+from transfer.errors import ConfigError
 
 
 def test_auto_precision_is_fp32_on_cpu_and_explicit_values_pass_through(monkeypatch: pytest.MonkeyPatch):
@@ -34,3 +35,18 @@ def test_channels_last_and_compile_keep_parameter_names():
     plain = nn.Conv2d(3, 4, 3)
     apply_compute(plain, channels_last=False)
     assert plain.weight.is_contiguous()
+
+
+def test_threads_follow_the_setting_or_the_cores_this_process_may_use():
+    import os
+
+    from transfer.compute import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 == torch.get_num_threads()
+        assert configure_threads(None) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        with pytest.raises(ConfigError, match="num_threads"):
+            configure_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -128,5 +128,18 @@ def test_adapt_auto_adapts_the_stem_only_for_small_inputs():
     assert resolve_adapt("efficientnet_lite0", "auto", 32) == "native"
     assert resolve_adapt("efficientnet_lite0", "auto", 64) == "resize"
     assert resolve_adapt("resnet18", "auto", 128) == "resize"
+    assert resolve_adapt("resnet18", "auto", None, native_size=32) == "native"  # CIFAR at its own 32 px
+    assert resolve_adapt("resnet18", "auto", None, native_size=None) == "resize"  # photos: the pretrained size
     assert resolve_adapt("vit_b_16", "auto", 32) == "resize"  # transformers keep their pretrained geometry
     assert resolve_adapt("resnet18", "native", 224) == "native"  # an explicit choice is kept
+
+
+def test_lite0_on_cifar_defaults_to_the_unmodified_network_at_its_small_input_size():
+    from transfer.data.transforms import resolve_preprocess
+    from transfer.models import create_model
+
+    assert resolve_adapt("efficientnet_lite0", "auto", None, native_size=32) == "resize"
+    meta = create_model("efficientnet_lite0", 10, pretrained=False, adapt="resize").meta
+    assert resolve_preprocess(meta, None, native_size=32).image_size == 64
+    assert resolve_preprocess(meta, None, native_size=None).image_size == 224  # photos: the pretrained size
+    assert resolve_preprocess(meta, 96, native_size=32).image_size == 96  # an explicit size wins

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from transfer.checkpoint_io import AtomicCheckpointIO
 from transfer.compute import apply_compute, resolve_precision
 from transfer.data import ClassificationData
 from transfer.distributed import weights_in_sync
@@ -29,6 +30,7 @@ from transfer.models import count_parameters, resolve_adapt
 from transfer.module import Classifier
 from transfer.plots import plot_epoch_curves, plot_step_loss
 from transfer.provenance import code_version
+from transfer.stops import GracefulStop
 from transfer.tensorboard import TensorBoardExtras, log_hparams
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
         # the loaders switch from cached features to images at the unfreeze epoch
         args.setdefault("reload_dataloaders_every_n_epochs", 1)
     try:
-        return L.Trainer(**args, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks)
+        # AtomicCheckpointIO: temp file + fsync + rename, so a kill mid-write never leaves a broken last.ckpt
+        plugins = [*(args.pop("plugins", None) or []), AtomicCheckpointIO()]
+        return L.Trainer(**args, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks, plugins=plugins)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"The trainer settings {args} were rejected by lightning.Trainer: {err}") from err
     except Exception as err:  # MisconfigurationException: e.g. accelerator=gpu on a machine without one
@@ -99,8 +103,8 @@ def build(cfg: DictConfig) -> tuple[ClassificationData, Classifier]:
     """
     datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
     model_args = _container(cfg.model)
-    model_args["adapt"] = resolve_adapt(cfg.model.name, cfg.model.adapt,
-                                        cfg.data.get("image_size") or datamodule.native_size)
+    model_args["adapt"] = resolve_adapt(cfg.model.name, cfg.model.adapt, cfg.data.get("image_size"),
+                                        datamodule.native_size)
     module = Classifier(model=model_args, class_names=datamodule.classes,
                         optimizer=_container(cfg.optimizer), scheduler=_container(cfg.scheduler),
                         label_smoothing=float(cfg.label_smoothing), mix=_container(cfg.get("mix")),
@@ -132,13 +136,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
         filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
     callbacks = [*finetune_callbacks(cfg), *_configured_callbacks(cfg), checkpoint, history,
-                 LearningRateMonitor("epoch"), TensorBoardExtras()]
+                 LearningRateMonitor("epoch"), TensorBoardExtras(), GracefulStop(run_dir / "checkpoints")]
     if cfg.trainer.get("enable_progress_bar", True):
         # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.get("log_every_n_steps", 20))))
     trainer = build_trainer(cfg, run_dir, callbacks)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)  # a ckpt cannot run code
     train_seconds = time.perf_counter() - start
     in_sync = weights_in_sync(trainer, module)
     if in_sync is False:

@@ -64,11 +64,17 @@ def resolve_preprocess(meta: Any, image_size: int | None, native_size: int | Non
         native_size: the dataset's own size (32 for CIFAR-10), or ``None`` for photos of any size.
 
     Returns:
-        The :class:`Preprocess`. Default size: the data's native size for ``adapt=native`` (when it has one),
-        the model's pretrained size otherwise.
+        The :class:`Preprocess`. Default size: the data's native size for ``adapt=native`` (when it has one), the
+        model's small-input size for small data fed to the unmodified network, the pretrained size otherwise.
     """
     if image_size is None:
-        image_size = native_size if (meta.adapt == "native" and native_size) else meta.input_size
+        small = getattr(meta, "small_input_size", None)
+        if native_size and meta.adapt == "native":
+            image_size = native_size
+        elif native_size and small and native_size < small:
+            image_size = small
+        else:
+            image_size = meta.input_size
     if int(image_size) < 8:
         raise ConfigError(f"data.image_size={image_size} is too small; use 32 (CIFAR's own size) or more.")
     return Preprocess(int(image_size), tuple(meta.mean), tuple(meta.std), meta.interpolation,

@@ -41,6 +41,8 @@ class ModelMeta:
         weight_source: where the weights came from (``random`` when not pretrained).
         adapt: ``native`` (small inputs, adapted stem) or ``resize`` (inputs resized to ``input_size``).
         num_features: width of the backbone's output, i.e. the head's input.
+        small_input_size: for small-image data (CIFAR's 32 px), the side to upsample to and feed the unmodified
+            network (``None``: adapt the stem and keep the data's own size instead).
     """
 
     name: str
@@ -52,6 +54,7 @@ class ModelMeta:
     weight_source: str
     adapt: str
     num_features: int
+    small_input_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form, for checkpoints and summaries."""
@@ -92,6 +95,7 @@ class Architecture:
         adapters: per ``adapt`` mode, an in-place change of the (already pretrained) network.
         convert: maps a foreign checkpoint layout (e.g. MoCo v3's) onto this architecture's names.
         default_adapt: what ``model.adapt`` should be for 32 px inputs (the listing recommends it).
+        small_input_size: see :class:`ModelMeta`; set where it was measured to beat the adapted stem.
     """
 
     name: str
@@ -107,6 +111,7 @@ class Architecture:
     adapters: dict[str, Callable[[nn.Module], None]] = field(default_factory=dict)
     convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
     default_adapt: str = "native"
+    small_input_size: int | None = None
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -155,23 +160,27 @@ class TransferModel(nn.Module):
         return [p for n, p in self.backbone.named_parameters() if n not in fixed]
 
 
-def resolve_adapt(name: str, adapt: str, image_size: int | None) -> str:
-    """Turn ``model.adapt=auto`` into ``native`` or ``resize`` for an input side of ``image_size`` px.
+def resolve_adapt(name: str, adapt: str, image_size: int | None, native_size: int | None = None) -> str:
+    """Turn ``model.adapt=auto`` into ``native`` or ``resize``.
 
     Args:
         name: registry name.
         adapt: ``auto``, ``native`` or ``resize`` (the last two are returned as they are).
-        image_size: the side the model will be fed; ``None`` when unknown (the family's default is used).
+        image_size: ``data.image_size``, or ``None`` to let the model decide.
+        native_size: the data's own side (32 for CIFAR-10), ``None`` for photos of any size.
 
     Returns:
-        ``native`` below :data:`AUTO_NATIVE_BELOW` px for families whose stem can be adapted, else ``resize``.
+        ``native`` when the model will be fed fewer than :data:`AUTO_NATIVE_BELOW` px (its small-input size, the
+        data's own or the pretrained size, in that order, when ``image_size`` is ``None``) and its stem can be
+        adapted; ``resize`` (the unmodified network) otherwise.
     """
     if adapt != "auto":
         return adapt
     arch = REGISTRY.get(name)
-    if arch is None or image_size is None or arch.default_adapt != "native":
+    if arch is None or arch.default_adapt != "native":
         return arch.default_adapt if arch is not None else "native"
-    return "native" if image_size < AUTO_NATIVE_BELOW else "resize"
+    size = image_size or ((arch.small_input_size or native_size) if native_size else arch.input_size)
+    return "native" if size < AUTO_NATIVE_BELOW else "resize"
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
@@ -218,7 +227,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
         head = nn.Sequential(nn.Dropout(drop_rate), head)
     meta = ModelMeta(name=name, family=arch.family, input_size=arch.input_size, mean=arch.mean, std=arch.std,
                      interpolation=arch.interpolation, weight_source=source, adapt=adapt,
-                     num_features=num_features)
+                     num_features=num_features, small_input_size=arch.small_input_size)
     return TransferModel(backbone, head, meta, neck=neck, fixed=_first_convs(backbone, freeze_convs))
 
 
