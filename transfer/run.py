@@ -8,13 +8,26 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from transfer.errors import report_errors
+from transfer.preflight import check_checkpoint, resume_path, validate
+from transfer.stops import graceful_exit
+from transfer.sweep import sweep_job
 from transfer.train import train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Check the settings (again: a sweep job's own overrides were not seen by the preflight callback) and turn
+    ``resume=<run dir>`` into the checkpoint it means (``checkpoints/last.ckpt``)."""
+    validate(cfg)
+    if cfg.get("resume"):
+        cfg.resume = str(resume_path(cfg.resume))
+        check_checkpoint(Path(cfg.resume), instantiate(cfg.data, _convert_="all").classes)
 
 
 def _fmt(value: float | None) -> str:
@@ -29,14 +42,18 @@ def describe(summary: dict) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-@report_errors
+@report_errors  # a TransferError: one paragraph, exit status 2
+@graceful_exit  # stopped by SIGINT/SIGTERM: exit status 130/143 after saving checkpoints/interrupted.ckpt
+@sweep_job  # in -m: a failing job writes failed.json and the sweep goes on
 def main(cfg: DictConfig) -> float | None:
-    """Train one configuration; returns the test accuracy (what Hydra sweepers optimise)."""
+    """Train one configuration; returns the best validation accuracy (what Hydra sweepers optimise: model
+    selection never looks at the test set)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    prepare(cfg)
     summary = train(cfg, run_dir)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this function
         print(f"\n{describe(summary)}; outputs in {run_dir}")
-    return summary["test_acc"]
+    return summary["best_val_acc"]
 
 
 if __name__ == "__main__":
