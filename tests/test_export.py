@@ -145,3 +145,18 @@ def test_unknown_format_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="format=tflite is not supported"):
         export(OmegaConf.create({**EXPORT_CFG, "ckpt": str(tmp_path), "format": "tflite"}))
+
+
+def test_benchmark_row_compares_onnxruntime_with_eager_pytorch():
+    import argparse
+
+    from transfer.benchmarks.__main__ import ort_rows
+    from transfer.benchmarks.measure import infer_ort
+
+    measured = infer_ort(argparse.Namespace(repeats=1, seconds=0.05))
+    assert all(measured[f"{k}_b{b}"] > 0 for k in ("ort", "eager") for b in (1, 64))
+    fake = {"infer_ort": [{"ort_b1": 300.0, "eager_b1": 100.0, "ort_b64": 900.0, "eager_b64": 600.0,
+                           "peak_rss_mb": 500.0}]}
+    rows = ort_rows(fake)
+    assert [r[3] for r in rows] == ["3.00x", "1.50x"] and rows[1][1] == "900 (onnxruntime)"
+    assert ort_rows({}) == []

@@ -14,12 +14,15 @@ within each repeat (so a slow minute of the machine hits all of them), and the t
 4. peak resident memory of every measured process;
 5. with ``--time-to-accuracy`` (``--skip-speed`` for it alone): the race of the default recipe against the
    plain loop on CIFAR-10 and on the clothing photos (:mod:`transfer.benchmarks.race`; ~40 min on 2 CPU cores).
+6. inference images/s of EfficientNet-Lite0 at 32 px, onnxruntime on the exported model against eager PyTorch,
+   batch 1 and 64 (when onnxruntime is installed: the ``[export]`` extra).
 
 Results also go to ``outputs/benchmarks/<time>.{md,json}``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -116,6 +119,8 @@ def collect(data: Path, seed_loop: Path, repeats: int) -> dict[str, list[dict[st
     }
     if cpu_has_bf16() or torch.cuda.is_available():
         configs["train_ours_bf16"] = measure("train_lightning", data, "--precision", "bf16-mixed")
+    if importlib.util.find_spec("onnxruntime") is not None:
+        configs["infer_ort"] = measure("infer_ort", data, "--repeats", "1")
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     for r in range(repeats):
         for name, cmd in configs.items():
@@ -160,6 +165,18 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
                  f"(+{cached['setup_s']:.1f} once; val {cached['val_acc']:.3f})",
                  f"{plain['epoch_s']:.2f} (val {plain['val_acc']:.3f} bn=train, {frozen_bn['val_acc']:.3f} bn=frozen)",
                  f"{plain['epoch_s'] / cached['epoch_s']:.0f}x", ">= 20x", mem("frozen_cached", "frozen_uncached")])
+    return rows + ort_rows(results)
+
+
+def ort_rows(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
+    """Row 6, when measured: onnxruntime vs eager PyTorch inference images/s at batch 1 and 64."""
+    if "infer_ort" not in results:
+        return []
+    rows = []
+    for batch in (1, 64):
+        ort, eager = med(results["infer_ort"], f"ort_b{batch}"), med(results["infer_ort"], f"eager_b{batch}")
+        rows.append([f"6 infer img/s lite0 32px, batch {batch}", f"{ort:.0f} (onnxruntime)", f"{eager:.0f} (eager)",
+                     f"{ort / eager:.2f}x", "", f"{med(results['infer_ort'], 'peak_rss_mb'):.0f}"])
     return rows
 
 

@@ -5,6 +5,7 @@
     python -m transfer.benchmarks.measure train_lightning --data DIR [--precision bf16-mixed]
     python -m transfer.benchmarks.measure train_raw --data DIR
     python -m transfer.benchmarks.measure frozen_epoch --data DIR --cached
+    python -m transfer.benchmarks.measure infer_ort --data DIR [--repeats 5] [--seconds 1]
 
 ``python -m transfer.benchmarks`` runs them side by side with the seed loop and prints the ratios.
 """
@@ -212,7 +213,48 @@ class EpochTimer(L.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-MEASURES = {f.__name__: f for f in (augment_ours, augment_seed, train_lightning, train_raw, frozen_epoch)}
+def _timed_rate(fn: Any, batch: int, seconds: float) -> float:
+    """Images/s of ``fn`` (one batch per call) over at least ``seconds``, after two warm-up calls."""
+    fn()
+    fn()
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        fn()
+        calls += 1
+    return calls * batch / elapsed
+
+
+def infer_ort(args: argparse.Namespace) -> dict[str, Any]:
+    """Inference images/s of EfficientNet-Lite0 at 32 px (a CIFAR-10 run's model): eager PyTorch (fp32, as
+    ``transfer.predict`` runs it) against onnxruntime on the exported network, batch 1 and 64, the same threads;
+    the two alternate ``args.repeats`` times and the medians are reported."""
+    import tempfile
+
+    from transfer.data.transforms import resolve_preprocess
+    from transfer.export import export_model
+    from transfer.onnx_runtime import ort_session
+
+    module = Classifier({"name": "efficientnet_lite0", "pretrained": False}, [str(i) for i in range(10)], ADAM)
+    module.preprocess = resolve_preprocess(module.model.meta, None, 32)
+    net, threads = module.model.eval(), torch.get_num_threads()
+    result: dict[str, Any] = {"threads": threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(module, "onnx", Path(tmp) / "lite0.onnx")
+        session = ort_session(Path(tmp) / "lite0.onnx", threads)
+        for batch in (1, 64):
+            x = torch.randn(batch, 3, 32, 32)
+            feed = {"input": x.numpy()}
+            rates: dict[str, list[float]] = {"eager": [], "ort": []}
+            for _ in range(args.repeats):
+                with torch.inference_mode():
+                    rates["eager"].append(_timed_rate(lambda: net(x), batch, args.seconds))
+                rates["ort"].append(_timed_rate(lambda: session.run(None, feed), batch, args.seconds))
+            for name, values in rates.items():
+                result[f"{name}_b{batch}"] = statistics.median(values)
+    return result
+
+
+MEASURES = {f.__name__: f for f in (augment_ours, augment_seed, train_lightning, train_raw, frozen_epoch, infer_ort)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cached", action="store_true")
     ap.add_argument("--bn", default="train", choices=["train", "frozen"])
     ap.add_argument("--cache", default=None, help="feature cache folder (a fresh one measures the extraction)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="infer_ort: seconds per timing")
     args = ap.parse_args(argv)
     result = MEASURES[args.measure](args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
