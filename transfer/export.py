@@ -249,11 +249,12 @@ def export(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 @report_errors
 def main(cfg: DictConfig) -> dict[str, Any]:
-    """Command-line entry."""
+    """Command-line entry; returns the sidecar's contents."""
     path, info = export(cfg)
     p = info["parity"]
-    print(f"exported {path} ({info['format']}, {sidecar_path(path).name} beside it); parity on {p['source']}: top-1 {p['top1_agree']}/{p['images']}, max |dprob| "
-          f"{p['max_abs_prob_diff']:.2e} (<= {p['atol']:.0e}), max |dlogit| {p['max_abs_logit_diff']:.2e}")
+    print(f"exported {path} ({info['format']}, {sidecar_path(path).name} beside it)\nparity on {p['source']}: "
+          f"top-1 {p['top1_agree']}/{p['images']}, max |dprob| {p['max_abs_prob_diff']:.2e} (<= {p['atol']:.0e}), "
+          f"max |dlogit| {p['max_abs_logit_diff']:.2e}")
     return info
 
 
