@@ -2,7 +2,8 @@
 
 Reads each job's ``summary.json`` and ``history.json`` and writes ``report.md``, ``report.csv`` (a row per
 job) and ``val_acc.png`` / ``val_loss.png`` (every job's validation curve on one plot). Jobs that differ only
-in ``seed`` are also summarised as mean ± std.
+in ``seed`` are also summarised as mean ± std. Jobs that failed (``failed.json``, see :mod:`transfer.sweep`) or
+left no result (killed) are listed with their reason, and a sweep with any of them exits non-zero.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from transfer.errors import ConfigError, report_errors
+from transfer.sweep import FAILED
 
 COLUMNS = ("job", "model", "pretrained", "adapt", "seed", "params", "epochs_run", "best_val_acc", "test_acc",
            "epoch_to_90pct", "train_seconds", "images_per_second")
@@ -44,6 +46,20 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
                    curves={"val/acc": val_acc, "val/loss": [e["val/loss"] for e in epochs if "val/loss" in e]})
         rows.append(row)
     return rows
+
+
+def collect_failed(sweep: Path) -> list[dict[str, Any]]:
+    """``{job, reason}`` per job under ``sweep`` that failed (``failed.json``) or left no result at all."""
+    failed = []
+    for record_path in sorted(sweep.rglob(FAILED)):
+        record = json.loads(record_path.read_text())
+        failed.append({"job": record_path.parent.name, "reason": record.get("reason", "failed")})
+    for overrides in sorted(sweep.rglob(".hydra/overrides.yaml")):
+        job = overrides.parent.parent
+        if not (job / "summary.json").exists() and not (job / FAILED).exists():
+            failed.append({"job": job.name, "reason": "no summary.json or failed.json: still running, or killed "
+                                                      "(out of memory, SIGKILL); see the job's log"})
+    return failed
 
 
 def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,13 +94,13 @@ def write_report(sweep: Path) -> Path:
     """Write ``report.md``, ``report.csv`` and the overlay PNGs into ``sweep``; returns the Markdown path."""
     from transfer.plots import overlay_curves
 
-    rows = collect(sweep)
-    if not rows:
+    rows, failed = collect(sweep), collect_failed(sweep)
+    if not rows and not failed:
         raise ConfigError(f"No finished jobs (summary.json files) under {sweep}; pass a sweep or run directory.")
     with open(sweep / "report.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=(*COLUMNS, "status", "reason"), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{**r, "status": "ok"} for r in rows] + [{**f, "status": "failed"} for f in failed])
     lines = [f"# Sweep report: {sweep}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     groups = seed_groups(rows)
@@ -93,7 +109,11 @@ def write_report(sweep: Path) -> Path:
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {g['model']} | {g['pretrained']} | {g['adapt']} | {g['seeds']} | {g['test_acc'][0]:.4f} ± "
                   f"{g['test_acc'][1]:.4f} | {g['best_val_acc'][0]:.4f} ± {g['best_val_acc'][1]:.4f} |" for g in groups]
-    for key, name in (("val/acc", "val_acc.png"), ("val/loss", "val_loss.png")):
+    if failed:
+        lines += ["", f"## Failed jobs ({len(failed)} of {len(rows) + len(failed)})", "", "| job | reason |",
+                  "| --- | --- |"]
+        lines += [f"| {f['job']} | {f['reason'].replace('|', '/')} |" for f in failed]
+    for key, name in (("val/acc", "val_acc.png"), ("val/loss", "val_loss.png")) if rows else ():
         overlay_curves({_label(r, rows): r["curves"][key] for r in rows}, key.replace("val/", "validation "),
                        sweep / name)
         lines += ["", f"![{key}]({name})"]
@@ -105,9 +125,15 @@ class SweepReport(Callback):
     """Hydra callback: writes the report into the sweep directory when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write the report; exit with status 1 when any job failed (after the report, so it is never lost)."""
         sweep = Path(config.hydra.sweep.dir)
-        if any(sweep.rglob("summary.json")):
+        if any(sweep.rglob("summary.json")) or any(sweep.rglob(FAILED)):
             print(f"sweep report: {write_report(sweep)}")
+        failed = collect_failed(sweep) if sweep.is_dir() else []
+        if failed:
+            print(f"{len(failed)} job(s) of the sweep failed: " + "; ".join(f"{f['job']}: {f['reason'][:160]}"
+                                                                            for f in failed), file=sys.stderr)
+            sys.exit(1)
 
 
 @report_errors

@@ -1,0 +1,91 @@
+"""Graceful stops: Ctrl-C (SIGINT) and SIGTERM save a resumable checkpoint and say how to resume.
+
+Lightning turns SIGINT into ``KeyboardInterrupt`` and SIGTERM into ``SIGTERMException`` (raised at the next
+batch boundary) and calls every callback's ``on_exception``; :class:`GracefulStop` then saves
+``checkpoints/interrupted.ckpt`` (the current step: weights, optimizer, scheduler, loop progress) and prints
+one line with the command that resumes it. :func:`graceful_exit` gives the process the conventional status,
+128 + the signal number (130 for SIGINT, 143 for SIGTERM), where Lightning would exit 1 (SIGINT) or 0 (SIGTERM).
+
+On SLURM, Lightning's own SIGUSR1 handler (auto-requeue: save ``hpc_ckpt_<n>.ckpt``, ``scontrol requeue``) is
+left in place; the SIGTERM SLURM sends at the end of the grace period is handled as above.
+"""
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+F = TypeVar("F", bound=Callable[..., Any])
+# The signal that stopped the last run in this process (set by GracefulStop, read by graceful_exit).
+STOPPED_BY: dict[str, int] = {}
+
+
+def resume_command(checkpoint: Path) -> str:
+    """The command line that continues from ``checkpoint``: this run's overrides plus ``resume=...``."""
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    except ValueError:  # not started by Hydra (library use)
+        pass
+    return " ".join(["python -m transfer.run", *map(shlex.quote, overrides), shlex.quote(f"resume={checkpoint}")])
+
+
+class GracefulStop(L.Callback):
+    """Save ``<dirpath>/interrupted.ckpt`` when the run is stopped by SIGINT or SIGTERM.
+
+    Args:
+        dirpath: the run's checkpoint folder.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            signum = signal.SIGINT
+        elif isinstance(exception, SIGTERMException):
+            signum = signal.SIGTERM
+        else:
+            return
+        STOPPED_BY["signal"] = int(signum)
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        path = self.dirpath / "interrupted.ckpt"
+        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        self.saved = path
+        _announce(signal.Signals(signum).name, trainer, path)
+
+
+@rank_zero_only
+def _announce(name: str, trainer: L.Trainer, path: Path) -> None:
+    print(f"\nstopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved {path}. "
+          f"Resume with: {resume_command(path)}", file=sys.stderr, flush=True)
+
+
+def graceful_exit(fn: F) -> F:
+    """Exit with 128 + signal number after a run stopped by SIGINT/SIGTERM (see the module docstring)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        STOPPED_BY.clear()
+        try:
+            return fn(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit) as err:
+            if isinstance(err, KeyboardInterrupt):
+                STOPPED_BY.setdefault("signal", int(signal.SIGINT))
+            if "signal" in STOPPED_BY:
+                sys.exit(128 + STOPPED_BY["signal"])
+            raise
+
+    return wrapper  # type: ignore[return-value]
