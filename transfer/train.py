@@ -30,6 +30,7 @@ from transfer.models import count_parameters, resolve_adapt
 from transfer.module import Classifier
 from transfer.plots import plot_epoch_curves, plot_step_loss
 from transfer.provenance import code_version
+from transfer.resume import EpochCheckpoint, RunState
 from transfer.stops import GracefulStop
 from transfer.tensorboard import TensorBoardExtras, log_hparams
 
@@ -132,11 +133,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     datamodule, module = build(cfg)
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    history, checkpoint = History(), ModelCheckpoint(
+    history, checkpoint = History(), EpochCheckpoint(  # last.ckpt: always the last finished epoch
         dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
         filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
     callbacks = [*finetune_callbacks(cfg), *_configured_callbacks(cfg), checkpoint, history,
-                 LearningRateMonitor("epoch"), TensorBoardExtras(), GracefulStop(run_dir / "checkpoints")]
+                 LearningRateMonitor("epoch"), TensorBoardExtras(), GracefulStop(run_dir / "checkpoints"),
+                 RunState(history)]  # RNG streams, pending plateau step and history ride in the checkpoint
     if cfg.trainer.get("enable_progress_bar", True):
         # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.get("log_every_n_steps", 20))))

@@ -1,0 +1,98 @@
+"""Exact resume: a run killed at any step and resumed from its last.ckpt ends with the uninterrupted run's weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import TINY
+
+EPOCHS = 4  # 30 training images in batches of 8: 3 steps per epoch; the backbone unfreezes at epoch 1
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing of the run's own gets to run after it."""
+
+
+class KillAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Killed
+
+
+@pytest.fixture
+def tiny_cfg(compose_cfg, tiny_cifar: Path):
+    def make(*extra: str):
+        return compose_cfg("model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",
+                           "optimizer=adam", "scheduler=plateau", "scheduler.patience=0", f"data.root={tiny_cifar}",
+                           *[a for a in TINY if not a.startswith("trainer.max_epochs")], f"trainer.max_epochs={EPOCHS}",
+                           "trainer.deterministic=true", *extra)
+
+    return make
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# step 4: in the unfreeze epoch (resumes from epoch 0, before the backbone joins the optimizer);
+# step 7: just after the unfreeze epoch (resumes with the backbone's param group restored).
+@pytest.mark.parametrize("kill_step", [4, 7])
+def test_kill_and_resume_equals_the_uninterrupted_run(tiny_cfg, tmp_path: Path, kill_step: int,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    import transfer.train as T
+
+    whole = T.train(tiny_cfg(), tmp_path / "whole")
+    configured = T._configured_callbacks
+    monkeypatch.setattr(T, "_configured_callbacks", lambda cfg: [*configured(cfg), KillAt(kill_step)])
+    with pytest.raises(Killed):
+        T.train(tiny_cfg(), tmp_path / "killed")
+    monkeypatch.setattr(T, "_configured_callbacks", configured)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert load(last)["epoch"] == kill_step // 3 - 1  # the last epoch that finished before the kill
+    original = {p: p.read_bytes() for p in (tmp_path / "killed").rglob("*") if p.is_file()}
+    resumed = T.train(tiny_cfg(f"resume={last}"), tmp_path / "resumed")
+    assert {p: p.read_bytes() for p in (tmp_path / "killed").rglob("*") if p.is_file()} == original
+
+    a, b = load(tmp_path / "whole" / "checkpoints" / "last.ckpt"), load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a["epoch"] == b["epoch"] == EPOCHS - 1 and a["global_step"] == b["global_step"] == 3 * EPOCHS
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["lr_schedulers"] == b["lr_schedulers"]  # the plateau scheduler saw every epoch's val/loss
+    assert [len(g["params"]) for g in a["optimizer_states"][0]["param_groups"]] == \
+           [len(g["params"]) for g in b["optimizer_states"][0]["param_groups"]]
+    history = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("whole", "resumed")]
+    assert [r["epoch"] for r in history[1]["epochs"]] == list(range(EPOCHS))  # figures cover the whole run
+    assert history[0]["epochs"] == history[1]["epochs"] and len(history[1]["step_loss"]) == 3 * EPOCHS
+    for key in ("epochs_run", "best_epoch", "best_val_acc", "test_acc"):
+        assert whole[key] == resumed[key], key
+    assert Path(resumed["best_checkpoint"]).parent == tmp_path / "resumed" / "checkpoints"
+    steps = tensorboard_val_steps(tmp_path / "whole")
+    assert len(steps) == EPOCHS and tensorboard_val_steps(tmp_path / "resumed") == steps  # one run, all epochs
+
+
+def tensorboard_val_steps(run_dir: Path) -> set[int]:
+    """The steps at which the run's TensorBoard directory shows a validation accuracy (one per epoch)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: set[int] = set()
+    for events in (run_dir / "tensorboard").glob("*tfevents*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "val/acc" in acc.Tags()["scalars"]:
+            steps |= {int(e.step) for e in acc.Scalars("val/acc")}
+    return steps
+
+
+def test_last_ckpt_follows_every_epoch_not_only_new_bests(tiny_cfg, tmp_path: Path):
+    import transfer.train as T
+
+    summary = T.train(tiny_cfg("optimizer.lr=1e-9"), tmp_path / "run")  # accuracy never improves after epoch 0
+    assert summary["best_epoch"] == 0
+    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["epoch"] == EPOCHS - 1
+    assert Path(summary["last_checkpoint"]).name == "last.ckpt"
