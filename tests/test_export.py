@@ -59,7 +59,7 @@ def test_onnx_export_passes_parity_on_the_runs_images_and_predicts_like_the_chec
     proc = cli("transfer.export", f"ckpt={run_dir}", "format=onnx")
     assert proc.returncode == 0, proc.stderr[-2000:]
     onnx_path = run_dir / "export" / "last.onnx"
-    info = json.loads(onnx_path.with_suffix(".json").read_text())
+    info = json.loads((run_dir / "export" / "last.onnx.json").read_text())
     assert info["class_names"] == list(CLASSES) and info["input"]["shape"] == ["batch", 3, 32, 32]
     assert info["preprocess"]["image_size"] == 32 and len(info["preprocess"]["mean"]) == 3
     parity = info["parity"]
@@ -84,6 +84,7 @@ def test_torchscript_export_and_synthetic_images_when_the_run_has_no_data(tmp_pa
     make_run(tmp_path / "run")  # config.yaml names no data root
     path, info = export(OmegaConf.create({**EXPORT_CFG, "ckpt": str(tmp_path / "run"), "format": "torchscript"}))
     assert path == tmp_path / "run" / "export" / "last.pt" and path.is_file()
+    assert json.loads((tmp_path / "run" / "export" / "last.pt.json").read_text())["format"] == "torchscript"
     assert info["parity"]["passed"] and info["parity"]["images"] == 64 and "synthetic" in info["parity"]["source"]
     scripted = torch.jit.load(str(path))
     assert scripted(torch.randn(5, 3, 32, 32)).shape == (5, 3)  # the batch axis is not fixed by the trace
@@ -135,7 +136,7 @@ def test_onnx_model_runs_any_batch_size_and_needs_its_json(tmp_path):
     assert model.class_names == list(CLASSES) and model.preprocess.image_size == 32
     for n in (1, 7, 64):
         assert model(torch.randn(n, 3, 32, 32)).shape == (n, 3)
-    path.with_suffix(".json").unlink()
+    Path(f"{path}.json").unlink()
     with pytest.raises(ConfigError, match="needs the JSON"):
         OnnxClassifier(path)
 

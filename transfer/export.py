@@ -1,7 +1,7 @@
 """``python -m transfer.export ckpt=<checkpoint or run dir> format=onnx|torchscript [out=DIR]``
 
 Writes the trained network (fp32, input ``(batch, 3, H, W)`` normalised RGB, output logits, batch axis dynamic)
-as ``<out>/<checkpoint name>.onnx`` or ``.pt`` (TorchScript), and beside it ``<same name>.json``: class names,
+as ``<out>/<checkpoint name>.onnx`` or ``.pt`` (TorchScript), and beside it ``<that file name>.json``: class names,
 preprocessing, input/output description, provenance and the parity figures. ``out`` defaults to the run
 directory's ``export/`` folder.
 

@@ -1,7 +1,7 @@
 """Exported ONNX models at prediction time: onnxruntime behind the small interface predict and serve use.
 
-An export (``python -m transfer.export``) writes ``<name>.onnx`` and, beside it, ``<name>.json`` with the class
-names and preprocessing. :class:`OnnxClassifier` reads both and behaves like a
+An export (``python -m transfer.export``) writes ``<name>.onnx`` and, beside it, ``<name>.onnx.json`` with the
+class names and preprocessing. :class:`OnnxClassifier` reads both and behaves like a
 :class:`~transfer.module.Classifier` where :func:`transfer.predict.predict` needs it to: ``class_names``,
 ``preprocess``, ``to``/``eval`` and a call that maps a normalised ``(N, 3, H, W)`` batch to logits.
 """
@@ -22,8 +22,10 @@ INSTALL_HINT = 'pip install -e ".[export]"'
 
 
 def sidecar_path(model_path: str | Path) -> Path:
-    """The JSON written beside an exported model (same name, ``.json``)."""
-    return Path(model_path).with_suffix(".json")
+    """The JSON written beside an exported model: its file name plus ``.json`` (``best.onnx.json``), so an ONNX
+    and a TorchScript export of one checkpoint keep a description each."""
+    path = Path(model_path)
+    return path.with_name(path.name + ".json")
 
 
 def read_sidecar(model_path: str | Path) -> dict[str, Any]:
