@@ -159,12 +159,14 @@ class StudyReport(SweepReport):
                 config.hydra.sweeper.sampler.seed = int(seed) + existing
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        super().on_multirun_end(config, **kwargs)
-        settings = study_settings(config)
-        if settings is not None:
-            report = write_study_report(Path(config.hydra.sweep.dir), settings[0], settings[1])
-            if report:
-                print(f"study report: {report}")
+        try:
+            super().on_multirun_end(config, **kwargs)  # exits non-zero when a job failed, after its report
+        finally:
+            settings = study_settings(config)
+            if settings is not None:
+                report = write_study_report(Path(config.hydra.sweep.dir), settings[0], settings[1])
+                if report:
+                    print(f"study report: {report}")
 
 
 @report_errors
