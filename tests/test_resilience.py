@@ -314,3 +314,18 @@ def test_slurm_requeue_handler_survives(compose_cfg, tmp_path: Path, monkeypatch
         trainer._signal_connector.teardown()
         signal.signal(signal.SIGUSR1, old[0])
         signal.signal(signal.SIGTERM, old[1])
+
+
+def test_a_failed_single_run_exits_2_and_records_why(tmp_path: Path):
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "photos", {"train": 6})
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    args = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "trainer=cpu", "data=imagefolder",
+            f"data.root={root}", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-c", TINY_MAIN, *args], capture_output=True, text=True, env=TINY_ENV,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"1 image file(s) could not be decoded: {root / 'train' / 'cat' / 'broken.jpg'}" in flat(proc.stderr)
+    record = json.loads((tmp_path / "run" / "failed.json").read_text())
+    assert record["reason"].startswith("1 image file(s) could not be decoded") and record["error"] == "CorruptImagesError"

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from transfer.errors import TransferError
 
@@ -37,17 +38,18 @@ def record_failure(job_dir: Path, err: BaseException) -> dict[str, Any]:
     """Write ``failed.json`` for a job that raised ``err``; returns what was written."""
     hydra = HydraConfig.get()
     record = {"status": "failed", "reason": one_line(err), "error": type(err).__name__,
-              "job": job_dir.name, "job_num": hydra.job.num, "overrides": list(hydra.overrides.task)}
+              "job": job_dir.name, "job_num": OmegaConf.select(hydra, "job.num", default=None),
+              "overrides": list(hydra.overrides.task)}
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / FAILED).write_text(json.dumps(record, indent=2))
     return record
 
 
 def sweep_job(fn: F) -> F:
-    """In a multirun, record a job's failure (``failed.json``) and return ``None`` so the other jobs run.
+    """Record a failure in ``failed.json``; in a multirun, then return ``None`` so the other jobs run.
 
-    Outside a multirun the function is called unchanged. ``KeyboardInterrupt`` and ``SystemExit`` (Ctrl-C,
-    SIGTERM) still stop the whole sweep.
+    A single run records its failure too (so ``transfer.report`` can say why) and re-raises it.
+    ``KeyboardInterrupt`` and ``SystemExit`` (Ctrl-C, SIGTERM) are not recorded and still stop a whole sweep.
     """
 
     @wraps(fn)
@@ -56,14 +58,19 @@ def sweep_job(fn: F) -> F:
             multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         except ValueError:
             multirun = False
-        if not multirun:
-            return fn(cfg, *args, **kwargs)
         try:
             return fn(cfg, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any failure of one job must leave the others running
-            job_dir = Path(HydraConfig.get().runtime.output_dir)
-            record = record_failure(job_dir, err)
-            (job_dir / "traceback.txt").write_text(traceback.format_exc())
+            job_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+            if job_dir is None or (job_dir / "summary.json").exists():  # never touch a finished run's files
+                raise
+            try:
+                record = record_failure(job_dir, err)
+                (job_dir / "traceback.txt").write_text(traceback.format_exc())
+            except OSError:  # a full or read-only disk must not hide the job's own error
+                record = {"job": job_dir.name, "reason": one_line(err)}
+            if not multirun:
+                raise  # a single run: the caller prints the error and sets the exit status
             print(f"\njob {record['job']} failed: {record['reason']}", file=sys.stderr, flush=True)
             return None
 

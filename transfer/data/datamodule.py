@@ -326,8 +326,8 @@ class ImageFolderData(ClassificationData):
             else:
                 made[name] = FileImages(files, targets, indices, train_tf if name == "train" else eval_tf)
         self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]
-        self.source = f"image folders at {self.root} ({self.layout} layout)" + (
-            " (decoded into memory)" if in_memory else "")
+        self.source = f"image folders at {self.root} ({self.layout} layout" + (
+            ", decoded into memory)" if in_memory else ")")
 
     def describe(self) -> dict[str, Any]:
         """Split sizes, origin and the undecodable files left out (``skip_corrupt``), for the run summary."""
