@@ -93,7 +93,8 @@ def test_bad_settings_exit_2_before_data_or_hydra_files_are_touched(tmp_path: Pa
     proc = run(*SMALL, "data.batch_size=0", "optimizer.lr=-1", "finetune.bn=foo", f"data.root={tmp_path / 'absent'}",
                f"hydra.run.dir={tmp_path / 'old'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: Invalid settings: data.batch_size=0" in flat(proc.stderr) and "finetune.bn='foo'" in flat(proc.stderr)
+    text = flat(proc.stderr)
+    assert "error: Invalid settings: data.batch_size=0" in text and "finetune.bn='foo'" in text
     assert "Traceback" not in proc.stderr and "CIFAR-10 was not found" not in proc.stderr  # no data was looked at
     assert snapshot(tmp_path / "old") == before
     assert time.perf_counter() - start < 60
@@ -328,4 +329,5 @@ def test_a_failed_single_run_exits_2_and_records_why(tmp_path: Path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"1 image file(s) could not be decoded: {root / 'train' / 'cat' / 'broken.jpg'}" in flat(proc.stderr)
     record = json.loads((tmp_path / "run" / "failed.json").read_text())
-    assert record["reason"].startswith("1 image file(s) could not be decoded") and record["error"] == "CorruptImagesError"
+    assert record["reason"].startswith("1 image file(s) could not be decoded")
+    assert record["error"] == "CorruptImagesError"

@@ -60,7 +60,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(tiny_cfg, tmp_path: Path, 
     resumed = T.train(tiny_cfg(f"resume={last}"), tmp_path / "resumed")
     assert {p: p.read_bytes() for p in (tmp_path / "killed").rglob("*") if p.is_file()} == original
 
-    a, b = load(tmp_path / "whole" / "checkpoints" / "last.ckpt"), load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    a, b = (load(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("whole", "resumed"))
     assert a["epoch"] == b["epoch"] == EPOCHS - 1 and a["global_step"] == b["global_step"] == 3 * EPOCHS
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["lr_schedulers"] == b["lr_schedulers"]  # the plateau scheduler saw every epoch's val/loss

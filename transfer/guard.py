@@ -39,7 +39,8 @@ class DivergenceGuard(L.Callback):
 
     def message(self, trainer: L.Trainer, value: float) -> str:
         """What diverged, where, which checkpoint is the last good one, and what to change."""
-        what = "not finite" if not math.isfinite(value) else f"above callbacks.divergence_guard.max_loss={self.max_loss}"
+        what = ("not finite" if not math.isfinite(value)
+                else f"above callbacks.divergence_guard.max_loss={self.max_loss}")
         rates = ", ".join(f"{group.get('name', i)} {group['lr']:.3g}" for opt in trainer.optimizers
                           for i, group in enumerate(opt.param_groups)) or "n/a"
         last = _last_good(trainer)

@@ -3,8 +3,9 @@
 Hydra's basic launcher runs the jobs one after another; an exception escaping one job would end the sweep
 after it (and a ``sys.exit`` at once), so the other jobs never run and no report is written. :func:`sweep_job`
 catches the failure instead, writes ``failed.json`` (the one-line reason, the job's overrides) into the job's
-directory and its traceback into ``traceback.txt`` beside it, and returns ``None``. The sweep report lists the job as failed
-and the sweep then exits non-zero (:class:`transfer.report.SweepReport`).
+directory and its traceback into ``traceback.txt`` beside it, and returns ``None``. The sweep report lists
+the job as failed and the sweep then exits non-zero (:class:`transfer.report.SweepReport`). A single run
+records its failure the same way, then fails as before.
 """
 from __future__ import annotations
 
