@@ -129,6 +129,15 @@ def test_a_checkpoint_carrying_code_is_refused_not_run(tiny_cifar: Path, tmp_pat
     assert not marker.exists()
 
 
+def test_a_checkpoint_of_another_model_is_refused(tiny_cifar: Path, tmp_path: Path, compose_cfg):
+    from transfer.run import prepare
+
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"model": {"name": "alexnet"}}}, other)
+    with pytest.raises(ConfigError, match="trained with model=alexnet but this run builds model=resnet18. Pass model=alexnet"):
+        prepare(compose_cfg(*SMALL, f"data.root={tiny_cifar}", f"resume={other}"))
+
+
 def test_a_checkpoint_of_other_classes_is_refused(tiny_cifar: Path, tmp_path: Path, compose_cfg):
     from transfer.run import prepare
 

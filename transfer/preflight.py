@@ -124,7 +124,7 @@ def resume_path(resume: str | Path) -> Path:
     return path
 
 
-def check_checkpoint(path: Path, classes: list[str] | None = None) -> None:
+def check_checkpoint(path: Path, classes: list[str] | None = None, model: str | None = None) -> None:
     """Refuse a ``resume=`` file that is not a training checkpoint of this data, before anything runs.
 
     The file is read with ``weights_only=True`` (whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: it is
@@ -133,6 +133,7 @@ def check_checkpoint(path: Path, classes: list[str] | None = None) -> None:
     Args:
         path: the checkpoint.
         classes: the data's class names, to compare with the checkpoint's; ``None`` skips that check.
+        model: the configured ``model.name``, likewise.
     """
     import pickle
 
@@ -149,6 +150,10 @@ def check_checkpoint(path: Path, classes: list[str] | None = None) -> None:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
         raise ConfigError(f"resume={path} is not a Lightning training checkpoint (no state_dict/loops entry; a "
                           f"weights file goes to model.weights=, not resume=). Pass a file from a run's checkpoints/.")
+    trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
+    if model is not None and trained is not None and trained != model:
+        raise ConfigError(f"resume={path} was trained with model={trained} but this run builds model={model}. Pass model={trained} "
+                          f"(and the rest of that run's settings) to resume it.")
     saved = (ckpt.get("transfer") or {}).get("class_names")
     if classes is not None and saved is not None and list(saved) != list(classes):
         raise ConfigError(

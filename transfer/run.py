@@ -27,7 +27,7 @@ def prepare(cfg: DictConfig) -> None:
     validate(cfg)
     if cfg.get("resume"):
         cfg.resume = str(resume_path(cfg.resume))
-        check_checkpoint(Path(cfg.resume), instantiate(cfg.data, _convert_="all").classes)
+        check_checkpoint(Path(cfg.resume), instantiate(cfg.data, _convert_="all").classes, cfg.model.name)
 
 
 def _fmt(value: float | None) -> str:
