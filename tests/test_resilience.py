@@ -134,7 +134,7 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_cifar: Path, tmp_path: Pa
 
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"model": {"name": "alexnet"}}}, other)
-    with pytest.raises(ConfigError, match="trained with model=alexnet but this run builds model=resnet18. Pass model=alexnet"):
+    with pytest.raises(ConfigError, match="model=alexnet but this run builds model=resnet18. Pass model=alexnet"):
         prepare(compose_cfg(*SMALL, f"data.root={tiny_cifar}", f"resume={other}"))
 
 

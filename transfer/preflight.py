@@ -152,8 +152,8 @@ def check_checkpoint(path: Path, classes: list[str] | None = None, model: str | 
                           f"weights file goes to model.weights=, not resume=). Pass a file from a run's checkpoints/.")
     trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
     if model is not None and trained is not None and trained != model:
-        raise ConfigError(f"resume={path} was trained with model={trained} but this run builds model={model}. Pass model={trained} "
-                          f"(and the rest of that run's settings) to resume it.")
+        raise ConfigError(f"resume={path} was trained with model={trained} but this run builds model={model}. "
+                          f"Pass model={trained} (and the rest of that run's settings) to resume it.")
     saved = (ckpt.get("transfer") or {}).get("class_names")
     if classes is not None and saved is not None and list(saved) != list(classes):
         raise ConfigError(
