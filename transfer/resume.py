@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,9 @@ class EpochCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage not in (None, "fit"):
             return  # trainer.test(ckpt_path=best) restores callbacks too: keep this run's paths, not the best's
-        super().load_state_dict(state_dict)
+        with warnings.catch_warnings():  # "won't be reloaded": the score and the best file are, just below
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
         score, best = state_dict.get("best_model_score"), state_dict.get("best_model_path") or ""
         if self.dirpath is None or state_dict.get("dirpath") == self.dirpath or score is None or not best:
             return
