@@ -96,3 +96,37 @@ def test_last_ckpt_follows_every_epoch_not_only_new_bests(tiny_cfg, tmp_path: Pa
     assert summary["best_epoch"] == 0
     assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["epoch"] == EPOCHS - 1
     assert Path(summary["last_checkpoint"]).name == "last.ckpt"
+
+
+def test_sigkill_at_an_arbitrary_step_then_resume_equals_the_uninterrupted_run(tiny_cifar: Path, tmp_path: Path):
+    """A real ``kill -9`` of ``python -m transfer.run`` (it may land mid-write: checkpoints are atomic)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_resilience import ROOT, TINY_ENV, tiny_command
+
+    args = [f"data.root={tiny_cifar}", "optimizer=adam", "scheduler=plateau", "trainer.max_epochs=6",
+            "trainer.deterministic=true"]
+    whole = subprocess.run(tiny_command(*args, f"hydra.run.dir={tmp_path / 'whole'}"), capture_output=True,
+                           text=True, env=TINY_ENV, cwd=ROOT, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen(tiny_command(*args, f"hydra.run.dir={tmp_path / 'killed'}"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=TINY_ENV, cwd=ROOT)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert load(last)["epoch"] < 5  # killed before the end
+    command = tiny_command(*args, f"resume={tmp_path / 'killed'}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    resumed = subprocess.run(command, capture_output=True, text=True, env=TINY_ENV, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (load(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("whole", "resumed"))
+    assert a["global_step"] == b["global_step"] == 18
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "resumed")]
+    assert summaries[0]["epochs_run"] == summaries[1]["epochs_run"] == 6
+    assert summaries[0]["test_acc"] == summaries[1]["test_acc"]
