@@ -130,3 +130,16 @@ def test_sigkill_at_an_arbitrary_step_then_resume_equals_the_uninterrupted_run(t
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "resumed")]
     assert summaries[0]["epochs_run"] == summaries[1]["epochs_run"] == 6
     assert summaries[0]["test_acc"] == summaries[1]["test_acc"]
+
+
+def test_mid_epoch_checkpoints_every_n_steps_resume_at_that_step(tiny_cfg, tmp_path: Path):
+    import transfer.train as T
+
+    T.train(tiny_cfg("callbacks.mid_epoch_checkpoint.every_n_steps=2"), tmp_path / "run")
+    mid = load(tmp_path / "run" / "checkpoints" / "mid-epoch.ckpt")
+    # steps 2, 4, 8, 10 are inside an epoch (3 steps each); 6 and 12 end one and are left to last.ckpt
+    assert mid["global_step"] == 10 and mid["epoch"] == 3
+    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 12
+    resumed = T.train(tiny_cfg(f"resume={tmp_path / 'run' / 'checkpoints' / 'mid-epoch.ckpt'}"), tmp_path / "again")
+    assert load(tmp_path / "again" / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert resumed["epochs_run"] == EPOCHS

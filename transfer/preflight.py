@@ -69,6 +69,10 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("mix.cutmix_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
     ("mix.prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     ("callbacks.divergence_guard.max_loss", _optional(lambda v: _num(v) and v > 0), "null or a positive number"),
+    ("callbacks.mid_epoch_checkpoint.every_n_steps", _optional(lambda v: _int(v) and v >= 1),
+     "null or a positive number of steps"),
+    ("callbacks.mid_epoch_checkpoint.every_n_minutes", _optional(lambda v: _num(v) and v > 0),
+     "null or a positive number of minutes"),
 )
 
 

@@ -5,12 +5,14 @@ not save the random number generators (shuffling and augmentation draw from the 
 ``ReduceLROnPlateau`` step of the epoch a checkpoint was written in (checkpoints are written during validation,
 before that step; on resume the metric it needs is gone). :class:`RunState` adds both, and the
 :class:`~transfer.history.History` behind the run's figures and summary, so that a resumed run's outputs cover
-the whole run. :class:`EpochCheckpoint` keeps ``last.ckpt`` at the last finished epoch.
+the whole run. :class:`EpochCheckpoint` keeps ``last.ckpt`` at the last finished epoch, and
+:class:`MidEpochCheckpoint` adds saves inside long epochs.
 """
 from __future__ import annotations
 
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -182,3 +184,38 @@ def _continue_tensorboard(trainer: L.Trainer) -> None:
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     for events in sorted(source.glob("events.out.tfevents.*")):
         shutil.copy2(events, Path(log_dir) / f"{events.name}.resumed-from")
+
+
+class MidEpochCheckpoint(L.Callback):
+    """Save ``checkpoints/mid-epoch.ckpt`` every ``every_n_steps`` optimizer steps and/or ``every_n_minutes``.
+
+    For epochs long enough that losing one hurts; ``last.ckpt`` stays the last finished epoch. The file is
+    overwritten each time (atomically), and the last batch of an epoch is left to the epoch-end save.
+    Resuming from it continues at that step (Lightning skips the batches already trained on).
+
+    Args:
+        every_n_steps: save every this many optimizer steps (``None``: not by steps).
+        every_n_minutes: save when this many minutes have passed since the last save (``None``: not by time).
+    """
+
+    def __init__(self, every_n_steps: int | None = None, every_n_minutes: float | None = None) -> None:
+        if every_n_steps is not None and every_n_steps < 1 or every_n_minutes is not None and every_n_minutes <= 0:
+            raise ValueError("every_n_steps must be >= 1 and every_n_minutes > 0 (or None)")
+        self.every_n_steps, self.every_n_minutes = every_n_steps, every_n_minutes
+        self._last_save = time.monotonic()
+        self.saved: Path | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps is None and self.every_n_minutes is None:
+            return
+        due = bool(self.every_n_steps and trainer.global_step % self.every_n_steps == 0)
+        if self.every_n_minutes is not None:
+            due = due or time.monotonic() - self._last_save >= 60 * self.every_n_minutes
+            due = bool(trainer.strategy.broadcast(due))  # every rank must take part in the save, or none
+        folder = next((c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)), None)
+        if not due or folder is None or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        self.saved = Path(folder) / "mid-epoch.ckpt"
+        trainer.save_checkpoint(self.saved)
+        self._last_save = time.monotonic()
