@@ -5,6 +5,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from transfer.models import REGISTRY, create_model, resolve_adapt
 from transfer.run import CONF_DIR
@@ -35,10 +36,27 @@ def test_seed_experiments_pin_the_source_recipe(compose_cfg):
     assert (alex.model.name, alex.model.adapt, alex.trainer.max_epochs) == ("alexnet", "native", 20)
 
 
-def test_defaults_follow_the_source_material(compose_cfg):
+def test_defaults_are_the_measured_recipe(compose_cfg):
     cfg = compose_cfg()
-    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.finetune.unfreeze_at_epoch) == (64, 40, 5)
-    assert cfg.data.augment.color_jitter == [0.2, 0.2, 0.2, 0.1] and cfg.data.augment.rotation == 15
+    assert (cfg.model.name, cfg.model.adapt, cfg.optimizer._target_, cfg.scheduler._target_) == (
+        "efficientnet_lite0", "auto", "torch.optim.AdamW", "torch.optim.lr_scheduler.OneCycleLR")
+    assert cfg.scheduler.total_steps is None and cfg.scheduler.interval == "step"  # sized by the trainer
+    assert (cfg.finetune.unfreeze_at_epoch, cfg.label_smoothing, cfg.tta) == (0, 0.1, True)
+    assert cfg.callbacks.ema._target_ == "transfer.ema.EMA"
+    assert cfg.data.augment.color_jitter is None and not cfg.data.augment.rotation
+
+
+def test_seed_experiment_restores_every_setting_of_the_source_recipe(compose_cfg):
+    cfg = compose_cfg("+experiment=seed_resnet18")
+    source = {"model.name": "resnet18", "model.adapt": "native", "model.pretrained": True,
+              "optimizer._target_": "torch.optim.Adam", "optimizer.lr": 1e-3, "optimizer.weight_decay": 1e-4,
+              "scheduler._target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "trainer.max_epochs": 40,
+              "finetune.unfreeze_at_epoch": 5, "finetune.backbone_lr_ratio": 0.1, "finetune.layer_decay": 1.0,
+              "finetune.bn": "train", "data.batch_size": 64, "data.image_size": None, "label_smoothing": 0.0,
+              "mix.mixup_alpha": 0.0, "mix.cutmix_alpha": 0.0, "tta": False,
+              "data.augment.color_jitter": [0.2, 0.2, 0.2, 0.1], "data.augment.rotation": 15}
+    assert {k: OmegaConf.select(cfg, k) for k in source} == source
+    assert dict(cfg.callbacks) == {} and cfg.data.augment.crop_padding == 4 and cfg.data.augment.hflip
 
 
 def test_pretrained_vs_scratch_is_a_two_job_sweep():
@@ -67,3 +85,17 @@ def test_speed_defaults_are_the_documented_ones(compose_cfg):
     cfg = compose_cfg()
     assert cfg.data.augment_on == "device" and cfg.compute.channels_last and not cfg.compute.compile
     assert cfg.trainer.precision == "auto" and cfg.finetune.cache_features is False
+
+
+def test_logger_group_builds_every_logger_into_the_run_directory(compose_cfg, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from transfer.errors import ConfigError
+    from transfer.train import build_loggers
+
+    loggers = build_loggers(compose_cfg("logger=csv"), tmp_path)
+    assert [type(lg) for lg in loggers] == [TensorBoardLogger, CSVLogger]
+    assert all(Path(lg.log_dir).parent == tmp_path for lg in loggers)
+    assert build_loggers(compose_cfg("~logger.tensorboard"), tmp_path) == []
+    with pytest.raises(ConfigError, match="logger.broken"):
+        build_loggers(compose_cfg("+logger.broken._target_=no.such.Logger"), tmp_path)

@@ -12,9 +12,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -64,9 +65,32 @@ def check_input_size(module: Classifier, size: int) -> None:
         module.train(was_training)
 
 
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """The ``logger`` group's entries, each writing under ``run_dir``.
+
+    Args:
+        cfg: the composed config.
+        run_dir: the run directory (every logger's ``save_dir``).
+
+    Returns:
+        The loggers (TensorBoard by default).
+    """
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or not node.get("_target_"):
+            continue
+        try:
+            loggers.append(instantiate(node, save_dir=str(run_dir)))
+        except (ImportError, InstantiationException) as err:
+            raise ConfigError(f"logger.{name} could not be created ({str(err).splitlines()[-1][:200]}). If it needs "
+                              f"a package that is not installed, install it (pip install mlflow, pip install wandb); "
+                              f"or drop the logger with ~logger.{name}.") from err
+    return loggers
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
-    """A Lightning Trainer with the ``trainer`` group as its arguments and TensorBoard logs in the run dir."""
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    """A Lightning Trainer with the ``trainer`` group as its arguments and the ``logger`` group's loggers."""
+    logger = build_loggers(cfg, run_dir)
     args: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     args["precision"] = resolve_precision(args.get("precision", "auto"), args.get("accelerator"))
     if OmegaConf.select(cfg, "finetune.cache_features"):
