@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -205,3 +206,28 @@ def test_split_folders_without_train_say_which_layouts_work(tmp_path: Path):
     make_image_folder(tmp_path / "mine", {"test": 2})
     with pytest.raises(DataNotFoundError, match="test/ but no train/ folder"):
         _ = ImageFolderData(str(tmp_path / "mine")).classes
+
+
+@pytest.mark.parametrize("augment_on", ["device", "cpu_pil"])
+def test_a_folder_of_odd_images_trains_through_both_paths(tmp_path: Path, augment_on: str):
+    """Tiny, extreme-aspect, 16-bit, palette, transparent, CMYK and EXIF-rotated files side by side."""
+    root = tmp_path / "odd"
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i, (mode, size, suffix) in enumerate([("L", (1, 1), ".png"), ("RGB", (1, 300), ".png"),
+                                                  ("RGBA", (300, 1), ".png"), ("P", (5, 3), ".gif"),
+                                                  ("CMYK", (40, 30), ".jpg"), ("I;16", (20, 20), ".png"),
+                                                  ("LA", (9, 60), ".png"), ("RGB", (64, 32), ".jpg")]):
+            img = solid(mode, size, 60 + 120 * c)
+            exif = img.getexif()
+            if suffix == ".jpg":
+                exif[0x0112] = 8
+            img.save(root / name / f"{i}{suffix}", **({"exif": exif} if suffix == ".jpg" else {}))
+    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32, batch_size=4, val_size=2, test_size=2,
+                               augment_on=augment_on))
+    assert dm.layout == "flat" and len(dm.train_set) == 12
+    for split in ("train", "val", "test"):
+        loader = getattr(dm, f"{split}_dataloader")()
+        for batch in loader:
+            x, y = dm.prepare_batch(batch, train=split == "train")
+            assert x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all()
