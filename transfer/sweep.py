@@ -63,13 +63,15 @@ def sweep_job(fn: F) -> F:
             return fn(cfg, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any failure of one job must leave the others running
             job_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-            if job_dir is None or (job_dir / "summary.json").exists():  # never touch a finished run's files
+            if job_dir is None:
                 raise
-            try:
-                record = record_failure(job_dir, err)
-                (job_dir / "traceback.txt").write_text(traceback.format_exc())
-            except OSError:  # a full or read-only disk must not hide the job's own error
-                record = {"job": job_dir.name, "reason": one_line(err)}
+            record = {"job": job_dir.name, "reason": one_line(err)}
+            if not (job_dir / "summary.json").exists():  # never touch a finished run's files
+                try:
+                    record = record_failure(job_dir, err)
+                    (job_dir / "traceback.txt").write_text(traceback.format_exc())
+                except OSError:  # a full or read-only disk must not hide the job's own error
+                    pass
             if not multirun:
                 raise  # a single run: the caller prints the error and sets the exit status
             print(f"\njob {record['job']} failed: {record['reason']}", file=sys.stderr, flush=True)
