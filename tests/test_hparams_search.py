@@ -23,7 +23,7 @@ TINY_SEARCH = ["model=lenet5", "trainer=cpu", "trainer.max_epochs=2", "data.val_
 @pytest.mark.parametrize("name", ["cifar10", "imagefolder"])
 def test_search_spaces_name_real_config_keys(name: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"+hparams_search={name}", "data.root=/x"], return_hydra_config=True)
+        cfg = compose("config", overrides=[f"hparams_search={name}", "data.root=/x"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert set(SEARCHED) <= set(params)
     for key in params:  # every searched parameter exists in the composed config, so no trial fails on a typo
@@ -40,7 +40,7 @@ def _study(sweep: Path, name: str = "imagefolder"):
 def test_a_three_trial_study_maximises_best_val_acc_and_continues_after_an_interruption(tmp_path: Path):
     root = make_image_folder(tmp_path / "tiny", {"train": 12, "test": 4})
     sweep = tmp_path / "sweep"
-    args = ["-m", "+hparams_search=imagefolder", f"data.root={root}", f"hydra.sweep.dir={sweep}", *TINY_SEARCH]
+    args = ["-m", "hparams_search=imagefolder", f"data.root={root}", f"hydra.sweep.dir={sweep}", *TINY_SEARCH]
     proc = run(*args, "hydra.sweeper.n_trials=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
 

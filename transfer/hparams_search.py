@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna: ``python -m transfer.run -m +hparams_search=cifar10`` (or ``imagefolder``).
+"""Hyperparameter search with Optuna: ``python -m transfer.run -m hparams_search=cifar10`` (or ``imagefolder``).
 
 ``conf/hparams_search/*.yaml`` switch Hydra's sweeper to hydra-optuna-sweeper (TPE) with a search space over
 the learning rate, the backbone's lr ratio, the unfreeze epoch, label smoothing and weight decay; every trial
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
                           "the one holding multirun.yaml and optuna.db>")
     settings = study_settings(OmegaConf.load(sweep / "multirun.yaml"), resolve=False)
     if settings is None:
-        raise ConfigError(f"{sweep / 'multirun.yaml'} is not an Optuna sweep with a storage (+hparams_search=...).")
+        raise ConfigError(f"{sweep / 'multirun.yaml'} is not an Optuna sweep with a storage (hparams_search=...).")
     if any(sweep.rglob("summary.json")):
         write_report(sweep)
     # multirun.yaml keeps the storage URL unresolved (${now:...} would re-resolve), so name the file directly.
