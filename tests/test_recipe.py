@@ -143,3 +143,11 @@ def test_lite0_on_cifar_defaults_to_the_unmodified_network_at_its_small_input_si
     assert resolve_preprocess(meta, None, native_size=32).image_size == 64
     assert resolve_preprocess(meta, None, native_size=None).image_size == 224  # photos: the pretrained size
     assert resolve_preprocess(meta, 96, native_size=32).image_size == 96  # an explicit size wins
+
+
+def test_mix_with_both_alphas_zero_keeps_plain_class_targets():
+    off = Classifier(MODEL, ["a", "b", "c"], ADAM, mix={"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "prob": 1.0})
+    assert off.mix is None
+    assert Classifier(MODEL, ["a", "b", "c"], ADAM, mix={"mixup_alpha": 0.2}).mix is not None
+    with pytest.raises(ConfigError, match="mix"):
+        Classifier(MODEL, ["a", "b", "c"], ADAM, mix={"mixup_alpha": -1.0})

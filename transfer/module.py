@@ -43,7 +43,8 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
-        self.mix = BatchMix(len(self.class_names), **mix) if mix else None
+        mixing = bool(mix) and any(mix.get(k) for k in ("mixup_alpha", "cutmix_alpha"))  # type: ignore[union-attr]
+        self.mix = BatchMix(len(self.class_names), **mix) if mixing else None  # alphas 0: plain class targets
         self.preprocess: Preprocess | None = None  # set by the run once the data module has resolved it
         n = len(self.class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
