@@ -49,8 +49,9 @@ def unfreezable(pl_module: L.LightningModule) -> list[nn.Parameter]:
 def unfreezable_named(pl_module: L.LightningModule) -> list[tuple[str, nn.Parameter]]:
     """:func:`unfreezable` with the parameters' names inside the backbone, in module order."""
     model = getattr(pl_module, "model", None)
-    fixed = set(getattr(model, "fixed", []))
-    return [(n, p) for n, p in pl_module.backbone.named_parameters() if n not in fixed]
+    if model is not None and hasattr(model, "trainable_backbone_named"):
+        return model.trainable_backbone_named()
+    return list(pl_module.backbone.named_parameters())
 
 
 def layer_groups(named: list[tuple[str, nn.Parameter]]) -> list[list[nn.Parameter]]:

@@ -14,6 +14,8 @@ import time
 import lightning as L
 import torch
 
+from transfer.evaluate import collect
+
 
 class TestTimeline(L.Callback):
     """Prints ``{"timeline": epoch, "unix_time": ..., "eval_seconds": cumulative, "test_acc": ...}`` per epoch."""
@@ -26,13 +28,9 @@ class TestTimeline(L.Callback):
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
-        datamodule = trainer.datamodule
-        correct = total = 0
-        for x, y in datamodule.test_dataloader():
-            x, y = datamodule.prepare_batch((x.to(pl_module.device), y.to(pl_module.device)), train=False)
-            correct += int((pl_module.predict_logits(x).argmax(1) == y).sum())
-            total += len(y)
+        logits, targets = collect(pl_module, trainer.datamodule, trainer.datamodule.test_dataloader(), pl_module.device)
+        accuracy = float((logits.argmax(1) == targets).float().mean()) if len(targets) else 0.0
         self.eval_seconds += time.perf_counter() - start
         print(json.dumps({"timeline": trainer.current_epoch + 1, "unix_time": time.time(),
-                          "eval_seconds": round(self.eval_seconds, 2), "test_acc": correct / max(1, total)}),
+                          "eval_seconds": round(self.eval_seconds, 2), "test_acc": accuracy}),
               flush=True)

@@ -156,8 +156,12 @@ class TransferModel(nn.Module):
 
     def trainable_backbone_parameters(self) -> list[nn.Parameter]:
         """Backbone parameters that staged fine-tuning may unfreeze (all but ``fixed``)."""
+        return [p for _, p in self.trainable_backbone_named()]
+
+    def trainable_backbone_named(self) -> list[tuple[str, nn.Parameter]]:
+        """:meth:`trainable_backbone_parameters` with their names inside the backbone, in module order."""
         fixed = set(self.fixed)
-        return [p for n, p in self.backbone.named_parameters() if n not in fixed]
+        return [(n, p) for n, p in self.backbone.named_parameters() if n not in fixed]
 
 
 def resolve_adapt(name: str, adapt: str, image_size: int | None, native_size: int | None = None) -> str:
