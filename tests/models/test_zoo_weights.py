@@ -7,11 +7,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torchvision import models as tvm
 
 from transfer.errors import WeightsUnavailableError
 from transfer.models import REGISTRY, create_model
-from transfer.models.adapt import interpolate_pos_embed, reduce_strides, resize_rel_pos_table
+from transfer.models.adapt import reduce_strides
 
 
 @pytest.fixture
@@ -65,16 +66,27 @@ def test_mocov3_checkpoint_layout_converts_into_the_vit_backbone(tmp_path: Path)
     assert model.head.weight.shape == (10, 768)
 
 
-def test_pos_embed_interpolation_keeps_the_class_token_and_the_grid():
-    pos = torch.randn(1, 1 + 14 * 14, 8)
-    assert torch.equal(interpolate_pos_embed(pos, 14), pos)
-    small = interpolate_pos_embed(pos, 8)
-    assert small.shape == (1, 1 + 64, 8) and torch.equal(small[:, 0], pos[:, 0])
-    # A position embedding that varies linearly across the grid keeps its layout: left < right, top < bottom.
+def _bicubic(grid: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
+    """The resampling the adapters did by hand before timm's: ``(1, C, g, g)`` to ``size`` x ``size``, bicubic."""
+    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False, antialias=antialias)
+
+
+def test_native_vit_pos_embed_keeps_the_class_token_and_resamples_the_grid_as_before():
+    net = tvm.VisionTransformer(image_size=224, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+    # A ramp across the grid (left < right, top < bottom) shows the layout survives: no transposed or shuffled grid.
     ramp = torch.linspace(0, 1, 14)
-    grid = (ramp[None, :, None] + 2 * ramp[:, None, None]).reshape(1, 196, 1)
-    out = interpolate_pos_embed(torch.cat([torch.zeros(1, 1, 1), grid], 1), 8)[0, 1:, 0].reshape(8, 8)
-    assert (out[:, 1:] > out[:, :-1]).all() and (out[1:] > out[:-1]).all()
+    grid = (ramp[None, :] + 2 * ramp[:, None]).expand(1, 8, 14, 14) + torch.randn(1, 8, 1, 1)
+    cls = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        net.encoder.pos_embedding.copy_(torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1))
+    assert resample_abs_pos_embed(net.encoder.pos_embedding, [14, 14]) is net.encoder.pos_embedding  # same size
+    REGISTRY["vit_b_16"].adapters["native"](net)
+    pos = net.encoder.pos_embedding
+    assert pos.shape == (1, 1 + 64, 8) and torch.equal(pos[:, :1], cls)
+    out = pos[0, 1:].T.reshape(8, 8, 8)
+    assert torch.allclose(out, _bicubic(grid, 8, antialias=True)[0], atol=1e-6)  # the hand-written version's numbers
+    assert (out[:, :, 1:] > out[:, :, :-1]).all() and (out[:, 1:] > out[:, :-1]).all()
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
 def test_native_vit_patch_embedding_reproduces_tokens_of_an_upsampled_image():
@@ -102,9 +114,21 @@ def test_swin_native_windows_divide_every_stage():
             assert size % w == 0 and block.attn.relative_position_bias_table.shape[0] == (2 * w - 1) ** 2
 
 
-def test_rel_pos_table_resize_keeps_a_constant_bias():
-    table = torch.full((13 * 13, 3), 0.7)
-    assert torch.allclose(resize_rel_pos_table(table, 4), torch.full((49, 3), 0.7), atol=1e-6)
+def test_swin_native_bias_tables_are_resized_bicubically_as_before():
+    torch.manual_seed(0)
+    net = tvm.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2],
+                              window_size=[7, 7])
+    blocks = [block for stage in net.features[1::2] for block in stage]
+    before = [block.attn.relative_position_bias_table.detach().clone() for block in blocks]
+    REGISTRY["swin_t"].adapters["native"](net)
+    for block, table in zip(blocks, before, strict=True):
+        w = block.attn.window_size[0]
+        new = block.attn.relative_position_bias_table
+        # torchvision's table is ((2w-1)^2, heads), row-major over the (dy, dx) offset grid, as timm's is.
+        expected = _bicubic(table.T.reshape(1, 2, 13, 13), 2 * w - 1, antialias=False).reshape(2, -1).T
+        assert new.shape == ((2 * w - 1) ** 2, 2) and torch.allclose(new, expected, atol=1e-6)
+        assert int(block.attn.relative_position_index.max()) == new.shape[0] - 1  # the index was rebuilt to match
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
 
 
 def test_reduce_strides_changes_only_the_first_strided_convs():

@@ -60,38 +60,3 @@ def reduce_strides(module: nn.Module, count: int) -> list[str]:
             conv.stride = (1, 1)
             changed.append(name)
     return changed
-
-
-def interpolate_pos_embed(pos: Tensor, new_grid: int, num_prefix: int = 1) -> Tensor:
-    """Resize a ViT position embedding ``(1, prefix + g*g, D)`` to ``new_grid x new_grid`` patches.
-
-    The prefix tokens (class/distillation) are kept as they are; the grid part is resized bicubically as an
-    image, so neighbouring patches keep neighbouring embeddings.
-
-    Args:
-        pos: the pretrained embedding.
-        new_grid: patches per side after adaptation.
-        num_prefix: leading non-grid tokens.
-
-    Returns:
-        The new embedding ``(1, prefix + new_grid**2, D)``.
-    """
-    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
-    old = int(round(grid.shape[1] ** 0.5))
-    if old == new_grid:
-        return pos.clone()
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False,
-                         antialias=new_grid < old).to(pos.dtype)
-    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1)], dim=1)
-
-
-def resize_rel_pos_table(table: Tensor, window: int) -> Tensor:
-    """Resize a Swin relative-position bias table ``((2w-1)^2, heads)`` to a new window size (bicubic)."""
-    old = int(round(table.shape[0] ** 0.5))
-    new = 2 * window - 1
-    if old == new:
-        return table.clone()
-    grid = table.T.reshape(1, -1, old, old)
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    return grid.reshape(-1, new * new).T.contiguous()

@@ -4,20 +4,23 @@ They are pretrained at 224 px, so ``adapt=resize`` (upsample inputs) is their de
 runs them on 32 px directly:
 
 * ViT / DeiT / BEiT: patch size 16 -> 4 (an 8x8 grid, 64 tokens), the patch embedding resampled from the
-  16x16 one and the position embedding interpolated (class token kept). torchvision's ViT uses
-  :func:`~transfer.models.adapt.resample_kernel`, which gives exactly the tokens the pretrained embedding
-  produces on a 4x nearest-upsampled image; timm models use timm's own ``set_input_size``.
+  16x16 one and the position embedding resampled bicubically with timm's ``resample_abs_pos_embed`` (class
+  token kept). torchvision's ViT uses :func:`~transfer.models.adapt.resample_kernel`, which gives exactly the
+  tokens the pretrained embedding produces on a 4x nearest-upsampled image; timm models use timm's own
+  ``set_input_size`` (which keeps every prefix token, e.g. DeiT's distillation token).
 * Swin: the 4x4 patch embedding stays (8x8 tokens); each stage's window becomes the largest size <= 7 that
-  divides its map (4, 4, 2, 1) with the relative-position tables resized to match.
+  divides its map (4, 4, 2, 1) with the relative-position tables resized bicubically to match (timm's
+  ``resize_rel_pos_bias_table_simple``: torchvision stores the table in the same ``((2w-1)^2, heads)`` layout).
 """
 from __future__ import annotations
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from transfer.models.adapt import interpolate_pos_embed, resample_kernel, resize_rel_pos_table
+from transfer.models.adapt import resample_kernel
 from transfer.models.core import Architecture, Split, register
 from transfer.models.sources import timm_info, timm_split, torchvision_info
 from transfer.models.weights import WeightSource
@@ -38,7 +41,9 @@ def _tv_vit_native(net: nn.Module) -> None:
     with torch.no_grad():
         new.weight.copy_(resample_kernel(old.weight, NATIVE_PATCH))
         new.bias.copy_(old.bias)
-        net.encoder.pos_embedding = nn.Parameter(interpolate_pos_embed(net.encoder.pos_embedding, grid, 1))
+        # torchvision's layout is timm's: (1, 1 + g*g, D) with the class token first.
+        net.encoder.pos_embedding = nn.Parameter(
+            resample_abs_pos_embed(net.encoder.pos_embedding, [grid, grid], num_prefix_tokens=1))
     net.conv_proj = new
     net.image_size, net.patch_size, net.seq_length = NATIVE_SIZE, NATIVE_PATCH, grid * grid + 1
 
@@ -58,9 +63,12 @@ def _swin_native(net: nn.Module) -> None:
             shifted = any(attn.shift_size)
             attn.window_size = [window, window]
             attn.shift_size = [window // 2 if shifted and window < size else 0] * 2
+            table = attn.relative_position_bias_table
+            # timm's "simple" resize (bicubic over the (2w-1)x(2w-1) offset grid); its plain
+            # resize_rel_pos_bias_table is BEiT's geometric resampling, made for growing windows.
             with torch.no_grad():
-                attn.relative_position_bias_table = nn.Parameter(
-                    resize_rel_pos_table(attn.relative_position_bias_table, window))
+                attn.relative_position_bias_table = nn.Parameter(resize_rel_pos_bias_table_simple(
+                    table, (window, window), ((2 * window - 1) ** 2, table.shape[1])))
             attn.define_relative_position_index()
         size = max(1, (size + 1) // 2)
 
