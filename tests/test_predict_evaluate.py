@@ -64,6 +64,24 @@ def test_classification_metrics_on_a_known_case():
     assert m["per_class"]["a"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["recall"] == 0.5
 
 
+def test_classification_metrics_zero_division_and_macro_f1_over_every_class():
+    """Worked by hand: c is predicted but never true, d is true but never predicted, e is neither."""
+    import torch
+
+    from transfer.evaluate import classification_metrics
+
+    preds, targets = torch.tensor([0, 0, 0, 2, 1, 0]), torch.tensor([0, 0, 1, 1, 1, 3])
+    m = classification_metrics(torch.nn.functional.one_hot(preds, 5).float(), targets, list("abcde"))
+    assert m["confusion"] == [[2, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0] * 5, [1, 0, 0, 0, 0], [0] * 5]
+    expected = {"a": (0.5, 1.0, 2 / 3, 2), "b": (1.0, 1 / 3, 0.5, 3), "c": (0.0, 0.0, 0.0, 0),
+                "d": (0.0, 0.0, 0.0, 1), "e": (0.0, 0.0, 0.0, 0)}
+    for name, (precision, recall, f1, support) in expected.items():
+        got = m["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision, recall, f1))
+        assert got["support"] == support
+    assert m["accuracy"] == 0.5 and m["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 5)  # e counts as 0, not skipped
+
+
 def test_untrained_head_demo_predicts_cifar_class_names(tiny_cifar: Path, tmp_path: Path):
     """The source material's demo: a pretrained backbone with a fresh head, before any training."""
     proc = cli("transfer.predict", "model=efficientnet_lite0", f"images={tiny_cifar / 'test' / 'cat'}", "topk=3",

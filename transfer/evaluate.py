@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torchmetrics.functional.classification import (multiclass_confusion_matrix, multiclass_f1_score,
+                                                multiclass_precision, multiclass_recall)
 
 from transfer.data import ClassificationData
 from transfer.errors import ConfigError, report_errors
@@ -40,7 +42,11 @@ def collect(module: Classifier, datamodule: ClassificationData, loader: torch.ut
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, confusion matrix and per-class precision/recall/F1/support.
+    """Accuracy, confusion matrix and per-class precision/recall/F1/support, through torchmetrics.
+
+    A class never predicted gets precision 0 and one absent from ``targets`` recall 0 (``zero_division=0``).
+    ``macro_f1`` is the plain mean over all classes: torchmetrics' ``average="macro"`` would skip classes
+    absent from both targets and predictions, which would change the number this report has always given.
 
     Args:
         logits: ``(N, C)`` scores.
@@ -52,17 +58,15 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
     """
     n = len(classes)
     pred = logits.argmax(dim=1)
-    confusion = torch.bincount(targets * n + pred, minlength=n * n).reshape(n, n).numpy()
-    tp = np.diag(confusion).astype(float)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=(precision + recall) > 0)
-    per_class = {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                     "support": int(support[i])} for i, c in enumerate(classes)}
+    confusion = multiclass_confusion_matrix(pred, targets, n)
+    scores = {name: fn(pred, targets, n, average=None, zero_division=0) for name, fn in
+              (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}
+    support = confusion.sum(dim=1)
+    per_class = {c: {**{name: float(values[i]) for name, values in scores.items()}, "support": int(support[i])}
+                 for i, c in enumerate(classes)}
     return {"accuracy": float((pred == targets).float().mean()), "n": int(len(targets)),
             "loss": float(F.cross_entropy(logits, targets)), "per_class": per_class,
-            "macro_f1": float(f1.mean()), "confusion": confusion.tolist()}
+            "macro_f1": float(scores["f1"].mean()), "confusion": confusion.tolist()}
 
 
 def report_markdown(metrics: dict[str, Any], title: str) -> str:
