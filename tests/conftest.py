@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from transfer.models import Architecture, Split, register
-from transfer.run import CONF_DIR
+from transfer.conf import CONF_DIR
 
 CLASSES = ("cat", "dog", "ship")
 

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from transfer.models import REGISTRY, create_model, resolve_adapt
-from transfer.run import CONF_DIR
+from transfer.conf import CONF_DIR
 
 MODEL_FILES = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 
@@ -75,7 +75,7 @@ def test_ddp_and_slurm_launcher_configs_compose(compose_cfg):
     assert compose_cfg("trainer=ddp_cpu").trainer.accelerator == "cpu"
     from hydra import compose, initialize_config_dir
 
-    from transfer.run import CONF_DIR
+    from transfer.conf import CONF_DIR
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         full = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = full.hydra.launcher

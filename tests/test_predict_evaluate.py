@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import CACHE
 from transfer.errors import ConfigError
-from transfer.predict import collect_images, find_checkpoint
+from transfer.checkpoints import find_checkpoint
+from transfer.data.folders import collect_images
 
 
 def cli(module: str, *args: str) -> subprocess.CompletedProcess:

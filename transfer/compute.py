@@ -93,3 +93,17 @@ def apply_compute(model: nn.Module, channels_last: bool = True, compile: bool = 
         model.compile(mode=compile_mode)
         log.info("model compiled (mode=%s)", compile_mode or "default")
     return model
+
+
+def pick_device(name: str) -> torch.device:
+    """The device an inference tool (predict, evaluate) runs on.
+
+    Args:
+        name: ``auto`` (the GPU when there is one, else the CPU) or any torch device name (``cpu``, ``cuda:1``).
+
+    Returns:
+        The torch device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -20,12 +20,13 @@ from omegaconf import DictConfig
 from torchmetrics.functional.classification import (multiclass_confusion_matrix, multiclass_f1_score,
                                                 multiclass_precision, multiclass_recall)
 
+from transfer.checkpoints import find_checkpoint
+from transfer.compute import pick_device
+from transfer.conf import CONF_PATH
 from transfer.data import ClassificationData
 from transfer.errors import ConfigError, report_errors
 from transfer.module import Classifier
 from transfer.plots import confusion_matrix_figure, image_grid
-from transfer.predict import find_checkpoint, pick_device
-from transfer.run import CONF_DIR
 
 
 @torch.no_grad()
@@ -119,7 +120,7 @@ def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="evaluate")
 @report_errors
 def main(cfg: DictConfig) -> float:
     """Command-line entry."""

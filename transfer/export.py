@@ -27,13 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
+from transfer.checkpoints import find_checkpoint
+from transfer.conf import CONF_PATH
+from transfer.data.folders import collect_images
 from transfer.data.transforms import Preprocess, eval_transform
 from transfer.errors import ConfigError, report_errors
 from transfer.module import Classifier
 from transfer.onnx_runtime import INSTALL_HINT, ort_session, sidecar_path
-from transfer.predict import collect_images, find_checkpoint
 from transfer.provenance import code_version
-from transfer.run import CONF_DIR
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 SPLITS = ("test", "val", "validation", "train")  # where the run's own images are looked for, in order
@@ -246,7 +247,7 @@ def export(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     return path, info
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="export")
 @report_errors
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Command-line entry; returns the sidecar's contents."""

@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig, OmegaConf
 
+from transfer.conf import CONF_PATH
 from transfer.errors import ConfigError, report_errors
-from transfer.run import CONF_DIR
 from transfer.train import build, build_trainer, finetune_callbacks
 
 
@@ -53,7 +53,7 @@ def lr_range_test(cfg: DictConfig, out_dir: Path) -> dict[str, float | None]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="lr_find")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="lr_find")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
     """Print the suggested learning rate and where the plot is."""

@@ -1,7 +1,7 @@
 """``python -m transfer.predict ckpt=<checkpoint or run dir> images=<file, folder or glob> [topk=5] [grid=true]``
 
 ``model=<name>`` instead of ``ckpt=`` predicts with that pretrained backbone and a new, untrained head over
-CIFAR-10's classes (or ``classes=a,b,c``): the source material's "before training" demo.
+CIFAR-10's classes (or ``'classes=[a,b,c]'``): the source material's "before training" demo.
 
 ``ckpt=`` may also name an exported ``.onnx`` file (``python -m transfer.export``): onnxruntime runs it, with the
 class names and preprocessing of the JSON beside it.
@@ -9,80 +9,34 @@ class names and preprocessing of the JSON beside it.
 Top-k class names and probabilities for new images, from a checkpoint alone: it carries the architecture,
 class names, input size and normalisation. Results are printed as a table and written as CSV and JSON (and a
 PNG grid with ``grid=true``) into a new folder, ``outputs/predictions/<time>/`` unless ``out=`` says otherwise.
+The settings and their defaults are ``conf/predict.yaml`` (``--help`` lists them).
 """
 from __future__ import annotations
 
 import csv
-import glob
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
-from transfer.data.datasets import IMAGE_EXTENSIONS
+from transfer.checkpoints import load_classifier
+from transfer.compute import pick_device
+from transfer.conf import CONF_PATH
 from transfer.data.cifar import CIFAR10_CLASSES
+from transfer.data.folders import collect_images
 from transfer.data.transforms import eval_transform, resolve_preprocess
 from transfer.errors import ConfigError, report_errors
 from transfer.module import Classifier
 
 CIFAR_SIZE = 32
-DEFAULTS = {"ckpt": None, "model": None, "classes": None, "images": None, "topk": 5, "batch_size": 64, "grid": False, "out": None, "device": "auto"}
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A ``.ckpt`` file, or the best (else last) checkpoint of a run directory."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    best = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    found = best[-1:] or sorted(folder.glob("last*.ckpt"))
-    if not found:
-        raise ConfigError(f"No checkpoint at {path}: pass ckpt= a .ckpt file or a run directory that has "
-                          f"checkpoints/best-*.ckpt or checkpoints/last.ckpt.")
-    return found[0]
-
-
-def collect_images(spec: str) -> list[Path]:
-    """Image files named by a file, a folder (searched recursively) or a glob pattern, sorted."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
-    elif path.is_file():
-        files = [path]
-    else:
-        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise ConfigError(f"images={spec} matches no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...). Pass "
-                          f"a file, a folder or a quoted glob such as 'photos/*.jpg'.")
-    return sorted(files)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` means the GPU when there is one, else the CPU; anything else is a torch device name."""
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
-def load_classifier(path: str | Path) -> Any:
-    """A trained model from a checkpoint or run directory, or from an exported ``.onnx`` file.
-
-    Args:
-        path: a ``.ckpt``, a run directory, or an ``.onnx`` written by ``transfer.export``.
-
-    Returns:
-        A :class:`Classifier` (via ``from_checkpoint``, ``weights_only``) or an
-        :class:`~transfer.onnx_runtime.OnnxClassifier`; both work with :func:`predict`.
-    """
-    if Path(path).suffix.lower() == ".onnx":
-        from transfer.onnx_runtime import OnnxClassifier
-
-        return OnnxClassifier(path)
-    return Classifier.from_checkpoint(find_checkpoint(path))
+USAGE = ("python -m transfer.predict ckpt=<checkpoint, run dir or exported .onnx> images=<file, folder or glob> "
+         "[topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for a pretrained backbone "
+         "with an untrained head")
 
 
 @torch.no_grad()
@@ -91,8 +45,8 @@ def predict(module: Classifier, files: list[Path], topk: int = 5, batch_size: in
     """Classify image files with a trained module.
 
     Args:
-        module: from :func:`load_classifier` (a Classifier or an ONNX model; its ``preprocess`` decides the
-            transform).
+        module: from :func:`~transfer.checkpoints.load_classifier` (a Classifier or an ONNX model; its
+            ``preprocess`` decides the transform).
         files: image paths.
         topk: how many classes to report per image.
         batch_size: images per forward pass.
@@ -123,10 +77,17 @@ def predict(module: Classifier, files: list[Path], topk: int = 5, batch_size: in
     return results
 
 
-def untrained(name: str, classes: str | None = None) -> Classifier:
-    """A pretrained backbone with a new head that has seen no data (its predictions are guesses)."""
-    names = [c.strip() for c in classes.split(",")] if classes else list(CIFAR10_CLASSES)
-    module = Classifier({"name": name}, names, {"_target_": "torch.optim.Adam"})
+def untrained(model: dict[str, Any], classes: list[str] | str | None = None) -> Classifier:
+    """A pretrained backbone with a new head that has seen no data (its predictions are guesses).
+
+    Args:
+        model: the ``model=`` group's settings; ``name``, ``pretrained`` and ``weights`` are used (the stem is
+            adapted to CIFAR-10's 32 px, as ``create_model``'s default ``adapt`` does).
+        classes: the head's class names (a list, or one comma-separated string); ``None``: CIFAR-10's.
+    """
+    names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes or CIFAR10_CLASSES)
+    chosen = {k: model[k] for k in ("name", "pretrained", "weights") if k in model}
+    module = Classifier(chosen, names, {"_target_": "torch.optim.Adam"})
     module.preprocess = resolve_preprocess(module.model.meta, None, CIFAR_SIZE)
     return module
 
@@ -154,17 +115,19 @@ def print_table(results: list[dict[str, Any]], limit: int = 50) -> None:
         print(f"... {len(results) - limit} more in the CSV/JSON")
 
 
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="predict")
 @report_errors
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Command-line entry (``key=value`` arguments, as in Hydra)."""
-    cfg = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))
-    if not (cfg.ckpt or cfg.model) or not cfg.images:
-        raise ConfigError("Usage: python -m transfer.predict ckpt=<checkpoint, run dir or exported .onnx> "
-                          "images=<file, folder or glob> [topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for "
-                          "a pretrained backbone with an untrained head.")
-    module = load_classifier(cfg.ckpt) if cfg.ckpt else untrained(cfg.model, cfg.classes)
+def main(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Command-line entry: predict, write the results, print a table."""
+    if not (cfg.ckpt or cfg.model) or OmegaConf.is_missing(cfg, "images") or not cfg.images:
+        raise ConfigError(f"Pass ckpt= (or model=) and images=. Usage: {USAGE}.")
+    if cfg.ckpt:
+        module = load_classifier(cfg.ckpt)
+    else:
+        classes = OmegaConf.to_container(cfg.classes) if isinstance(cfg.classes, ListConfig) else cfg.classes
+        module = untrained(OmegaConf.to_container(cfg.model), classes)
     results = predict(module, collect_images(str(cfg.images)), int(cfg.topk), int(cfg.batch_size), str(cfg.device))
-    out = Path(cfg.out or f"outputs/predictions/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}")
+    out = Path(cfg.out or f"outputs/predictions/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}").expanduser()
     write_results(results, out)
     if cfg.grid:
         from transfer.plots import image_grid

@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from timm.models import _efficientnet_blocks as timm_blocks
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, resnet
 
+from transfer.checkpoints import find_checkpoint
+from transfer.conf import CONF_PATH
 from transfer.errors import ConfigError, WeightsUnavailableError, report_errors
 from transfer.models import create_model
 from transfer.module import Classifier
 from transfer.plots import plain_vs_residual_figure, residual_figure
-from transfer.predict import find_checkpoint
-from transfer.run import CONF_DIR
 
 Branch = Callable[[nn.Module, Tensor], Tensor]
 
@@ -251,7 +251,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, list[BlockStats]]:
     return stats
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="residuals")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="residuals")
 @report_errors
 def main(cfg: DictConfig) -> None:
     """``python -m transfer.residuals model=resnet18 [ckpt=...] [plain_vs_residual.steps=200]``."""

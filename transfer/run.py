@@ -1,6 +1,7 @@
 """Command line: ``python -m transfer.run model=resnet18 trainer.devices=1`` (Hydra; ``-m`` for sweeps).
 
-A thin wrapper: Hydra composes ``conf/``, :func:`transfer.train.train` does the work in Hydra's run directory.
+A thin wrapper: Hydra composes ``conf/`` (installed as the package ``transfer.conf``), :func:`transfer.train.train`
+does the work in Hydra's run directory.
 """
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from transfer.conf import CONF_PATH
 from transfer.errors import report_errors
 from transfer.preflight import check_checkpoint, resume_path, validate
 from transfer.stops import graceful_exit
 from transfer.sweep import sweep_job
 from transfer.train import train
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -41,7 +41,7 @@ def describe(summary: dict) -> str:
             f"{summary['images_per_second']:.0f} train images/s")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")
 @report_errors  # a TransferError: one paragraph, exit status 2
 @graceful_exit  # stopped by SIGINT/SIGTERM: exit status 130/143 after saving checkpoints/interrupted.ckpt
 @sweep_job  # in -m: a failing job writes failed.json and the sweep goes on

@@ -28,10 +28,10 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from transfer.checkpoints import load_classifier
+from transfer.conf import CONF_PATH
 from transfer.data.transforms import eval_transform
 from transfer.errors import ConfigError, report_errors
-from transfer.predict import load_classifier
-from transfer.run import CONF_DIR
 
 try:
     import litserve as ls
@@ -249,7 +249,7 @@ def build_server(cfg: DictConfig) -> Any:
                         middlewares=[(ImageGate, {"path": "/predict", "max_bytes": int(cfg.max_image_mb * 1e6)})])
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="serve")
 @report_errors
 def main(cfg: DictConfig) -> None:
     """Command-line entry: serve until interrupted."""

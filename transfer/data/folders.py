@@ -1,14 +1,16 @@
 """The layout of a user's image folders: where the splits are, which classes they hold, and what is wrong.
 
 Two layouts are accepted: ``root/train/<class>/*`` with optional ``val/`` (or ``validation/``) and ``test/``
-beside it, and the flat ``root/<class>/*`` (no split folders; every hold-out is carved out of it).
+beside it, and the flat ``root/<class>/*`` (no split folders; every hold-out is carved out of it). Also the
+image files a command line names (:func:`collect_images`: a file, a folder or a glob).
 """
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 from pathlib import Path
 
-from transfer.data.datasets import list_classes
+from transfer.data.datasets import IMAGE_EXTENSIONS, list_classes
 from transfer.errors import ConfigError, DataNotFoundError
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
@@ -79,3 +81,28 @@ def check_not_empty(split: str, folder: Path, classes: Sequence[str], targets: S
             f"The {split} split has no image files for class(es) {', '.join(empty)} (under "
             f"{', '.join(str(folder / c) for c in empty[:3])}). Add images there, or remove the class folder from "
             f"every split; only files ending in a known image extension count.")
+
+
+def collect_images(spec: str) -> list[Path]:
+    """Image files named on a command line (``images=``, ``parity.images=``), sorted.
+
+    Args:
+        spec: a file, a folder (searched recursively) or a glob pattern (``**`` recurses).
+
+    Returns:
+        The image files (known extensions only).
+
+    Raises:
+        ConfigError: nothing matched.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    elif path.is_file():
+        files = [path]
+    else:
+        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise ConfigError(f"images={spec} matches no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...). Pass "
+                          f"a file, a folder or a quoted glob such as 'photos/*.jpg'.")
+    return sorted(files)
