@@ -9,10 +9,23 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import Tensor
 
 _EPOCH_KEYS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc")
 log = logging.getLogger(__name__)
+
+
+def _monitored_lrs(trainer: L.Trainer) -> dict[str, float]:
+    """The latest rate per param group from the trainer's ``LearningRateMonitor``, as ``lr/<group>``.
+
+    The monitor names a group ``lr-<Optimizer>/<group name>`` (``lr-<Optimizer>`` when there is one unnamed
+    group); the part after the optimizer is kept, so ``lr-AdamW/backbone`` becomes ``lr/backbone``.
+    """
+    monitor = next((cb for cb in trainer.callbacks if isinstance(cb, LearningRateMonitor)), None)
+    if monitor is None:
+        return {}
+    return {f"lr/{name.split('/', 1)[-1]}": float(values[-1]) for name, values in monitor.lrs.items() if values}
 
 
 class History(L.Callback):
@@ -25,7 +38,9 @@ class History(L.Callback):
     Attributes:
         step_loss: training loss of every optimisation step.
         epochs: one dict per finished epoch: ``epoch``, ``train/loss``, ``train/acc``, ``val/loss``,
-            ``val/acc``, and each param group's lr.
+            ``val/acc``, and ``lr/<param group>``: the rates the trainer's ``LearningRateMonitor`` logged for
+            the epoch (with ``logging_interval="epoch"``, those it started with), so the figures, the summary
+            and the logger show one set of numbers. Without a monitor there are no lr columns.
         train_images: images seen in training batches.
         train_batch_seconds: wall time spent in training epochs up to their last batch.
     """
@@ -60,9 +75,7 @@ class History(L.Callback):
         for key in _EPOCH_KEYS:
             if key in metrics:
                 row[key.replace("_epoch", "")] = float(metrics[key])
-        for opt in trainer.optimizers:
-            for i, group in enumerate(opt.param_groups):
-                row[f"lr/{group.get('name', i)}"] = float(group["lr"])
+        row.update(_monitored_lrs(trainer))
         self.epochs.append(row)
         # One line per epoch in run.log (and on the console), so runs without a progress bar still show progress.
         log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs,

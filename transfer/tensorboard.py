@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
 
@@ -21,14 +21,14 @@ class TensorBoardExtras(L.Callback):
 
     * ``inputs/augmented``: the first training batch as the model sees it (un-normalised), to catch a wrong
       augmentation or normalisation before hours are spent.
-    * ``test/confusion``: the test split's confusion matrix as a figure.
+    * ``test/confusion``: the test split's confusion matrix as a figure (torchmetrics'
+      ``MulticlassConfusionMatrix``, counted on the device and summed over the ranks under DDP).
     """
 
     def __init__(self, max_images: int = 32) -> None:
         self.max_images = max_images
         self._logged_inputs = False
-        self._preds: list[torch.Tensor] = []
-        self._targets: list[torch.Tensor] = []
+        self._confusion: MulticlassConfusionMatrix | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         writer = _writer(trainer)
@@ -38,20 +38,25 @@ class TensorBoardExtras(L.Callback):
         writer.add_image("inputs/augmented", make_grid(x, nrow=8), trainer.global_step)
         self._logged_inputs = True
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fresh count per test run, kept on the module's device: no per-batch copy to the host.
+        self._confusion = MulticlassConfusionMatrix(len(pl_module.class_names)).to(pl_module.device)
+
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._preds.append(outputs.cpu())  # test_step returns its predicted classes: no second forward pass
-        self._targets.append(batch[1].cpu())
+        if self._confusion is not None:  # test_step returns its predicted classes: no second forward pass
+            self._confusion.update(outputs, batch[1])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = _writer(trainer)
-        if writer is None or not self._preds:
+        if writer is None or self._confusion is None or self._confusion.update_count == 0:
+            return
+        matrix = self._confusion.compute().cpu().numpy()  # every rank takes part in the DDP sum
+        self._confusion = None
+        if not trainer.is_global_zero:
             return
         from transfer.plots import confusion_matrix_figure_object
 
-        n = len(pl_module.class_names)
-        pred, target = torch.cat(self._preds), torch.cat(self._targets)
-        matrix = torch.bincount(target * n + pred, minlength=n * n).reshape(n, n).numpy()
         writer.add_figure("test/confusion", confusion_matrix_figure_object(matrix, pl_module.class_names),
                           trainer.global_step)
 
