@@ -1,6 +1,7 @@
 """The command line end to end: ``python -m transfer.run`` on tiny data, as a user runs it."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -67,14 +68,19 @@ def test_full_error_env_shows_the_traceback(tmp_path: Path):
 
 
 def test_multirun_sweep_gives_each_job_its_own_directory(tiny_cifar: Path, tmp_path: Path):
+    sweep = tmp_path / "sweep"
     proc = run("-m", "model=resnet18", "model.pretrained=false", "finetune.bn=train,frozen",
-               f"data.root={tiny_cifar}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY)
+               f"data.root={tiny_cifar}", f"hydra.sweep.dir={sweep}", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
-    assert len(summaries) == 2
-    names = [p.parent.name for p in summaries]
-    assert names[0].startswith("0_") and "finetune.bn=train" in names[0]
-    assert names[1].startswith("1_") and "finetune.bn=frozen" in names[1]
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert [p.parent.name for p in summaries] == ["0", "1"]  # the job number alone: ckpt=<sweep>/1 needs no quoting
+    from omegaconf import OmegaConf
+
+    recorded = [list(OmegaConf.load(sweep / job / ".hydra" / "overrides.yaml")) for job in ("0", "1")]
+    assert "finetune.bn=train" in recorded[0] and "finetune.bn=frozen" in recorded[1]
+    report = list(csv.DictReader(open(sweep / "report.csv")))
+    assert [(r["job"], r["overrides"]) for r in report] == [("0", "finetune.bn=train"), ("1", "finetune.bn=frozen")]
+    assert "| 1 | finetune.bn=frozen | resnet18 |" in (sweep / "report.md").read_text()
 
 
 def test_an_input_size_the_adapted_model_cannot_take_is_a_clear_error(tiny_cifar: Path, tmp_path: Path):

@@ -45,6 +45,24 @@ def full_errors_requested() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") == "1"
 
 
+def require(cfg: Any, key: str, usage: str) -> Any:
+    """The value of a setting a command line must give (``???`` in its YAML), else a :class:`ConfigError`.
+
+    Args:
+        cfg: the tool's composed config.
+        key: the mandatory key (dotted for nested ones).
+        usage: the tool's usage line, shown when the key is missing.
+
+    Returns:
+        The value.
+    """
+    from omegaconf import OmegaConf  # kept local: this module is imported by everything, and is dependency-free
+
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"{key}= is required. Usage: {usage}")
+    return OmegaConf.select(cfg, key)
+
+
 def report_errors(fn: F) -> F:
     """Turn :class:`TransferError` into a one-paragraph message on stderr and exit status 2.
 
