@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import CACHE, CLASSES, make_image_folder
-from transfer.data.transforms import resolve_preprocess
+from transfer.models import model_preprocess
 from transfer.errors import ConfigError
 from transfer.module import Classifier
 
@@ -27,8 +27,8 @@ def make_run(run_dir: Path, data_root: Path | None = None, model: str = "lenet5"
     """A run directory as ``transfer.run`` leaves it (``checkpoints/last.ckpt``, ``config.yaml``), made in seconds:
     a packaged architecture trained ``steps`` steps on random images. Returns the checkpoint."""
     L.seed_everything(0)
-    module = Classifier({"name": model, "pretrained": False}, list(CLASSES), ADAM)
-    module.preprocess = resolve_preprocess(module.model.meta, None, 32)
+    module = Classifier({"name": model, "pretrained": False}, list(CLASSES), ADAM,
+                        preprocess=model_preprocess(model, "native", None, 32).to_dict())
     data = TensorDataset(torch.randn(8 * steps, 3, 32, 32), torch.randint(0, len(CLASSES), (8 * steps,)))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

@@ -12,6 +12,7 @@ from transfer.data import CIFAR10Data
 from transfer.data.datasets import TensorImages
 from transfer.errors import ConfigError
 from transfer.features import FeatureCache, cache_key
+from transfer.models import model_preprocess
 from transfer.finetune import StagedFinetuning
 from transfer.module import Classifier
 
@@ -25,22 +26,28 @@ class BatchKinds(L.Callback):
         self.kinds: dict[int, str] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.kinds[trainer.current_epoch] = "features" if isinstance(batch, dict) else "images"
+        self.kinds[trainer.current_epoch] = "features" if batch.features else "images"
+
+
+def data(root: Path, **dm_args: Any) -> CIFAR10Data:
+    """Tiny CIFAR with the tiny model's preprocessing, as a run builds it."""
+    pre = model_preprocess("tiny_test_cnn", "native", None, CIFAR10Data.native_size)
+    return CIFAR10Data(str(root), download=False, val_size=6, num_workers=0, preprocess=pre, **dm_args)
 
 
 def fit(root: Path, cache: Path | None, max_epochs: int, unfreeze: int | None, batch_size: int = 8,
-        augment: dict | None = None, **dm_args: Any) -> tuple[Classifier, BatchKinds, FeatureCache | None]:
+        augment: dict | None = None, eval_batch_size: int = 256,
+        **trainer_args: Any) -> tuple[Classifier, BatchKinds, FeatureCache | None]:
     L.seed_everything(0)
-    dm = CIFAR10Data(str(root), download=False, val_size=6, num_workers=0, batch_size=batch_size,
-                     augment=augment, **dm_args)
-    module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, dm.classes, ADAM)
-    dm.configure(module.model.meta)
-    kinds = BatchKinds()
     feature_cache = FeatureCache(unfreeze, root=cache) if cache else None
-    callbacks = [StagedFinetuning(unfreeze_at_epoch=unfreeze, bn="frozen"), kinds] + ([feature_cache] if cache else [])
+    dm = data(root, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment,
+              feature_cache=feature_cache)
+    module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, dm.classes, ADAM)
+    kinds = BatchKinds()
+    callbacks = [StagedFinetuning(unfreeze_at_epoch=unfreeze, bn="frozen"), kinds]
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
-                        num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1 if cache else 0)
+                        num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1 if cache else 0, **trainer_args)
     trainer.fit(module, datamodule=dm)
     return module, kinds, feature_cache
 
@@ -70,14 +77,13 @@ def test_cached_head_training_matches_the_uncached_frozen_phase(tiny_cifar: Path
 
 
 def _key(module: Classifier, dm: CIFAR10Data, **change: Any) -> str:
-    pre = dataclasses.replace(dm.preprocess, **change.pop("preprocess", {}))
+    pre = dataclasses.replace(dm.preprocess, **change.pop("preprocess", {})).to_dict()
     return cache_key(module.backbone, module.model.meta, pre, change.pop("dataset", dm.train_set), 1, dm.augment)
 
 
 def _ready(root: Path) -> tuple[Classifier, CIFAR10Data]:
-    dm = CIFAR10Data(str(root), download=False, val_size=6, num_workers=0)
+    dm = data(root)
     module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, dm.classes, ADAM)
-    dm.configure(module.model.meta)
     dm.setup("fit")
     return module, dm
 
@@ -112,3 +118,24 @@ def test_bn_running_stats_are_part_of_the_weights_key(tiny_cifar: Path):
 def test_views_must_be_positive():
     with pytest.raises(ConfigError, match="cache_views"):
         FeatureCache(2, views=0)
+
+
+def test_cached_features_cover_only_what_limit_train_batches_lets_an_epoch_see(tiny_cifar: Path, tmp_path: Path):
+    """limit_*_batches cut the extraction too: a quick run must not extract the whole training set first."""
+    _, _, cache = fit(tiny_cifar, tmp_path / "f", max_epochs=1, unfreeze=None, batch_size=4, eval_batch_size=2,
+                      limit_train_batches=2, limit_val_batches=1)
+    train, val = cache.sets.get("train"), cache.sets.get("val")
+    assert train is None and val is None  # released at the end of fit
+    stored = {p.name.split("-")[0]: torch.load(p, weights_only=True)["targets"] for p in (tmp_path / "f").glob("*.pt")}
+    full = data(tiny_cifar)
+    full.setup("fit")
+    assert len(stored["train"]) == 2 * 4 < len(full.train_set)
+    assert len(stored["val"]) == 2 < len(full.val_set)  # one val batch of 2
+    assert len(set(stored["train"].tolist())) > 1  # a spread over the split, not the first (class-sorted) images
+
+
+def test_the_cache_serves_exactly_the_frozen_epochs_of_the_finetuning_rule():
+    cache = FeatureCache(2)
+    finetune = StagedFinetuning(unfreeze_at_epoch=2)
+    assert [cache.serves(e) for e in range(4)] == [finetune.frozen_at(e) for e in range(4)] == [True, True, False, False]
+    assert all(FeatureCache(None).serves(e) for e in range(3))  # a linear probe: cached throughout

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transfer.data import CIFAR10Data
 from transfer.errors import ConfigError
 from transfer.finetune import StagedFinetuning, batchnorms, layer_groups
+from transfer.models import model_preprocess
 from transfer.module import Classifier
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 0.01}
@@ -45,10 +46,10 @@ class Probe(L.Callback):
 def fit(data_root: Path, max_epochs: int, scheduler: dict | None = None, ckpt_dir: Path | None = None,
         resume: str | None = None, model: dict | None = None, **finetune: Any) -> tuple[Classifier, Probe]:
     L.seed_everything(0)
-    dm = CIFAR10Data(str(data_root), download=False, val_size=6, num_workers=0, batch_size=8)
     model = model or {"name": "tiny_test_cnn", "pretrained": False}
+    pre = model_preprocess(model["name"], model.get("adapt", "native"), None, CIFAR10Data.native_size)
+    dm = CIFAR10Data(str(data_root), download=False, val_size=6, num_workers=0, batch_size=8, preprocess=pre)
     module = Classifier(model, dm.classes, ADAM, scheduler)
-    dm.configure(module.model.meta)
     probe = Probe()
     callbacks: list[L.Callback] = [StagedFinetuning(**finetune), probe]
     if ckpt_dir:

@@ -16,6 +16,7 @@ from transfer.errors import ConfigError
 from transfer.finetune import StagedFinetuning
 from transfer.mix import BatchMix
 from transfer.models import resolve_adapt
+from transfer.models import model_preprocess
 from transfer.module import Classifier
 from transfer.progressive import ProgressiveResize
 
@@ -25,9 +26,9 @@ MODEL = {"name": "tiny_test_cnn", "pretrained": False}
 
 def _fit(root: Path, callbacks: list[L.Callback], epochs: int = 2, **module_args) -> tuple[Classifier, L.Trainer]:
     L.seed_everything(0)
-    dm = CIFAR10Data(str(root), download=False, val_size=6, num_workers=0, batch_size=8)
-    module = Classifier(MODEL, dm.classes, ADAM, **module_args)
-    dm.configure(module.model.meta)
+    pre = model_preprocess(MODEL["name"], "native", None, CIFAR10Data.native_size)
+    dm = CIFAR10Data(str(root), download=False, val_size=6, num_workers=0, batch_size=8, preprocess=pre)
+    module = Classifier(MODEL, dm.classes, ADAM, preprocess=pre.to_dict(), **module_args)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
                         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
@@ -95,7 +96,8 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror():
         expected = (module(x) + module(x.flip(-1))) / 2
         assert torch.allclose(module.predict_logits(x), expected)
         assert not torch.allclose(module.predict_logits(x), module(x))
-        assert torch.allclose(module.predict_step(x, 0), expected.softmax(-1))
+        scores = module.predict_step(x, 0)
+        assert torch.allclose(scores.logits, expected) and scores.target is None
 
 
 def test_progressive_resize_grows_the_training_size_and_leaves_eval_at_full_size(tiny_cifar: Path):

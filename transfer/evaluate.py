@@ -11,35 +11,46 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import Tensor
 from torchmetrics.functional.classification import (multiclass_confusion_matrix, multiclass_f1_score,
                                                 multiclass_precision, multiclass_recall)
 
 from transfer.checkpoints import find_checkpoint
 from transfer.compute import pick_device
 from transfer.conf import CONF_PATH
-from transfer.data import ClassificationData
+from transfer.data import ClassificationData, datamodule_from_config
 from transfer.errors import ConfigError, report_errors
 from transfer.module import Classifier
 from transfer.plots import confusion_matrix_figure, image_grid
 
 
-@torch.no_grad()
-def collect(module: Classifier, datamodule: ClassificationData, loader: torch.utils.data.DataLoader,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets over one of ``datamodule``'s loaders."""
-    module = module.to(device).eval()
-    logits, targets = [], []
-    for x, y in loader:
-        x, y = datamodule.prepare_batch((x.to(device), y), train=False)
-        logits.append(module.predict_logits(x).float().cpu())  # flip TTA when the module's ``tta`` is on
-        targets.append(y.cpu())
-    return torch.cat(logits), torch.cat(targets)
+def collect(module: Classifier, datamodule: ClassificationData, device: str = "auto") -> tuple[Tensor, Tensor]:
+    """Logits and targets over ``datamodule``'s ``predict_split``, through ``Trainer.predict``.
+
+    Lightning's loop brings the device placement, the data module's batch preparation, inference mode and a
+    progress bar; the module's ``predict_step`` applies flip TTA when its ``tta`` is on.
+
+    Args:
+        module: the classifier.
+        datamodule: built with the module's preprocessing and the split to score as ``predict_split``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
+
+    Returns:
+        ``(logits, targets)`` on the CPU, in the split's order.
+    """
+    accelerator, devices = ("auto", 1) if device == "auto" else (
+        ("cpu", 1) if device == "cpu" else ("gpu", [int(device.split(":")[1])] if ":" in device else 1))
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, precision="32-true")
+    scores = trainer.predict(module, datamodule=datamodule)
+    return (torch.cat([s.logits.float().cpu() for s in scores]),  # type: ignore[union-attr]
+            torch.cat([s.target.cpu() for s in scores]))  # type: ignore[union-attr]
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
@@ -92,18 +103,12 @@ def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     module = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt))
     if cfg.get("tta") is not None:  # null keeps what the run tested with
         module.hparams.tta = bool(cfg.tta)
-    datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
+    # the checkpoint's preprocessing, exactly as the run used it: nothing is resolved again here
+    datamodule = datamodule_from_config(cfg.data, module.preprocess, predict_split=str(cfg.split))
     if datamodule.classes != module.class_names:
         raise ConfigError(f"The checkpoint's classes {module.class_names} differ from the data's {datamodule.classes} "
                           f"(data.root={datamodule.root}); evaluate on data with the same class folders.")
-    datamodule.image_size = module.preprocess.image_size
-    datamodule.configure(module.model.meta)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    if cfg.split not in ("test", "val"):
-        raise ConfigError(f"split={cfg.split!r}: use test or val.")
-    loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-    logits, targets = collect(module, datamodule, loader, pick_device(cfg.device))
+    logits, targets = collect(module, datamodule, str(cfg.device))
     metrics = classification_metrics(logits, targets, module.class_names)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"
@@ -114,7 +119,8 @@ def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     worst = losses.argsort(descending=True)[: int(cfg.top_losses)].tolist()
     probs = logits.softmax(dim=1)
     names = module.class_names
-    image_grid([_raw_image(loader.dataset, i, module) for i in worst],
+    dataset = getattr(datamodule, f"{cfg.split}_set")
+    image_grid([_raw_image(dataset, i, module) for i in worst],
                [f"{names[int(probs[i].argmax())]} {float(probs[i].max()):.2f}" for i in worst],
                [names[int(targets[i])] for i in worst], out / "top_losses.png")
     return metrics

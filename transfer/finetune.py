@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 BN_POLICIES = ("train", "frozen")
 
 
+def frozen_at(epoch: int, unfreeze_at_epoch: int | None) -> bool:
+    """The one rule for "is the backbone frozen during ``epoch``": before ``unfreeze_at_epoch``, or always when
+    that is ``None`` (a linear probe). The finetuning callback and the feature cache both ask it."""
+    return unfreeze_at_epoch is None or epoch < unfreeze_at_epoch
+
+
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     """Switch gradients of every parameter in ``module``."""
     for p in module.parameters():
@@ -119,8 +125,8 @@ class StagedFinetuning(BackboneFinetuning):
         self._ddp_registered: set[int] | None = None
 
     def frozen_at(self, epoch: int) -> bool:
-        """Whether the backbone is frozen during ``epoch``."""
-        return self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch
+        """Whether the backbone is frozen during ``epoch`` (:func:`frozen_at`)."""
+        return frozen_at(epoch, self.unfreeze_at_epoch)
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         set_requires_grad(pl_module.backbone, False)

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import Tensor
 
+from transfer.data.batch import as_batch
+
 _EPOCH_KEYS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc")
 log = logging.getLogger(__name__)
 
@@ -20,12 +22,18 @@ def _monitored_lrs(trainer: L.Trainer) -> dict[str, float]:
     """The latest rate per param group from the trainer's ``LearningRateMonitor``, as ``lr/<group>``.
 
     The monitor names a group ``lr-<Optimizer>/<group name>`` (``lr-<Optimizer>`` when there is one unnamed
-    group); the part after the optimizer is kept, so ``lr-AdamW/backbone`` becomes ``lr/backbone``.
+    group); the part after the optimizer is kept, so ``lr-AdamW/backbone`` becomes ``lr/backbone``. In the
+    epoch a run resumes inside (a mid-epoch checkpoint), Lightning skips ``on_train_epoch_start``, so the
+    monitor has logged nothing yet; that one row takes the optimizer's current rates instead.
     """
     monitor = next((cb for cb in trainer.callbacks if isinstance(cb, LearningRateMonitor)), None)
     if monitor is None:
         return {}
-    return {f"lr/{name.split('/', 1)[-1]}": float(values[-1]) for name, values in monitor.lrs.items() if values}
+    logged = {name.split("/", 1)[-1]: values[-1] for name, values in monitor.lrs.items() if values}
+    if not logged:
+        logged = {group.get("name", f"pg{i + 1}"): group["lr"]
+                  for opt in trainer.optimizers for i, group in enumerate(opt.param_groups)}
+    return {f"lr/{name}": float(lr) for name, lr in logged.items()}
 
 
 class History(L.Callback):
@@ -61,7 +69,7 @@ class History(L.Callback):
                            batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._pending.append(loss.detach())
-        self.train_images += len(batch["target"] if isinstance(batch, dict) else batch[1])
+        self.train_images += len(as_batch(batch).y)  # images or cached features
         self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -37,8 +37,8 @@ def lr_range_test(cfg: DictConfig, out_dir: Path) -> dict[str, float | None]:
     L.seed_everything(cfg.seed, workers=True)
     # The range test replaces the run's scheduler with its own exponential one; a per-step schedule would fight it.
     cfg = OmegaConf.merge(cfg, {"scheduler": {"_target_": None}})
-    datamodule, module = build(cfg)
-    trainer = build_trainer(cfg, out_dir, finetune_callbacks(cfg, cache=False))
+    datamodule, module = build(cfg, cache_features=False)
+    trainer = build_trainer(cfg, out_dir, finetune_callbacks(cfg))
     args = cfg.lr_find
     finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=args.min_lr, max_lr=args.max_lr,
                                     num_training=args.num_training, update_attr=False)

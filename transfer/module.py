@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -15,12 +15,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from transfer.data.batch import Batch, as_batch
 from transfer.data.transforms import Preprocess
 from transfer.errors import ConfigError
 from transfer.mix import BatchMix
 from transfer.models import TransferModel, create_model
 from transfer.optim import build_optimizer, build_scheduler
 from transfer.provenance import code_version
+
+
+class Scores(NamedTuple):
+    """What ``Trainer.predict`` returns per batch: logits, and the targets where the data has them."""
+
+    logits: Tensor
+    target: Tensor | None
 
 
 class Classifier(L.LightningModule):
@@ -34,18 +42,21 @@ class Classifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         mix: MixUp/CutMix of training batches (:class:`~transfer.mix.BatchMix` arguments), or ``None``.
         tta: test-time augmentation: average the logits of each test image and its mirror image.
+        preprocess: the input the model's weights expect (``Preprocess.to_dict()``, as handed to the data
+            module); checkpoints carry it, so prediction needs nothing but the file.
     """
 
     def __init__(self, model: dict[str, Any], class_names: list[str], optimizer: dict[str, Any],
                  scheduler: dict[str, Any] | None = None, label_smoothing: float = 0.0,
-                 mix: dict[str, Any] | None = None, tta: bool = False) -> None:
+                 mix: dict[str, Any] | None = None, tta: bool = False,
+                 preprocess: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.preprocess: Preprocess | None = Preprocess.from_dict(preprocess) if preprocess else None
         self.class_names = list(class_names)
         self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
         mixing = bool(mix) and any(mix.get(k) for k in ("mixup_alpha", "cutmix_alpha"))  # type: ignore[union-attr]
         self.mix = BatchMix(len(self.class_names), **mix) if mixing else None  # alphas 0: plain class targets
-        self.preprocess: Preprocess | None = None  # set by the run once the data module has resolved it
         n = len(self.class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_acc = MulticlassAccuracy(n, average="micro")
@@ -74,39 +85,45 @@ class Classifier(L.LightningModule):
         # y: class indices, or class probabilities after MixUp/CutMix (cross_entropy takes both)
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
-    def _logits_and_targets(self, batch: Any, test: bool = False) -> tuple[Tensor, Tensor]:
-        if isinstance(batch, dict):  # cached backbone features (finetune.cache_features): neck and head only
-            return self.model.head(self.model.neck(batch["features"])), batch["target"]
-        x, y = batch
-        return (self.predict_logits(x) if test else self(x)), y
+    def _logits_and_targets(self, batch: Batch, test: bool = False) -> tuple[Tensor, Tensor]:
+        batch = as_batch(batch)
+        if batch.features:  # cached backbone features (finetune.cache_features): neck and head only
+            return self.model.head(self.model.neck(batch.x)), batch.y
+        return (self.predict_logits(batch.x) if test else self(batch.x)), batch.y
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if self.mix is not None and not isinstance(batch, dict):
-            batch = self.mix(*batch)
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        batch = as_batch(batch)
+        if self.mix is not None and not batch.features:
+            batch = Batch(*self.mix(batch.x, batch.y))
         logits, y = self._logits_and_targets(batch)
         loss = self._loss(logits, y)
         self.train_acc(logits, y.argmax(1) if y.ndim == 2 else y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        n = len(y)  # told, not inferred: Lightning cannot tell which tensor of a batch counts images
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
-    def _eval_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
+    def _eval_step(self, batch: Batch, stage: str, metric: MulticlassAccuracy) -> Tensor:
         logits, y = self._logits_and_targets(batch, test=stage == "test")
         metric(logits, y)
-        self.log(f"{stage}/loss", self._loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/loss", self._loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(y))
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
         return logits.argmax(dim=1)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_acc)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def test_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """Logs test loss/accuracy; returns the predicted classes (the confusion matrix is built from them)."""
         return self._eval_step(batch, "test", self.test_acc)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> Scores:
+        """Logits as the test sees them (flip TTA when ``tta``), with the targets when the batch has them."""
+        if isinstance(batch, Batch):
+            return Scores(self.predict_logits(batch.x), batch.y)
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.predict_logits(x).softmax(dim=-1)
+        return Scores(self.predict_logits(x), None)
 
     def configure_optimizers(self) -> Any:
         # Only what is trainable now: the finetuning callback froze the backbone in setup() and adds it as
@@ -146,7 +163,6 @@ class Classifier(L.LightningModule):
                               f"checkpoints/ folder.") from err
         module = cls.load_from_checkpoint(path, map_location=map_location, model=model_args, weights_only=True)
         info = ckpt.get("transfer", {})
-        if info.get("preprocess"):
-            pre = info["preprocess"]
-            module.preprocess = Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+        if module.preprocess is None and info.get("preprocess"):  # a checkpoint from before hparams carried it
+            module.preprocess = Preprocess.from_dict(info["preprocess"])
         return module.eval()

@@ -29,8 +29,9 @@ from transfer.compute import pick_device
 from transfer.conf import CONF_PATH
 from transfer.data.cifar import CIFAR10_CLASSES
 from transfer.data.folders import collect_images
-from transfer.data.transforms import eval_transform, resolve_preprocess
+from transfer.data.transforms import eval_transform
 from transfer.errors import ConfigError, report_errors
+from transfer.models import model_preprocess
 from transfer.module import Classifier
 
 CIFAR_SIZE = 32
@@ -87,9 +88,8 @@ def untrained(model: dict[str, Any], classes: list[str] | str | None = None) -> 
     """
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes or CIFAR10_CLASSES)
     chosen = {k: model[k] for k in ("name", "pretrained", "weights") if k in model}
-    module = Classifier(chosen, names, {"_target_": "torch.optim.Adam"})
-    module.preprocess = resolve_preprocess(module.model.meta, None, CIFAR_SIZE)
-    return module
+    preprocess = model_preprocess(chosen["name"], "native", None, CIFAR_SIZE)  # the weights' input for 32 px data
+    return Classifier(chosen, names, {"_target_": "torch.optim.Adam"}, preprocess=preprocess.to_dict())
 
 
 def write_results(results: list[dict[str, Any]], out: Path) -> None:

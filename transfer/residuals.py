@@ -24,7 +24,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from timm.models import _efficientnet_blocks as timm_blocks
@@ -33,7 +33,8 @@ from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, resnet
 from transfer.checkpoints import find_checkpoint
 from transfer.conf import CONF_PATH
 from transfer.errors import ConfigError, WeightsUnavailableError, report_errors
-from transfer.models import create_model
+from transfer.data import datamodule_from_config
+from transfer.models import create_model, model_preprocess, resolve_adapt
 from transfer.module import Classifier
 from transfer.plots import plain_vs_residual_figure, residual_figure
 
@@ -197,9 +198,9 @@ def train_plain_vs_residual(make_model: Callable[[], nn.Module], batches: list[t
     return out
 
 
-def _weight_sets(cfg: Any, num_classes: int) -> dict[str, nn.Module]:
+def _weight_sets(cfg: Any, num_classes: int, adapt: str) -> dict[str, nn.Module]:
     """random, pretrained (when available) and the fine-tuned checkpoint (when given) versions of the model."""
-    args = {"name": cfg.model.name, "num_classes": num_classes, "adapt": cfg.model.adapt}
+    args = {"name": cfg.model.name, "num_classes": num_classes, "adapt": adapt}
     torch.manual_seed(cfg.seed)
     sets = {"random": create_model(pretrained=False, **args)}
     if cfg.model.pretrained or cfg.model.weights:  # model.pretrained=false: random (and checkpoint) only
@@ -214,16 +215,17 @@ def _weight_sets(cfg: Any, num_classes: int) -> dict[str, nn.Module]:
 
 def run(cfg: DictConfig, out: Path) -> dict[str, list[BlockStats]]:
     """The command: measure every weight set on one validation batch, optionally train plain vs residual."""
-    datamodule = instantiate(cfg.data, _convert_="all")
-    sets = _weight_sets(cfg, len(datamodule.classes))
+    image_size, native_size = cfg.data.get("image_size"), get_class(cfg.data._target_).native_size
+    adapt = resolve_adapt(cfg.model.name, cfg.model.adapt, image_size, native_size)
+    preprocess = model_preprocess(cfg.model.name, adapt, image_size, native_size)
+    datamodule = datamodule_from_config(cfg.data, preprocess, eval_batch_size=int(cfg.images))
+    sets = _weight_sets(cfg, len(datamodule.classes), adapt)
     if not residual_blocks(sets["random"]):
         raise ConfigError(f"model={cfg.model.name} has no residual blocks this tool knows "
                           f"({', '.join(t.__name__ for t in FAMILIES)}); try resnet18, resnet50 or mobilenet_v2.")
-    datamodule.configure(sets["random"].meta)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    datamodule.eval_batch_size = int(cfg.images)
-    x, y = datamodule.prepare_batch(next(iter(datamodule.val_dataloader())), train=False)
+    x, y, _ = datamodule.prepare_batch(next(iter(datamodule.val_dataloader())), train=False)
     stats = {label: inspect_blocks(model, x, y) for label, model in sets.items()}
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for label, s in stats.items() for row in as_rows(s, label)]
@@ -235,11 +237,12 @@ def run(cfg: DictConfig, out: Path) -> dict[str, list[BlockStats]]:
     steps = int(cfg.plain_vs_residual.steps)
     if steps > 0:
         loader = iter(datamodule.train_dataloader())
-        batches = [datamodule.prepare_batch(next(loader), train=True) for _ in range(int(cfg.plain_vs_residual.batches))]
+        batches = [datamodule.prepare_batch(next(loader), train=True)[:2]
+                   for _ in range(int(cfg.plain_vs_residual.batches))]
 
         def fresh() -> nn.Module:
             torch.manual_seed(cfg.seed)
-            return create_model(cfg.model.name, len(datamodule.classes), pretrained=False, adapt=cfg.model.adapt)
+            return create_model(cfg.model.name, len(datamodule.classes), pretrained=False, adapt=adapt)
 
         result = train_plain_vs_residual(fresh, batches, steps, float(cfg.plain_vs_residual.lr))
         (out / "plain_vs_residual.json").write_text(json.dumps(result, indent=1))

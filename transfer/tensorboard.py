@@ -8,6 +8,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
+from transfer.data.batch import as_batch
+
 
 def _writer(trainer: L.Trainer) -> Any | None:
     for logger in trainer.loggers:
@@ -32,9 +34,10 @@ class TensorBoardExtras(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         writer = _writer(trainer)
-        if self._logged_inputs or writer is None or pl_module.preprocess is None or isinstance(batch, dict):
-            return  # (a dict batch holds cached features, not images)
-        x = pl_module.preprocess.denormalize(batch[0][: self.max_images].detach().float().cpu())
+        batch = as_batch(batch)
+        if self._logged_inputs or writer is None or pl_module.preprocess is None or batch.features:
+            return  # (cached features are not images)
+        x = pl_module.preprocess.denormalize(batch.x[: self.max_images].detach().float().cpu())
         writer.add_image("inputs/augmented", make_grid(x, nrow=8), trainer.global_step)
         self._logged_inputs = True
 
@@ -45,7 +48,7 @@ class TensorBoardExtras(L.Callback):
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._confusion is not None:  # test_step returns its predicted classes: no second forward pass
-            self._confusion.update(outputs, batch[1])
+            self._confusion.update(outputs, as_batch(batch).y)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = _writer(trainer)

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -21,13 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer.checkpoint_io import AtomicCheckpointIO
 from transfer.compute import apply_compute, resolve_precision
-from transfer.data import ClassificationData
+from transfer.data import ClassificationData, datamodule_from_config
 from transfer.distributed import weights_in_sync
 from transfer.errors import ConfigError
 from transfer.features import FeatureCache
 from transfer.finetune import StagedFinetuning
 from transfer.history import History
-from transfer.models import count_parameters, resolve_adapt
+from transfer.models import count_parameters, model_preprocess, resolve_adapt
 from transfer.module import Classifier
 from transfer.plots import plot_epoch_curves, plot_step_loss
 from transfer.provenance import code_version
@@ -114,28 +114,32 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
-def build(cfg: DictConfig) -> tuple[ClassificationData, Classifier]:
+def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationData, Classifier]:
     """The data module and the LightningModule of a composed config, checked against each other.
 
-    ``model.adapt=auto`` is resolved here from the input size, the model's weights decide the preprocessing, and
-    a model that cannot take that size fails now, before any data is read.
+    Data flows one way: the model's weights decide the preprocessing (``model.adapt=auto`` resolved from the
+    input size on the way), the data module receives it in its constructor, and its class names size the
+    head. A model that cannot take that size fails now, before any data is read.
 
     Args:
         cfg: the composed config.
+        cache_features: honour ``finetune.cache_features`` (the lr range test trains on images only).
 
     Returns:
-        ``(datamodule, module)``, the module's ``preprocess`` set from its weights.
+        ``(datamodule, module)``, both built with the same preprocessing.
     """
-    datamodule: ClassificationData = instantiate(cfg.data, _convert_="all")
-    model_args = _container(cfg.model)
-    model_args["adapt"] = resolve_adapt(cfg.model.name, cfg.model.adapt, cfg.data.get("image_size"),
-                                        datamodule.native_size)
-    module = Classifier(model=model_args, class_names=datamodule.classes,
+    image_size, native_size = cfg.data.get("image_size"), get_class(cfg.data._target_).native_size
+    adapt = resolve_adapt(cfg.model.name, cfg.model.adapt, image_size, native_size)
+    preprocess = model_preprocess(cfg.model.name, adapt, image_size, native_size)
+    cache = None
+    if cache_features and cfg.finetune.get("cache_features"):
+        cache = FeatureCache(cfg.finetune.unfreeze_at_epoch, views=int(cfg.finetune.get("cache_views", 1)))
+    datamodule = datamodule_from_config(cfg.data, preprocess, feature_cache=cache)
+    module = Classifier(model={**_container(cfg.model), "adapt": adapt}, class_names=datamodule.classes,
                         optimizer=_container(cfg.optimizer), scheduler=_container(cfg.scheduler),
                         label_smoothing=float(cfg.label_smoothing), mix=_container(cfg.get("mix")),
-                        tta=bool(cfg.get("tta", False)))
-    module.preprocess = datamodule.configure(module.model.meta)
-    check_input_size(module, module.preprocess.image_size)
+                        tta=bool(cfg.get("tta", False)), preprocess=preprocess.to_dict())
+    check_input_size(module, preprocess.image_size)
     apply_compute(module.model, **_container(cfg.compute))
     return datamodule, module
 
@@ -187,21 +191,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def finetune_callbacks(cfg: DictConfig, cache: bool = True) -> list[L.Callback]:
-    """Staged unfreezing, plus the feature cache serving its frozen epochs when ``finetune.cache_features``.
+def finetune_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Staged unfreezing from the ``finetune`` group (its ``cache_*`` keys go to the data module's cache).
 
     Args:
         cfg: the composed config.
-        cache: honour ``finetune.cache_features`` (the lr range test trains on images only).
 
     Returns:
-        The callbacks, staged unfreezing first.
+        The callbacks.
     """
-    args = _container(cfg.finetune)
-    cache_features, cache_views = args.pop("cache_features", False), args.pop("cache_views", 1)
-    finetune = StagedFinetuning(**args)
-    use_cache = cache and cache_features
-    return [finetune] + ([FeatureCache(finetune.unfreeze_at_epoch, views=cache_views)] if use_cache else [])
+    args = {k: v for k, v in _container(cfg.finetune).items() if not k.startswith("cache_")}
+    return [StagedFinetuning(**args)]
 
 
 def _configured_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -217,7 +217,8 @@ def _write_rank_zero(path: Path, text: str) -> None:
 
 def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData, history: History,
              checkpoint: ModelCheckpoint, test: list[dict[str, float]], train_seconds: float) -> dict[str, Any]:
-    val_accs = [row["val/acc"] for row in history.epochs if "val/acc" in row]
+    validated = [row for row in history.epochs if "val/acc" in row]
+    val_accs = [row["val/acc"] for row in validated]
     best_score = checkpoint.best_model_score
     return {
         "model": cfg.model.name,
@@ -228,7 +229,8 @@ def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData
         "image_size": module.preprocess.image_size if module.preprocess else None,
         "epochs_run": len(history.epochs),
         "best_val_acc": float(best_score) if best_score is not None else (max(val_accs) if val_accs else None),
-        "best_epoch": (val_accs.index(max(val_accs)) if val_accs else None),
+        # numbered as history.json and the checkpoint names are (from 0), whichever epochs were validated
+        "best_epoch": (int(validated[val_accs.index(max(val_accs))]["epoch"]) if val_accs else None),
         "test_acc": test[0].get("test/acc") if test else None,
         "test_loss": test[0].get("test/loss") if test else None,
         "train_seconds": round(train_seconds, 2),

@@ -2,23 +2,23 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import CLASSES, make_image_folder
-from transfer.data import CIFAR10Data, ImageFolderData, stratified_split
+from transfer.data import CIFAR10Data, ImageFolderData, Preprocess, stratified_split
 from transfer.errors import ConfigError, DataNotFoundError
 
 
-def meta(adapt: str = "native", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size: int = 64):
-    return SimpleNamespace(adapt=adapt, mean=mean, std=std, interpolation="bilinear", input_size=input_size)
+def pre(size: int = 32, native: int | None = None) -> Preprocess:
+    """What a model's weights would hand the data module (tests pick size and normalisation directly);
+    ``native``: the data's own size (32 for CIFAR-10), ``None`` for photos."""
+    return Preprocess(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), native_size=native)
 
 
-def ready(dm, m=None):
-    dm.configure(m or meta())
+def ready(dm):
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -50,16 +50,16 @@ def test_stratified_split_never_takes_a_class_last_image():
 
 @PATHS
 def test_cifar_folders_split_sizes_shapes_and_normalisation(tiny_cifar: Path, augment_on: str):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0, batch_size=4,
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=6, num_workers=0, batch_size=4,
                            eval_batch_size=6, augment_on=augment_on))
     assert dm.classes == list(CLASSES)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 6, 12)
     val_labels = [dm.val_set[i][1] for i in range(len(dm.val_set))]
     assert sorted(val_labels) == [0, 0, 1, 1, 2, 2]  # stratified: 2 per class
-    x, y = model_batch(dm, "train")
+    x, y, _ = model_batch(dm, "train")
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     # Eval images are normalised with the model's statistics: (pixel/255 - 0.5) / 0.25.
-    x, y = model_batch(dm, "val")
+    x, y, _ = model_batch(dm, "val")
     raw = torch.from_numpy(dm.val_set.images[dm.val_set.indices]).permute(0, 3, 1, 2).float() / 255
     assert torch.allclose(x, (raw - 0.5) / 0.25, atol=1e-5)
     assert y.tolist() == [dm.val_set[i][1] for i in range(6)]
@@ -68,16 +68,18 @@ def test_cifar_folders_split_sizes_shapes_and_normalisation(tiny_cifar: Path, au
 @PATHS
 def test_resize_adapt_feeds_the_models_pretrained_size(tiny_cifar: Path, augment_on: str):
     dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, batch_size=4,
-                           augment_on=augment_on), meta(adapt="resize", input_size=48))
+                           augment_on=augment_on, preprocess=pre(48, native=32)))
     assert dm.preprocess.image_size == 48
     assert model_batch(dm, "train")[0].shape == (4, 3, 48, 48) and model_batch(dm, "test")[0].shape[1:] == (3, 48, 48)
 
 
 def test_train_augmentation_varies_while_eval_is_deterministic(tiny_cifar: Path):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, augment_on="cpu_pil"))
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=3, num_workers=0,
+                           augment_on="cpu_pil"))
     assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0])
     assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, augment_on="device"))
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=3, num_workers=0,
+                           augment_on="device"))
     batch = next(iter(dm.train_dataloader()))
     assert not torch.equal(dm.prepare_batch(batch, train=True)[0], dm.prepare_batch(batch, train=True)[0])
     assert torch.equal(dm.prepare_batch(batch, train=False)[0], dm.prepare_batch(batch, train=False)[0])
@@ -104,7 +106,7 @@ def test_official_python_archive_layout(tmp_path: Path, monkeypatch: pytest.Monk
     _write_python_archive(tmp_path)
     # Our fabricated batches have other md5s than the real ones torchvision checks.
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
-    dm = ready(CIFAR10Data(str(tmp_path), download=False, val_size=10, num_workers=0))
+    dm = ready(CIFAR10Data(str(tmp_path), download=False, preprocess=pre(native=32), val_size=10, num_workers=0))
     assert "python archive" in dm.source
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (40, 10, 10)
     assert dm.train_set[0][0].shape == (3, 32, 32)
@@ -123,7 +125,7 @@ def test_missing_cifar_gives_one_actionable_error(tmp_path: Path, download: bool
 @PATHS
 def test_imagefolder_splits_val_and_test_out_of_train_when_absent(tmp_path: Path, augment_on: str):
     root = make_image_folder(tmp_path / "mine", {"train": 10})
-    dm = ready(ImageFolderData(str(root), val_size=0.2, test_size=0.1, num_workers=0, image_size=40, batch_size=4,
+    dm = ready(ImageFolderData(str(root), val_size=0.2, test_size=0.1, num_workers=0, preprocess=pre(40), batch_size=4,
                                augment_on=augment_on))
     assert dm.classes == list(CLASSES)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (21, 6, 3)
@@ -135,23 +137,23 @@ def test_imagefolder_splits_val_and_test_out_of_train_when_absent(tmp_path: Path
 
 def test_imagefolder_uses_validation_and_test_folders(tmp_path: Path):
     root = make_image_folder(tmp_path / "mine", {"train": 6, "validation": 2, "test": 3}, size=50)
-    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32))
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32)))
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 9)
 
 
 def test_imagefolder_too_large_for_memory_streams_from_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     root = make_image_folder(tmp_path / "mine", {"train": 6}, size=50)
-    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32, memory_limit_gb=1e-6))
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), memory_limit_gb=1e-6))
     assert "decoded into memory" not in dm.source and "memory_limit_gb" in caplog.text
-    x, _ = model_batch(dm, "train")
+    x = model_batch(dm, "train").x
     assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32)
 
 
 def test_in_memory_photo_eval_view_equals_the_pil_eval_transform(tmp_path: Path):
     """Decoding to image_size / crop_pct and centre-cropping on the device gives the PIL eval pipeline's pixels."""
     root = make_image_folder(tmp_path / "mine", {"train": 4, "test": 2}, size=70)
-    pil = ready(ImageFolderData(str(root), num_workers=0, image_size=48, val_size=2, augment_on="cpu_pil"))
-    dev = ready(ImageFolderData(str(root), num_workers=0, image_size=48, val_size=2, augment_on="device"))
+    pil = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(48), val_size=2, augment_on="cpu_pil"))
+    dev = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(48), val_size=2, augment_on="device"))
     a, b = model_batch(pil, "test")[0], model_batch(dev, "test")[0]
     assert a.shape == b.shape == (6, 3, 48, 48)
     assert (a - b).abs().mean() < 0.05  # resampling filters differ by a grey level or two, nothing more
@@ -164,7 +166,7 @@ def test_imagefolder_without_train_folder_says_what_to_do(tmp_path: Path):
 
 def test_split_larger_than_dataset_is_a_config_error(tiny_cifar: Path):
     with pytest.raises(ConfigError, match="data.val_size"):
-        ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=1000, num_workers=0))
+        ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=1000, num_workers=0))
 
 
 def test_decoded_images_are_cached_and_invalidated_by_changes(tiny_cifar: Path, tmp_path: Path):
@@ -183,7 +185,7 @@ def test_decoded_images_are_cached_and_invalidated_by_changes(tiny_cifar: Path, 
 
 def test_partial_evaluation_sees_every_class(tiny_cifar: Path):
     """limit_val_batches / limit_test_batches read the first batches: those must not be one class only."""
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0))
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=6, num_workers=0))
     first_test = [dm.test_set[i][1] for i in range(4)]
     first_val = [dm.val_set[i][1] for i in range(3)]
     assert len(set(first_test)) > 1 and len(set(first_val)) > 1

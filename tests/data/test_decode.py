@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.conftest import CLASSES, make_image_folder
-from transfer.data import ImageFolderData
+from transfer.data import ImageFolderData, Preprocess
 from transfer.data.datasets import decode_checked, list_images
 from transfer.data.decode import read_rgb, to_rgb
 from transfer.errors import ConfigError, CorruptImagesError, DataNotFoundError
@@ -23,13 +22,12 @@ MODES = [("1", ".png"), ("L", ".png"), ("LA", ".png"), ("P", ".png"), ("RGB", ".
          ("CMYK", ".jpg"), ("I;16", ".png"), ("I", ".tif"), ("F", ".tif"), ("RGB", ".webp")]
 
 
-def meta(input_size: int = 32):
-    return SimpleNamespace(adapt="native", mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
-                           input_size=input_size)
+def pre(size: int = 32) -> Preprocess:
+    """What a model's weights would hand the data module."""
+    return Preprocess(size, (0.5,) * 3, (0.25,) * 3)
 
 
 def ready(dm):
-    dm.configure(meta())
     dm.setup("fit")
     return dm
 
@@ -139,11 +137,11 @@ def test_corrupt_images_fail_naming_them_or_are_skipped_and_counted(tmp_path: Pa
     root = make_image_folder(tmp_path / "mine", {"train": 10})
     bad = corrupt_files(root / "train" / "ship")
     with pytest.raises(CorruptImagesError) as info:
-        ready(ImageFolderData(str(root), num_workers=0, image_size=32, augment_on=augment_on))
+        ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), augment_on=augment_on))
     message = str(info.value)
     assert "2 image file(s) could not be decoded" in message and "data.skip_corrupt=true" in message
     assert all(str(p) in message for p in bad)
-    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32, augment_on=augment_on, skip_corrupt=True))
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), augment_on=augment_on, skip_corrupt=True))
     assert dm.describe()["corrupt_skipped"] == 2 and sorted(dm.describe()["corrupt_files"]) == sorted(map(str, bad))
     assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 30
     files, _ = list_images(root / "train", list(CLASSES))
@@ -159,7 +157,7 @@ def test_non_image_files_are_ignored(tmp_path: Path):
     for junk in ("notes.txt", ".DS_Store", "Thumbs.db", "._000.png", "labels.csv"):
         (root / "train" / "cat" / junk).write_bytes(b"not an image")
     (root / "train" / "cat" / "sub.jpg").mkdir()  # a folder named like an image
-    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32))
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32)))
     assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 30 and dm.describe()["corrupt_skipped"] == 0
 
 
@@ -168,7 +166,7 @@ def test_an_empty_class_folder_is_an_error(tmp_path: Path):
     (root / "train" / "horse").mkdir()
     (root / "train" / "horse" / "readme.txt").write_text("todo")
     with pytest.raises(ConfigError, match=r"no image files for class\(es\) horse"):
-        ready(ImageFolderData(str(root), num_workers=0, image_size=32))
+        ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32)))
 
 
 @pytest.mark.parametrize("change", ["extra", "missing"])
@@ -188,7 +186,7 @@ def test_splits_with_different_class_sets_are_an_error(tmp_path: Path, change: s
 def test_flat_layout_holds_out_stratified_seeded_splits(tmp_path: Path):
     make_image_folder(tmp_path, {"flat": 20})
     root = tmp_path / "flat"
-    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32, val_size=0.2, test_size=0.1,
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1,
                                split_seed=1))
     assert dm.classes == list(CLASSES) and dm.layout == "flat" and "flat layout" in dm.describe()["source"]
     sizes = (len(dm.train_set), len(dm.val_set), len(dm.test_set))
@@ -197,8 +195,8 @@ def test_flat_layout_holds_out_stratified_seeded_splits(tmp_path: Path):
     assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
     targets = dm.train_set.targets.numpy()
     assert np.bincount(targets[sorted(rows[1])]).tolist() == [4, 4, 4]  # stratified
-    again = ready(ImageFolderData(str(root), num_workers=0, image_size=32, val_size=0.2, test_size=0.1, split_seed=1))
-    other = ready(ImageFolderData(str(root), num_workers=0, image_size=32, val_size=0.2, test_size=0.1, split_seed=2))
+    again = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1, split_seed=1))
+    other = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1, split_seed=2))
     assert set(again.val_set.indices.tolist()) == rows[1] and set(other.val_set.indices.tolist()) != rows[1]
 
 
@@ -223,11 +221,11 @@ def test_a_folder_of_odd_images_trains_through_both_paths(tmp_path: Path, augmen
             if suffix == ".jpg":
                 exif[0x0112] = 8
             img.save(root / name / f"{i}{suffix}", **({"exif": exif} if suffix == ".jpg" else {}))
-    dm = ready(ImageFolderData(str(root), num_workers=0, image_size=32, batch_size=4, val_size=2, test_size=2,
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), batch_size=4, val_size=2, test_size=2,
                                augment_on=augment_on))
     assert dm.layout == "flat" and len(dm.train_set) == 12
     for split in ("train", "val", "test"):
         loader = getattr(dm, f"{split}_dataloader")()
         for batch in loader:
-            x, y = dm.prepare_batch(batch, train=split == "train")
+            x, y, _ = dm.prepare_batch(batch, train=split == "train")
             assert x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all()

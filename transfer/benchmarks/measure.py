@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from transfer.compute import apply_compute
 from transfer.data import CIFAR10Data
+from transfer.models import model_preprocess
 from transfer.module import Classifier
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-4}  # the seed's optimizer
@@ -34,8 +35,10 @@ ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-4}  # the
 SEED_RESNET18 = {"name": "resnet18", "pretrained": False, "adapt": "resize"}
 
 
-def _data(root: str, batch_size: int = 64, **kwargs: Any) -> CIFAR10Data:
-    return CIFAR10Data(root, download=False, batch_size=batch_size, num_workers=0, image_size=32, **kwargs)
+def _data(root: str, model: dict[str, Any], batch_size: int = 64, **kwargs: Any) -> CIFAR10Data:
+    """CIFAR-10 at its own 32 px, with ``model``'s normalisation."""
+    preprocess = model_preprocess(model["name"], model.get("adapt", "native"), 32, CIFAR10Data.native_size)
+    return CIFAR10Data(root, download=False, batch_size=batch_size, num_workers=0, preprocess=preprocess, **kwargs)
 
 
 def _rate(fn: Any, repeats: int) -> float:
@@ -45,9 +48,7 @@ def _rate(fn: Any, repeats: int) -> float:
 
 def augment_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Batches/s of model-ready augmented batches: in-memory uint8 loader + batched augmentation."""
-    dm = _data(args.data)
-    module = Classifier(SEED_RESNET18, dm.classes, ADAM)
-    dm.configure(module.model.meta)
+    dm = _data(args.data, SEED_RESNET18)
     dm.setup("fit")
     loader = dm.train_dataloader()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where training would augment
@@ -115,10 +116,8 @@ class StepTimer(L.Callback):
 
 def _train_parts(args: argparse.Namespace) -> tuple[CIFAR10Data, Classifier]:
     L.seed_everything(0)
-    dm = _data(args.data)
-    module = Classifier(SEED_RESNET18, dm.classes, ADAM)
-    dm.configure(module.model.meta)
-    module.preprocess = dm.preprocess
+    dm = _data(args.data, SEED_RESNET18)
+    module = Classifier(SEED_RESNET18, dm.classes, ADAM, preprocess=dm.hparams["preprocess"])
     apply_compute(module.model, channels_last=True)
     return dm, module
 
@@ -146,7 +145,7 @@ def train_raw(args: argparse.Namespace) -> dict[str, Any]:
     bf16 = args.precision.startswith("bf16")
     it, images, start = iter(dm.train_dataloader()), 0, 0.0
     for step in range(args.warmup + args.steps):
-        x, y = dm.prepare_batch(tuple(t.to(device) for t in next(it)), train=True)
+        x, y, _ = dm.prepare_batch(tuple(t.to(device) for t in next(it)), train=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -166,17 +165,15 @@ def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     from transfer.finetune import StagedFinetuning
 
     L.seed_everything(0)
-    dm = _data(args.data)
-    module = Classifier({"name": "efficientnet_lite0", "pretrained": True}, dm.classes, ADAM)
-    module.preprocess = dm.configure(module.model.meta)
+    lite0 = {"name": "efficientnet_lite0", "pretrained": True}
+    dm = _data(args.data, lite0, feature_cache=FeatureCache(None, root=args.cache) if args.cached else None)
+    module = Classifier(lite0, dm.classes, ADAM, preprocess=dm.hparams["preprocess"])
     apply_compute(module.model, channels_last=True)
     dm.setup("fit")
     keep = dm.train_set.indices  # sorted by class: take a random subset, not the first classes
     dm.train_set.indices = keep[np.random.default_rng(0).permutation(len(keep))[: args.images]]
     epochs = EpochTimer()
     callbacks: list[L.Callback] = [StagedFinetuning(unfreeze_at_epoch=None, bn=args.bn), epochs]
-    if args.cached:
-        callbacks.append(FeatureCache(None, root=args.cache))
     trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=args.epochs, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=callbacks, reload_dataloaders_every_n_epochs=1 if args.cached else 0)
@@ -192,7 +189,7 @@ def _val_accuracy(module: Classifier, dm: CIFAR10Data) -> float:
     module.eval()
     correct = total = 0
     for batch in dm._loader(dm.val_set, train=False):
-        x, y = dm.prepare_batch(tuple(t.to(module.device) for t in batch), train=False)
+        x, y, _ = dm.prepare_batch(tuple(t.to(module.device) for t in batch), train=False)
         correct += int((module(x).argmax(1) == y).sum())
         total += len(y)
     return correct / total
@@ -230,12 +227,12 @@ def infer_ort(args: argparse.Namespace) -> dict[str, Any]:
     the two alternate ``args.repeats`` times and the medians are reported."""
     import tempfile
 
-    from transfer.data.transforms import resolve_preprocess
     from transfer.export import export_model
     from transfer.onnx_runtime import ort_session
 
-    module = Classifier({"name": "efficientnet_lite0", "pretrained": False}, [str(i) for i in range(10)], ADAM)
-    module.preprocess = resolve_preprocess(module.model.meta, None, 32)
+    preprocess = model_preprocess("efficientnet_lite0", "native", None, 32).to_dict()
+    module = Classifier({"name": "efficientnet_lite0", "pretrained": False}, [str(i) for i in range(10)], ADAM,
+                        preprocess=preprocess)
     net, threads = module.model.eval(), torch.get_num_threads()
     result: dict[str, Any] = {"threads": threads}
     with tempfile.TemporaryDirectory() as tmp:

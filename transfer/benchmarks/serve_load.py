@@ -78,11 +78,11 @@ def demo_checkpoint(folder: Path, model: str = "efficientnet_lite0") -> Path:
     from torch.utils.data import DataLoader, TensorDataset
 
     from transfer.data.cifar import CIFAR10_CLASSES
-    from transfer.data.transforms import resolve_preprocess
+    from transfer.models import model_preprocess
     from transfer.module import Classifier
 
-    module = Classifier({"name": model, "pretrained": False}, list(CIFAR10_CLASSES), {"_target_": "torch.optim.Adam"})
-    module.preprocess = resolve_preprocess(module.model.meta, None, 32)
+    module = Classifier({"name": model, "pretrained": False}, list(CIFAR10_CLASSES), {"_target_": "torch.optim.Adam"},
+                        preprocess=model_preprocess(model, "native", None, 32).to_dict())
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

@@ -14,7 +14,28 @@ import time
 import lightning as L
 import torch
 
-from transfer.evaluate import collect
+from transfer.data import ClassificationData
+from transfer.module import Classifier
+
+
+@torch.no_grad()
+def test_accuracy(module: Classifier, datamodule: ClassificationData) -> float:
+    """Test accuracy of ``module`` as it is now, in a plain loop.
+
+    Not ``Trainer.predict``: this runs inside the fit it measures, and a second Trainer would take over the
+    module's trainer reference in the middle of that fit.
+    """
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    try:
+        for batch in datamodule.test_dataloader():
+            batch = datamodule.prepare_batch([t.to(module.device) for t in batch[:2]], train=False)
+            correct += int((module.predict_logits(batch.x).argmax(1) == batch.y).sum())  # flip TTA when on
+            total += len(batch.y)
+    finally:
+        module.train(was_training)
+    return correct / total if total else 0.0
 
 
 class TestTimeline(L.Callback):
@@ -28,8 +49,7 @@ class TestTimeline(L.Callback):
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
-        logits, targets = collect(pl_module, trainer.datamodule, trainer.datamodule.test_dataloader(), pl_module.device)
-        accuracy = float((logits.argmax(1) == targets).float().mean()) if len(targets) else 0.0
+        accuracy = test_accuracy(pl_module, trainer.datamodule)  # type: ignore[arg-type]
         self.eval_seconds += time.perf_counter() - start
         print(json.dumps({"timeline": trainer.current_epoch + 1, "unix_time": time.time(),
                           "eval_seconds": round(self.eval_seconds, 2), "test_acc": accuracy}),

@@ -1,7 +1,11 @@
 """LightningDataModules: CIFAR-10 (held in memory) and a user's own image folders (read from disk).
 
 Both hold a seeded, stratified validation split out of the training images, so model selection never looks
-at the test set, and both take their normalisation and input size from the model (:meth:`configure`).
+at the test set. Their normalisation and input size come from the model's weights and are handed to the
+constructor (``transfer.models.model_preprocess``); a data module never learns about the model afterwards.
+With ``finetune.cache_features`` they also own the :class:`~transfer.features.FeatureCache` that serves the
+frozen epochs, and hand it what it needs (a :class:`~transfer.features.FeatureSource`): the cache never reaches
+back into the data module.
 """
 from __future__ import annotations
 
@@ -13,17 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from transfer.data.batch import Batch
 from transfer.data.batch_augment import BatchAugment
 from transfer.data.cifar import CIFAR10_CLASSES, cache_dir, ensure_cifar10, load_cifar10
 from transfer.data.datasets import (ArrayImages, FileImages, TensorImages, decode_cached_checked, keep_batch,
                                     list_classes, list_images, mixed_order, scan_cached, split_count, stratified_split)
 from transfer.data.decode import describe_corrupt
 from transfer.data.folders import check_classes, check_not_empty, find_layout
-from transfer.data.transforms import Preprocess, eval_transform, resolve_preprocess, train_transform
+from transfer.data.transforms import Preprocess, eval_transform, train_transform
 from transfer.errors import ConfigError, CorruptImagesError
+from transfer.features import FeatureCache, FeatureSource
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +51,43 @@ class ClassificationData(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size.
         num_workers: loader processes; ``None`` for :func:`default_workers`.
-        image_size: side length fed to the model; ``None`` lets the model decide (see ``resolve_preprocess``).
+        preprocess: input size and normalisation, from the model's weights (``transfer.models.model_preprocess``;
+            a :class:`Preprocess` or its ``to_dict()``). Only ``classes`` works without it.
         augment: the ``data.augment`` mapping.
         split_seed: seed of the validation (and test) hold-out.
         augment_on: ``device`` holds uint8 images in memory and augments whole batches on the training device
             (:class:`~transfer.data.batch_augment.BatchAugment`); ``cpu_pil`` runs the per-image PIL transforms
             in loader workers (any torchvision transform can be added there).
+        feature_cache: serves cached backbone features in the frozen epochs (``finetune.cache_features``).
+        predict_split: the split ``Trainer.predict`` runs over (``test`` or ``val``; ``transfer.evaluate``).
     """
 
     native_size: int | None = None  # the dataset's own image size, when all images share one
     default_augment: dict[str, Any] = {}
 
     def __init__(self, root: str, batch_size: int = 64, eval_batch_size: int = 256, num_workers: int | None = None,
-                 image_size: int | None = None, augment: Mapping[str, Any] | None = None, split_seed: int = 0,
-                 augment_on: str = "device") -> None:
+                 preprocess: Preprocess | Mapping[str, Any] | None = None, augment: Mapping[str, Any] | None = None,
+                 split_seed: int = 0, augment_on: str = "device", feature_cache: FeatureCache | None = None,
+                 predict_split: str = "test") -> None:
         super().__init__()
         if augment_on not in AUGMENT_ON:
             raise ConfigError(f"data.augment_on={augment_on!r} is not one of {AUGMENT_ON}.")
+        if predict_split not in ("test", "val"):
+            raise ConfigError(f"split={predict_split!r}: use test or val.")
+        self.predict_split = predict_split
         self.augment_on = augment_on
+        self.preprocess = Preprocess.from_dict(preprocess) if isinstance(preprocess, Mapping) else preprocess
+        # The checkpoint records what the data was built with; objects stay out (a checkpoint holds no code).
+        self.save_hyperparameters(ignore=["preprocess", "feature_cache"])
+        self.hparams["preprocess"] = self.preprocess.to_dict() if self.preprocess else None
         self.batch_augment: BatchAugment | None = None
-        self.feature_cache: Any = None  # a transfer.features.FeatureCache while it serves the frozen phase
+        self.feature_cache = feature_cache
         self.train_image_size: int | None = None  # set per epoch by transfer.progressive.ProgressiveResize
         self.root = Path(root).expanduser()
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
-        self.image_size = image_size
         self.augment = dict(self.default_augment if augment is None else augment)
         self.split_seed = int(split_seed)
-        self.preprocess: Preprocess | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -82,17 +98,16 @@ class ClassificationData(L.LightningDataModule):
         """Class names in label order (cheap: does not decode images)."""
         raise NotImplementedError
 
-    def configure(self, meta: Any) -> Preprocess:
-        """Take input size and normalisation from a model's :class:`~transfer.models.ModelMeta`."""
-        self.preprocess = resolve_preprocess(meta, self.image_size, self.native_size)
-        self.batch_augment = None  # rebuilt for the new size and normalisation on the next batch
+    def _preprocess(self) -> Preprocess:
+        if self.preprocess is None:
+            raise RuntimeError(f"{type(self).__name__} was built without preprocess=: the input size and "
+                               f"normalisation come from the model (transfer.models.model_preprocess)")
         return self.preprocess
 
     def transforms(self) -> tuple[Any, Any]:
-        """``(train, eval)`` transforms for the configured model."""
-        if self.preprocess is None:
-            raise RuntimeError("call configure(model.meta) before setup(): normalisation comes from the model")
-        return train_transform(self.preprocess, self.augment), eval_transform(self.preprocess)
+        """``(train, eval)`` transforms for the model's preprocessing."""
+        pre = self._preprocess()
+        return train_transform(pre, self.augment), eval_transform(pre)
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
@@ -105,27 +120,26 @@ class ClassificationData(L.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                           collate_fn=keep_batch if in_memory else None)
 
-    def prepare_batch(self, batch: Any, train: bool) -> Any:
-        """Turn a uint8 in-memory batch into model input on its device: augmented when ``train``, normalised.
+    def prepare_batch(self, batch: Any, train: bool) -> Batch:
+        """Turn a loader's batch into the :class:`Batch` the model takes, on the batch's device.
 
-        Batches from the PIL path (already float) pass through. Lightning calls this after moving the batch to
-        the device; loops outside a Trainer call it themselves.
+        uint8 in-memory images are augmented (when ``train``) and normalised here; float images from the PIL
+        path and cached features pass through. Lightning calls this after moving the batch to the device;
+        loops outside a Trainer call it themselves.
         """
-        if isinstance(batch, dict):  # cached features (transfer.features): nothing to do
+        if isinstance(batch, Batch):
             return batch
         x, y = batch[0], batch[1]
         if x.dtype != torch.uint8:
-            return batch
+            return Batch(x, y)
         if self.batch_augment is None:
-            if self.preprocess is None:
-                raise RuntimeError("call configure(model.meta) before using the data: normalisation comes from the model")
-            self.batch_augment = BatchAugment(self.preprocess, self.augment)
+            self.batch_augment = BatchAugment(self._preprocess(), self.augment)
         if self.batch_augment.mean.device != x.device:
             self.batch_augment.to(x.device)
         self.batch_augment.train_size = self.train_image_size
-        return self.batch_augment(x, train=train), y
+        return Batch(self.batch_augment(x, train=train), y)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
         trainer = self.trainer
         return self.prepare_batch(batch, train=bool(trainer is not None and trainer.training))
 
@@ -135,36 +149,78 @@ class ClassificationData(L.LightningDataModule):
             return TensorImages(images, targets, indices)
         return ArrayImages(images, targets, indices, transform)
 
-    def _cached(self) -> bool:
-        cache = self.feature_cache
-        return cache is not None and self.trainer is not None and cache.active(self.trainer.current_epoch)
+    def _serve_features(self) -> bool:
+        trainer = self.trainer
+        return self.feature_cache is not None and trainer is not None and self.feature_cache.serves(
+            trainer.current_epoch)
 
     def train_dataloader(self) -> DataLoader:
-        if self._cached():
-            return self.feature_cache.loader("train", self, self.batch_size, train=True)
+        if self._serve_features():
+            return self.feature_cache.loader("train", self.feature_source("train"), self.trainer,  # type: ignore
+                                             self.batch_size, train=True)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        if self._cached():
-            return self.feature_cache.loader("val", self, self.eval_batch_size, train=False)
+        if self._serve_features():
+            return self.feature_cache.loader("val", self.feature_source("val"), self.trainer,  # type: ignore
+                                             self.eval_batch_size, train=False)
         return self._loader(self.val_set, train=False)
 
-    def feature_batches(self, split: str, augmented: bool) -> DataLoader:
-        """``split``'s images in dataset order, for feature extraction (pass each batch to :meth:`prepare_batch`).
+    def teardown(self, stage: str) -> None:
+        if self.feature_cache is not None and stage == "fit":
+            self.feature_cache.clear()  # the features' memory goes back once fitting is over
+
+    def feature_source(self, split: str) -> FeatureSource:
+        """``split``'s images for feature extraction: in dataset order, cut to the trainer's ``limit_*_batches``.
 
         Args:
-            split: ``train``, ``val`` or ``test``.
-            augmented: the training augmentation (an augmented view) rather than the eval view.
+            split: ``train`` or ``val``.
+
+        Returns:
+            What :class:`~transfer.features.FeatureCache` computes (or finds) the split's features from.
         """
-        dataset = getattr(self, f"{split}_set")
-        if isinstance(dataset, (ArrayImages, FileImages)):
-            train_tf, eval_tf = self.transforms()
-            dataset = copy.copy(dataset)
-            dataset.transform = train_tf if augmented else eval_tf
-        return self._loader(dataset, train=False)
+        dataset = self._limited(getattr(self, f"{split}_set"), split)
+        device = self.trainer.lightning_module.device if self.trainer is not None else torch.device("cpu")
+
+        def batches(augmented: bool) -> Any:
+            view = dataset
+            if isinstance(dataset, (ArrayImages, FileImages)):
+                train_tf, eval_tf = self.transforms()
+                view = copy.copy(dataset)
+                view.transform = train_tf if augmented else eval_tf
+            for batch in self._loader(view, train=False):
+                yield self.prepare_batch((batch[0].to(device), batch[1].to(device)), train=augmented)
+
+        return FeatureSource(dataset, batches, self._preprocess().to_dict(), self.augment)
+
+    def _limited(self, dataset: Dataset | None, split: str) -> Dataset:
+        """``dataset`` cut to what ``limit_<split>_batches=<count>`` lets an epoch see: the first batches of val,
+        a seeded subset spread over train (the first images of a class-sorted split would be one class).
+
+        A fraction keeps the whole split: Lightning applies it again to the feature loader, and for training it
+        takes that fraction of freshly shuffled batches every epoch, so any image may be needed.
+        """
+        if dataset is None:
+            raise RuntimeError("setup() has not run")
+        limit = getattr(self.trainer, f"limit_{split}_batches", 1.0) if self.trainer is not None else 1.0
+        size = len(dataset)  # type: ignore[arg-type]
+        if isinstance(limit, float):
+            return dataset
+        keep = int(limit) * (self.batch_size if split == "train" else self.eval_batch_size)
+        if keep >= size:
+            return dataset
+        limited = copy.copy(dataset)
+        # val: its first batches, exactly what an uncached epoch validates on; train: a spread (it is shuffled)
+        chosen = (np.arange(keep) if split == "val" else
+                  np.sort(np.random.default_rng(self.split_seed).permutation(size)[:keep]))
+        limited.indices = dataset.indices[chosen]  # type: ignore[attr-defined]
+        return limited
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(getattr(self, f"{self.predict_split}_set"), train=False)
 
     def describe(self) -> dict[str, Any]:
         """Split sizes and origin, for the run summary."""
@@ -277,8 +333,7 @@ class ImageFolderData(ClassificationData):
     def stored_size(self) -> int:
         """Side of the square each image is decoded to for the in-memory path: the eval transform's resize, so
         the eval centre crop is exact and train crops have the margin around it."""
-        pre = self.preprocess
-        assert pre is not None
+        pre = self._preprocess()
         return int(round(pre.image_size / pre.crop_pct))
 
     def _fits_in_memory(self, splits: dict[str, tuple[list[Path], list[int], list[int]]]) -> bool:
@@ -333,3 +388,24 @@ class ImageFolderData(ClassificationData):
         """Split sizes, origin and the undecodable files left out (``skip_corrupt``), for the run summary."""
         return super().describe() | {"corrupt_skipped": len(self.skipped),
                                      "corrupt_files": [str(p) for p in list(self.skipped)[:20]]}
+
+
+def datamodule_from_config(node: Any, preprocess: Preprocess | None, **kwargs: Any) -> ClassificationData:
+    """Instantiate the ``data`` config group with the model's preprocessing.
+
+    ``data.image_size`` is not passed on: it is a request to the model, already resolved into ``preprocess``
+    (``transfer.models.model_preprocess``).
+
+    Args:
+        node: the ``data`` group (``_target_`` plus constructor arguments).
+        preprocess: from the model's weights; ``None`` when only ``classes`` is needed.
+        **kwargs: further constructor arguments (``feature_cache``, ``predict_split``).
+
+    Returns:
+        The data module.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "image_size"}
+    return instantiate(args, preprocess=preprocess, **kwargs, _convert_="all")

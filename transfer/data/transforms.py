@@ -48,6 +48,11 @@ class Preprocess:
         """Plain-Python form, for checkpoints."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocess:
+        """Inverse of :meth:`to_dict` (lists from JSON or YAML become tuples again)."""
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
     def denormalize(self, x: Tensor) -> Tensor:
         """Undo the normalisation of a ``(..., 3, H, W)`` batch, back to [0, 1] pixels for display."""
         mean = torch.tensor(self.mean, device=x.device)[:, None, None]

@@ -8,12 +8,15 @@ split off the backbone -> attach a new head sized to the dataset.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
+from transfer.data.transforms import Preprocess, resolve_preprocess
 from transfer.errors import ConfigError
 from transfer.models.weights import LoadReport, WeightSource, fetch, load_file, load_into
 
@@ -118,7 +121,21 @@ REGISTRY: dict[str, Architecture] = {}
 
 
 def register(arch: Architecture) -> Architecture:
-    """Add an architecture to the registry under its name."""
+    """Add an architecture to the registry under its name.
+
+    A name that is already taken is replaced with a warning, as timm's registry does: replacing a built-in on
+    purpose (e.g. a patched ``resnet18``) stays possible, while two zoos that pick the same name by accident
+    no longer shadow each other silently.
+
+    Args:
+        arch: the architecture; ``arch.name`` is its key.
+
+    Returns:
+        ``arch``, so the call can wrap a definition.
+    """
+    if arch.name in REGISTRY and REGISTRY[arch.name] is not arch:
+        warnings.warn(f"Model {arch.name!r} is already registered (family {REGISTRY[arch.name].family}); "
+                      f"the new definition replaces it.", UserWarning, stacklevel=2)
     REGISTRY[arch.name] = arch
     return arch
 
@@ -187,6 +204,38 @@ def resolve_adapt(name: str, adapt: str, image_size: int | None, native_size: in
     return "native" if size < AUTO_NATIVE_BELOW else "resize"
 
 
+def architecture(name: str) -> Architecture:
+    """The registry entry ``name``; an unknown name is a :class:`ConfigError` listing the known ones."""
+    arch = REGISTRY.get(name)
+    if arch is None:
+        raise ConfigError(f"Unknown model {name!r}. Choose one of: {', '.join(sorted(REGISTRY))} "
+                          f"(python -m transfer.models lists them).")
+    return arch
+
+
+def model_preprocess(name: str, adapt: str = "auto", image_size: int | None = None,
+                     native_size: int | None = None) -> Preprocess:
+    """The input a registry model's weights expect, decided from the registry alone (nothing built or fetched).
+
+    This is what torchvision's ``Weights.transforms()`` and timm's ``resolve_data_config`` give: the model's
+    weights own their preprocessing, and a run hands the result to the data module's constructor.
+
+    Args:
+        name: registry name.
+        adapt: ``model.adapt`` (``auto`` is resolved as :func:`resolve_adapt` does).
+        image_size: ``data.image_size``; ``None`` lets the model decide.
+        native_size: the data's own side (32 for CIFAR-10), ``None`` for photos of any size.
+
+    Returns:
+        The :class:`~transfer.data.transforms.Preprocess` (size, mean/std, interpolation).
+    """
+    arch = architecture(name)
+    spec = SimpleNamespace(input_size=arch.input_size, mean=arch.mean, std=arch.std, interpolation=arch.interpolation,
+                           small_input_size=arch.small_input_size,
+                           adapt=resolve_adapt(name, adapt, image_size, native_size))
+    return resolve_preprocess(spec, image_size, native_size)
+
+
 def create_model(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
                  adapt: str = "native", drop_rate: float = 0.0, freeze_convs: int = 0) -> TransferModel:
     """Build a registry model with a new ``num_classes`` head.
@@ -210,10 +259,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
         ConfigError: unknown name or adapt mode.
         WeightsUnavailableError: pretrained weights cannot be had.
     """
-    arch = REGISTRY.get(name)
-    if arch is None:
-        raise ConfigError(f"Unknown model {name!r}. Choose one of: {', '.join(sorted(REGISTRY))} "
-                          f"(python -m transfer.models lists them).")
+    arch = architecture(name)
     adapt = resolve_adapt(name, adapt, None)
     if adapt not in ADAPT_MODES:
         raise ConfigError(f"model.adapt={adapt!r} is not one of {ADAPT_MODES + ('auto',)}.")
