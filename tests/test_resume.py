@@ -143,3 +143,7 @@ def test_mid_epoch_checkpoints_every_n_steps_resume_at_that_step(tiny_cfg, tmp_p
     resumed = T.train(tiny_cfg(f"resume={tmp_path / 'run' / 'checkpoints' / 'mid-epoch.ckpt'}"), tmp_path / "again")
     assert load(tmp_path / "again" / "checkpoints" / "last.ckpt")["global_step"] == 12
     assert resumed["epochs_run"] == EPOCHS
+    # Lightning skips on_train_epoch_start in the epoch it resumes inside, so the lr monitor logs nothing for it;
+    # the history row still has both groups' rates.
+    rows = json.loads((tmp_path / "again" / "history.json").read_text())["epochs"]
+    assert rows[3]["epoch"] == 3 and {"lr/head", "lr/backbone"} <= rows[3].keys()
