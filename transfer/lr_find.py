@@ -36,7 +36,7 @@ def lr_range_test(cfg: DictConfig, out_dir: Path) -> dict[str, float | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     # The range test replaces the run's scheduler with its own exponential one; a per-step schedule would fight it.
-    cfg = OmegaConf.merge(cfg, {"scheduler": {"_target_": None}})
+    cfg = OmegaConf.merge(cfg, {"scheduler": None})
     datamodule, module = build(cfg, cache_features=False)
     trainer = build_trainer(cfg, out_dir, finetune_callbacks(cfg))
     args = cfg.lr_find
