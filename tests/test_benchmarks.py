@@ -8,6 +8,7 @@ import pytest
 from transfer.benchmarks.__main__ import ensure_data, markdown, run_json, table
 from tests.conftest import TINY, make_image_folder
 from transfer.benchmarks.race import TIMELINE, accuracy_at, race_table, run_timeline, time_to
+from transfer.errors import ConfigError
 
 
 def _rows(key: str, values: list[float], mem: float = 100.0, **extra) -> list[dict]:
@@ -75,7 +76,7 @@ def test_missing_data_names_both_places_it_looked(tmp_path: Path, monkeypatch: p
     import transfer.benchmarks.__main__ as bench
 
     monkeypatch.setattr(bench, "REPO", tmp_path / "repo")
-    with pytest.raises(SystemExit, match="--data DIR"):
+    with pytest.raises(ConfigError, match="data_root=DIR"):
         ensure_data(tmp_path / "nothing")
     (tmp_path / "ok" / "train").mkdir(parents=True)
     assert ensure_data(tmp_path / "ok") == tmp_path / "ok"

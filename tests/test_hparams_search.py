@@ -69,13 +69,12 @@ def test_a_three_trial_study_maximises_best_val_acc_and_continues_after_an_inter
     assert "(5 trials" in (sweep / "report.md").read_text()
 
 
-def test_report_can_be_rebuilt_from_the_sweep_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_report_can_be_rebuilt_from_the_sweep_directory(tmp_path: Path):
     from transfer.errors import ConfigError
-    from transfer.hparams_search import main
+    from transfer.hparams_search import rebuild
 
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the error itself rather than its exit status
-    with pytest.raises(ConfigError, match="Usage"):
-        main([str(tmp_path)])
+    with pytest.raises(ConfigError, match="holds no multirun.yaml. Usage: python -m transfer.hparams_search sweep="):
+        rebuild(tmp_path)
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     OmegaConf.save({"hydra": {"sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
@@ -86,5 +85,5 @@ def test_report_can_be_rebuilt_from_the_sweep_directory(tmp_path: Path, monkeypa
         trial = study.ask()
         trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
         study.tell(trial, value)
-    report = main([str(sweep)]).read_text()
+    report = rebuild(sweep).read_text()
     assert "Best trial 1: best val accuracy 0.5000" in report and (sweep / "trial_history.png").is_file()

@@ -10,18 +10,19 @@ marks the ones an interruption left running as failed, and lets the sweeper run 
 When the search ends, the sweep report (``report.md``, see :mod:`transfer.report`) gains a section on the
 study: the best trial and its parameters, every trial's value and parameters (``study.csv``) and the trial
 history figure ``trial_history.png`` (each trial's value and the best so far). Rebuild it any time with
-``python -m transfer.hparams_search <sweep dir>``.
+``python -m transfer.hparams_search sweep=<sweep dir>`` (settings: ``conf/hparams_search.yaml``).
 """
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from transfer.errors import ConfigError, report_errors
+from transfer.conf import CONF_PATH
+from transfer.errors import ConfigError, report_errors, require
 from transfer.report import SweepReport, write_report
 
 
@@ -169,14 +170,21 @@ class StudyReport(SweepReport):
                     print(f"study report: {report}")
 
 
-@report_errors
-def main(argv: list[str] | None = None) -> Path:
-    """``python -m transfer.hparams_search <sweep dir>``: rebuild the report of a (possibly interrupted) search."""
-    args = sys.argv[1:] if argv is None else argv
-    sweep = Path(args[0]).expanduser() if len(args) == 1 else None
-    if sweep is None or not (sweep / "multirun.yaml").is_file():
-        raise ConfigError("Usage: python -m transfer.hparams_search <sweep directory of a +hparams_search run, "
-                          "the one holding multirun.yaml and optuna.db>")
+USAGE = ("python -m transfer.hparams_search sweep=<sweep directory of a hparams_search run, the one holding "
+         "multirun.yaml and optuna.db>")
+
+
+def rebuild(sweep: Path) -> Path:
+    """Rebuild the sweep report and the study section of a (possibly interrupted) search; returns ``report.md``.
+
+    Args:
+        sweep: the search's sweep directory (``multirun.yaml`` and ``optuna.db`` in it).
+
+    Raises:
+        ConfigError: not such a directory, or a study without trials.
+    """
+    if not (sweep / "multirun.yaml").is_file():
+        raise ConfigError(f"{sweep} holds no multirun.yaml. Usage: {USAGE}.")
     settings = study_settings(OmegaConf.load(sweep / "multirun.yaml"), resolve=False)
     if settings is None:
         raise ConfigError(f"{sweep / 'multirun.yaml'} is not an Optuna sweep with a storage (hparams_search=...).")
@@ -186,8 +194,14 @@ def main(argv: list[str] | None = None) -> Path:
     report = write_study_report(sweep, f"sqlite:///{sweep / 'optuna.db'}", settings[1])
     if report is None:
         raise ConfigError(f"The study {settings[1]!r} in {settings[0]} has no trials yet.")
-    print(report.read_text())
     return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="hparams_search")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    """``python -m transfer.hparams_search sweep=<sweep dir>``: rebuild the study report and print it."""
+    print(rebuild(Path(str(require(cfg, "sweep", USAGE))).expanduser()).read_text())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Side-by-side speed benchmarks against the source material's loop, printed as one table of ratios.
 
-    python -m transfer.benchmarks [--data DIR] [--seed-loop PATH] [--repeats 3] [--time-to-accuracy [--skip-speed]]
+    python -m transfer.benchmarks [data_root=DIR] [seed_loop=PATH] [repeats=3] [time_to_accuracy=true [skip_speed=true]]
 
 Every measurement runs in its own process (so its peak memory is its own), the configurations alternate
 within each repeat (so a slow minute of the machine hits all of them), and the table shows medians:
@@ -12,16 +12,15 @@ within each repeat (so a slow minute of the machine hits all of them), and the t
 3. seconds per frozen-backbone epoch (EfficientNet-Lite0, ImageNet weights): cached features vs not, with
    the head's validation accuracy for each;
 4. peak resident memory of every measured process;
-5. with ``--time-to-accuracy`` (``--skip-speed`` for it alone): the race of the default recipe against the
+5. with ``time_to_accuracy=true`` (``skip_speed=true`` for it alone): the race of the default recipe against the
    plain loop on CIFAR-10 and on the clothing photos (:mod:`transfer.benchmarks.race`; ~40 min on 2 CPU cores).
 6. inference images/s of EfficientNet-Lite0 at 32 px, onnxruntime on the exported model against eager PyTorch,
    batch 1 and 64 (when onnxruntime is installed: the ``[export]`` extra).
 
-Results also go to ``outputs/benchmarks/<time>.{md,json}``.
+Results also go to ``outputs/benchmarks/<time>.{md,json}``. The settings are ``conf/benchmarks.yaml`` (``--help``).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -35,9 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
 from transfer.benchmarks.race import race
+from transfer.conf import CONF_PATH
+from transfer.errors import ConfigError, report_errors
 
 REPO = Path(__file__).resolve().parents[2]
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
@@ -76,8 +79,8 @@ def ensure_data(data: Path, archive_name: str = "cifar10-jpeg.tar.gz", strip: in
         return data
     archive = REPO.parent / "shared" / "data" / archive_name
     if not archive.is_file():
-        raise SystemExit(f"No CIFAR-10 image folders at {data} and no archive at {archive}: pass --data DIR "
-                         f"(DIR/train/<class>/*.jpg) or set TRANSFER_DATA.")
+        raise ConfigError(f"No CIFAR-10 image folders at {data} and no archive at {archive}: pass data_root=DIR "
+                          f"(DIR/train/<class>/*.jpg) or set TRANSFER_DATA.")
     print(f"extracting {archive} into {data} ...", flush=True)
     data.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
@@ -186,27 +189,21 @@ def markdown(rows: list[list[str]], header: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def main() -> None:
-    """Command-line entry."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "TRANSFER_DATA", Path.home() / ".cache" / "transfer-data" / "cifar10")).expanduser())
-    ap.add_argument("--seed-loop", type=Path, default=REPO.parent / "shared" / "baseline" / "seed_loop.py")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--time-to-accuracy", action="store_true",
-                    help="also race the default recipe against the plain loop (~40 min on 2 CPU cores)")
-    ap.add_argument("--skip-speed", action="store_true", help="skip the speed rows (with --time-to-accuracy)")
-    ap.add_argument("--clothing", type=Path, default=Path.home() / ".cache" / "transfer-data" / "clothing-10")
-    args = ap.parse_args()
-    if not args.seed_loop.is_file():
-        raise SystemExit(f"The seed loop is not at {args.seed_loop}: pass --seed-loop PATH/seed_loop.py.")
-    data = ensure_data(args.data)
-    header = f"Machine: {machine()}. Medians of {args.repeats} interleaved repeats; data {data}."
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="benchmarks")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    """Command-line entry: measure, print the table, write ``outputs/benchmarks/<time>.{md,json}``."""
+    seed_loop = Path(cfg.seed_loop or REPO.parent / "shared" / "baseline" / "seed_loop.py").expanduser()
+    if not seed_loop.is_file():
+        raise ConfigError(f"The seed loop is not at {seed_loop}: pass seed_loop=PATH/seed_loop.py.")
+    data, repeats = ensure_data(Path(cfg.data_root).expanduser()), int(cfg.repeats)
+    header = f"Machine: {machine()}. Medians of {repeats} interleaved repeats; data {data}."
     print(header, flush=True)
-    results = {} if args.skip_speed else collect(data, args.seed_loop, args.repeats)
-    text = header if args.skip_speed else markdown(table(results), header)
+    results = {} if cfg.skip_speed else collect(data, seed_loop, repeats)
+    text = header if cfg.skip_speed else markdown(table(results), header)
     print("\n" + text)
-    race_result = race(data, ensure_data(args.clothing, "clothing-10.tar.gz", strip=1)) if args.time_to_accuracy else None
+    clothing = Path(cfg.clothing_root).expanduser()
+    race_result = race(data, ensure_data(clothing, "clothing-10.tar.gz", strip=1)) if cfg.time_to_accuracy else None
     if race_result:
         text += "\n\nTime-to-accuracy race (python -m transfer.benchmarks.race):\n\n" + race_result["table"]
     out = REPO / "outputs" / "benchmarks"

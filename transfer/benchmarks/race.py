@@ -1,6 +1,6 @@
 """Time-to-accuracy race: this framework's default recipe against the plain loop, same data, from a cold start.
 
-    python -m transfer.benchmarks --time-to-accuracy [--skip-speed]     (or python -m transfer.benchmarks.race)
+    python -m transfer.benchmarks time_to_accuracy=true [skip_speed=true]     (or python -m transfer.benchmarks.race)
 
 For CIFAR-10 the default recipe (``python -m transfer.run`` with no overrides but the data root) races
 :mod:`transfer.benchmarks.plain_loop` given the same number of epochs; for the clothing photos both train 3
@@ -23,6 +23,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from transfer.conf import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[2]
 MINUTES = (2, 4, 8, 15)
 THRESHOLDS = (0.85, 0.88, 0.90)
@@ -31,7 +33,7 @@ TIMELINE = "+callbacks.timeline._target_=transfer.benchmarks.timeline.TestTimeli
 
 def default_epochs() -> int:
     """``trainer.max_epochs`` of the default config: the plain loop gets the same number."""
-    return int(OmegaConf.load(REPO / "conf" / "trainer" / "default.yaml").max_epochs)
+    return int(OmegaConf.load(Path(CONF_DIR) / "trainer" / "default.yaml").max_epochs)
 
 
 def run_timeline(cmd: list[str], label: str) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""``python -m transfer.models``: the model zoo as a table (parameters counted without allocating weights)."""
+"""``python -m transfer.models``: the model zoo as a table (parameters counted without allocating weights).
+
+A Hydra app like every ``python -m transfer.<tool>`` (``--help``; no settings, ``conf/models.yaml``).
+"""
 from __future__ import annotations
 
-import argparse
-
+import hydra
 import torch
+from omegaconf import DictConfig
 
+from transfer.conf import CONF_PATH
 from transfer.models import REGISTRY, Architecture
 
 
@@ -32,9 +36,9 @@ def rows() -> list[dict[str, str]]:
     return out
 
 
-def main() -> None:
-    """Print the table."""
-    argparse.ArgumentParser(description=__doc__).parse_args()
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="models")
+def main(cfg: DictConfig) -> None:
+    """Print the table (``cfg`` holds no settings; Hydra gives the tool the common ``--help``)."""
     table = rows()
     cols = list(table[0])
     widths = {c: max(len(c), *(len(r[c]) if c != "weights" else min(len(r[c]), 60) for r in table)) for c in cols}
