@@ -15,6 +15,12 @@ def resample_kernel(weight: Tensor, size: int) -> Tensor:
     copy of it is a far better start than random weights (or than its centre 3x3 alone, which keeps
     only a small fraction of the kernel's mass).
 
+    Kept hand-written: timm's ``resample_patch_embed`` does another job. Its pseudo-inverse (FlexiViT)
+    resize matches the tokens of *bicubically* resized patches (it gives other kernels: max difference 11.8
+    on a random 16x16 -> 4x4 kernel), and timm 1.0.31 raises for ``interpolation="nearest"``. The area sums
+    here give exactly the tokens of a 4x nearest-upsampled image (tests/models/test_zoo_weights.py), and
+    they also shrink CNN stems, which are not patch embeddings.
+
     Args:
         weight: pretrained kernels.
         size: new spatial size.
