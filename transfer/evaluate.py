@@ -22,7 +22,6 @@ from torchmetrics.functional.classification import (multiclass_confusion_matrix,
                                                 multiclass_precision, multiclass_recall)
 
 from transfer.checkpoints import find_checkpoint
-from transfer.compute import pick_device
 from transfer.conf import CONF_PATH
 from transfer.data import ClassificationData, datamodule_from_config
 from transfer.errors import ConfigError, report_errors
