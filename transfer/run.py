@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> float | None:
     selection never looks at the test set)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     prepare(cfg)
-    summary = train(cfg, run_dir)
+    summary = train(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task))
     if rank_zero_only.rank == 0:  # under DDP every rank runs this function
         print(f"\n{describe(summary)}; outputs in {run_dir}")
     return summary["best_val_acc"]

@@ -144,12 +144,14 @@ def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationD
     return datamodule, module
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, test the best checkpoint, and write the run's outputs into ``run_dir``.
 
     Args:
         cfg: the composed config (``conf/config.yaml``).
         run_dir: where checkpoints, logs, figures and ``summary.json`` go; must not hold an earlier run.
+        overrides: the command-line overrides that made ``cfg`` (recorded in the summary: sweep job
+            directories are named by number only).
 
     Returns:
         The summary written to ``summary.json``.
@@ -160,35 +162,64 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    history, checkpoint = History(), best_and_last_checkpoint(run_dir)
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, history, checkpoint))
 
-    history, checkpoint = History(), EpochCheckpoint(  # last.ckpt: always the last finished epoch
-        dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
-        filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)  # a ckpt cannot run code
+    train_seconds = time.perf_counter() - start
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+
+    summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
+    summary["distributed"] = _distributed(trainer, module)
+    summary["overrides"] = list(overrides or [])
+    _write_outputs(cfg, trainer, history, summary, run_dir)
+    return summary
+
+
+def best_and_last_checkpoint(run_dir: Path) -> EpochCheckpoint:
+    """``checkpoints/best-epochNN.ckpt`` by validation accuracy, and ``last.ckpt``: always the last finished epoch."""
+    return EpochCheckpoint(dirpath=run_dir / "checkpoints", monitor="val/acc", mode="max", save_last=True,
+                           filename="best-epoch{epoch:02d}", auto_insert_metric_name=False)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, history: History, checkpoint: ModelCheckpoint) -> list[L.Callback]:
+    """Every callback of a run: staged unfreezing, the ``callbacks`` group, and the ones each run needs.
+
+    Args:
+        cfg: the composed config.
+        run_dir: the run directory (``checkpoints/interrupted.ckpt`` on a signal).
+        history: records the curves behind the figures and ``history.json``.
+        checkpoint: best and last checkpoints.
+
+    Returns:
+        The callbacks, in the order Lightning calls them.
+    """
     callbacks = [*finetune_callbacks(cfg), *_configured_callbacks(cfg), checkpoint, history,
                  LearningRateMonitor("epoch"), TensorBoardExtras(), GracefulStop(run_dir / "checkpoints"),
                  RunState(history)]  # RNG streams, pending plateau step and history ride in the checkpoint
     if cfg.trainer.get("enable_progress_bar", True):
         # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.get("log_every_n_steps", 20))))
-    trainer = build_trainer(cfg, run_dir, callbacks)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)  # a ckpt cannot run code
-    train_seconds = time.perf_counter() - start
+    return callbacks
+
+
+def _distributed(trainer: L.Trainer, module: Classifier) -> dict[str, Any]:
     in_sync = weights_in_sync(trainer, module)
     if in_sync is False:
         log.warning("the ranks finished with different weights: gradients were not averaged for some parameters")
-    best = checkpoint.best_model_path or None
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    return {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+            "weights_identical_across_ranks": in_sync}
 
-    summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
-    summary["distributed"] = {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
-                              "weights_identical_across_ranks": in_sync}
+
+def _write_outputs(cfg: DictConfig, trainer: L.Trainer, history: History, summary: dict[str, Any],
+                   run_dir: Path) -> None:
+    """``summary.json``, ``history.json`` and the figures (rank zero), and the HParams entry of the loggers."""
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _figures(history, run_dir, f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
                  cfg.finetune.unfreeze_at_epoch)
     log_hparams(trainer, _hparams(cfg), {k: summary[k] for k in ("test_acc", "best_val_acc", "images_per_second")})
-    return summary
 
 
 def finetune_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -250,8 +281,8 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     """The settings a sweep varies, flat, for TensorBoard's HParams tab."""
     keys = ("model.name", "model.pretrained", "model.adapt", "optimizer._target_", "optimizer.lr",
             "optimizer.weight_decay", "scheduler._target_", "finetune.unfreeze_at_epoch", "finetune.backbone_lr_ratio",
-            "finetune.bn", "finetune.cache_features", "data.batch_size", "data.augment_on", "data.image_size", "trainer.max_epochs", "trainer.precision", "seed",
-            "label_smoothing")
+            "finetune.bn", "finetune.cache_features", "data.batch_size", "data.augment_on", "data.image_size",
+            "trainer.max_epochs", "trainer.precision", "seed", "label_smoothing")
     values = {k: OmegaConf.select(cfg, k) for k in keys}
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
 
