@@ -1,11 +1,11 @@
-"""Shared fixtures: tiny image folders made in tmp_path, a tiny registered architecture, Hydra configs."""
+"""Shared fixtures: tiny image folders made in tmp_path, tiny architectures registered per test, Hydra configs."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
-from torch import nn
 
-from transfer.models import Architecture, Split, register
+from tests.tiny_models import TINY_ARCHS, registered
 from transfer.conf import CONF_DIR
 
 CLASSES = ("cat", "dog", "ship")
@@ -42,28 +41,12 @@ def tiny_cifar(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "tiny", {"train": 12, "test": 4})
 
 
-def _tiny_build() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
-
-
-def _tiny_split(net: nn.Module) -> Split:
-    net[-1] = nn.Identity()
-    return Split(net, None, 8)
-
-
-def _tiny_neck_build() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.Linear(6, 1000))
-
-
-def _tiny_neck_split(net: nn.Module) -> Split:
-    return Split(net[:5], net[5], 6)
-
-
-register(Architecture(name="tiny_test_cnn", family="test", build=_tiny_build, split=_tiny_split, weights=None))
-register(Architecture(name="tiny_test_neck", family="test", build=_tiny_neck_build, split=_tiny_neck_split,
-                      weights=None))
+@pytest.fixture
+def tiny_models() -> Iterator[None]:
+    """The tiny test architectures (``tiny_test_cnn``, ``tiny_test_neck``) in the model registry for one test; the
+    registry is restored afterwards, so the production registry never lists them."""
+    with registered(*TINY_ARCHS):
+        yield
 
 
 @pytest.fixture

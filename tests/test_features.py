@@ -16,6 +16,8 @@ from transfer.models import model_preprocess
 from transfer.finetune import StagedFinetuning
 from transfer.module import Classifier
 
+# The tiny test architectures are registered for each test of this module only (conftest.tiny_models).
+pytestmark = pytest.mark.usefixtures("tiny_models")
 ADAM = {"_target_": "torch.optim.Adam", "lr": 0.01}
 
 

@@ -14,6 +14,8 @@ from transfer.finetune import StagedFinetuning, batchnorms, layer_groups
 from transfer.models import model_preprocess
 from transfer.module import Classifier
 
+# The tiny test architectures are registered for each test of this module only (conftest.tiny_models).
+pytestmark = pytest.mark.usefixtures("tiny_models")
 ADAM = {"_target_": "torch.optim.Adam", "lr": 0.01}
 COSINE = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 4, "interval": "epoch"}
 PLATEAU = {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "patience": 0, "factor": 0.5,

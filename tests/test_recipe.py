@@ -20,6 +20,8 @@ from transfer.models import model_preprocess
 from transfer.module import Classifier
 from transfer.progressive import ProgressiveResize
 
+# The tiny test architectures are registered for each test of this module only (conftest.tiny_models).
+pytestmark = pytest.mark.usefixtures("tiny_models")
 ADAM = {"_target_": "torch.optim.Adam", "lr": 0.01}
 MODEL = {"name": "tiny_test_cnn", "pretrained": False}
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import CACHE, TINY, run
+from tests.tiny_models import TINY_MAIN
 from transfer.errors import ConfigError, DivergenceError
 from transfer.preflight import problems, resume_path, validate
 
@@ -226,7 +227,7 @@ def test_the_trainer_writes_checkpoints_atomically(compose_cfg, tmp_path: Path):
 
 
 def test_a_nan_loss_stops_the_run_naming_epoch_step_and_rates_and_keeps_the_last_good_checkpoint(
-        compose_cfg, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        tiny_models, compose_cfg, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from transfer.data import ClassificationData
     from transfer.train import train
 
@@ -254,7 +255,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_step_and_rates_and_keeps_the_last
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
 
 
-def test_a_loss_above_max_loss_stops_the_run(compose_cfg, tiny_cifar: Path, tmp_path: Path):
+def test_a_loss_above_max_loss_stops_the_run(tiny_models, compose_cfg, tiny_cifar: Path, tmp_path: Path):
     from transfer.train import train
 
     cfg = compose_cfg("model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",
@@ -264,8 +265,7 @@ def test_a_loss_above_max_loss_stops_the_run(compose_cfg, tiny_cifar: Path, tmp_
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
-# `python -m transfer.run` with the tiny test architecture registered (conftest), for fast CLI runs.
-TINY_MAIN = "import sys; sys.argv[0] = 'transfer.run'; import tests.conftest; from transfer.run import main; main()"
+# A fast CLI run's arguments: TINY_MAIN registers tiny_test_cnn in the child process.
 TINY_MODEL = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",
               *[a for a in TINY if not a.startswith("trainer.max_epochs")]]
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ class KillAt(L.Callback):
 
 
 @pytest.fixture
-def tiny_cfg(compose_cfg, tiny_cifar: Path):
+def tiny_cfg(tiny_models, compose_cfg, tiny_cifar: Path):
     def make(*extra: str):
         return compose_cfg("model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",
                            "optimizer=adam", "scheduler=plateau", "scheduler.patience=0", f"data.root={tiny_cifar}",

@@ -13,7 +13,7 @@ from transfer.models import REGISTRY, create_model
 from transfer.models.adapt import resample_kernel
 from transfer.models.weights import fetch
 
-ZOO = sorted(n for n, a in REGISTRY.items() if a.family != "test")
+ZOO = sorted(REGISTRY)
 TRANSFORMERS = sorted(n for n in ZOO if REGISTRY[n].default_adapt == "resize")
 # Resize mode at the pretrained size is slow on a CPU for the big CNNs; two cheap ones stay in the default run.
 RESIZE_CNN = [pytest.param(n, marks=[] if n in ("resnet18", "efficientnet_lite0") else pytest.mark.slow)

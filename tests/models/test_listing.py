@@ -15,7 +15,7 @@ def test_listing_covers_the_zoo_and_knows_what_is_offline(tmp_path: Path, monkey
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     table = {r["name"]: r for r in rows()}
-    assert set(table) == {n for n, a in REGISTRY.items() if a.family != "test"}
+    assert set(table) == set(REGISTRY)
     assert table["efficientnet_lite0"]["offline"] == "yes" and table["resnet18"]["offline"] == "no"
     assert table["lenet5"]["weights"] == "none (scratch)"
     assert table["resnet18"]["params"] == "11.7M" and table["vit_b_16"]["adapt@32px"] == "resize"
