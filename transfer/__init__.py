@@ -1,6 +1,6 @@
 """transfer: fine-tune pretrained image classifiers with PyTorch Lightning and Hydra."""
-from transfer.quiet import quiet
+from transfer.quiet import quiet as _quiet  # not bound as `quiet`: that name stays the submodule
 
 __version__ = "0.1.0"
 
-quiet()  # before any entry point or library call builds a Trainer: no advertising tips or library-internal noise
+_quiet()  # before any entry point or library call builds a Trainer: no advertising tips or library-internal noise
