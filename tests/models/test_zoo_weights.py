@@ -101,7 +101,9 @@ def test_native_vit_patch_embedding_reproduces_tokens_of_an_upsampled_image():
     big = F.interpolate(img, scale_factor=4, mode="nearest")
     assert torch.allclose(pretrained.conv_proj(img), old_proj(big), atol=1e-4)
     assert pretrained.encoder.pos_embedding.shape == (1, 65, 768)
-    assert model is not None
+    # adapt=resize leaves the architecture as pretrained: 16 px patches, 14 x 14 + 1 positions
+    vit = model.backbone
+    assert vit.conv_proj.kernel_size == (16, 16) and vit.encoder.pos_embedding.shape == (1, 197, 768)
 
 
 def test_swin_native_windows_divide_every_stage():
