@@ -30,8 +30,10 @@ def test_every_residual_family_is_measured(name: str, count: int, kind: str):
     model = create_model(name, 10, pretrained=False)
     stats = inspect_blocks(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert len(stats) == count == len(residual_blocks(model)) and {s.kind for s in stats} == {kind}
+    # Untrained, each branch is nearly orthogonal to the shortcut it adds to (|cos| ~ 0.1, where a tensor compared
+    # with itself would give 1), and the gradient flows through both paths.
     for s in stats:
-        assert s.rel_norm > 0 and -1 <= s.cos <= 1 and s.grad_shortcut > 0 and s.grad_residual >= 0
+        assert s.rel_norm > 0 and abs(s.cos) < 0.5 and s.grad_shortcut > 0 and s.grad_residual > 0
     assert not any(hasattr(block, "forward") and "forward" in vars(block) for _, block in residual_blocks(model))
 
 
