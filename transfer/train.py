@@ -270,7 +270,8 @@ def _summary(cfg: DictConfig, module: Classifier, datamodule: ClassificationData
         "last_checkpoint": checkpoint.last_model_path,
         "seed": cfg.seed,
         "data": datamodule.describe() | {"batch_size": datamodule.batch_size},
-        "device": str(module.device), "precision": str(module.trainer.precision),
+        # the strategy's device: by now Lightning's teardown has moved the module back to the CPU
+        "device": str(module.trainer.strategy.root_device), "precision": str(module.trainer.precision),
         "channels_last": bool(cfg.compute.channels_last), "compiled": bool(cfg.compute.compile),
         "cached_frozen_phase": bool(OmegaConf.select(cfg, "finetune.cache_features")),
         "code": code_version(),

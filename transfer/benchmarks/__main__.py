@@ -47,7 +47,7 @@ def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[in
     """Run a command in the repo; return its exit code, its stdout and its peak resident memory (MB, from the
     kernel's accounting of that one child)."""
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL, cwd=REPO, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
         out.seek(0)
         return os.waitstatus_to_exitcode(status), out.read(), usage.ru_maxrss / 1024
@@ -206,7 +206,7 @@ def main(cfg: DictConfig) -> None:
     race_result = race(data, ensure_data(clothing, "clothing-10.tar.gz", strip=1)) if cfg.time_to_accuracy else None
     if race_result:
         text += "\n\nTime-to-accuracy race (python -m transfer.benchmarks.race):\n\n" + race_result["table"]
-    out = REPO / "outputs" / "benchmarks"
+    out = Path.cwd() / "outputs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     (out / f"{stamp}.md").write_text(text + "\n")

@@ -25,7 +25,6 @@ from omegaconf import OmegaConf
 
 from transfer.conf import CONF_DIR
 
-REPO = Path(__file__).resolve().parents[2]
 MINUTES = (2, 4, 8, 15)
 THRESHOLDS = (0.85, 0.88, 0.90)
 TIMELINE = "+callbacks.timeline._target_=transfer.benchmarks.timeline.TestTimeline"
@@ -50,7 +49,7 @@ def run_timeline(cmd: list[str], label: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TRANSFER_CACHE": cache, "HYDRA_FULL_ERROR": "1"}
         start = time.time()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         rows = []
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -122,7 +121,7 @@ def race(cifar: Path, clothing: Path | None) -> dict[str, Any]:
     Returns:
         ``{"table": markdown, "results": ...}``.
     """
-    out = REPO / "outputs" / "benchmarks" / time.strftime("race-%Y-%m-%d_%H-%M-%S")
+    out = Path.cwd() / "outputs" / "benchmarks" / time.strftime("race-%Y-%m-%d_%H-%M-%S")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for data, sides in commands(cifar, clothing, out).items():
         results[data] = {side: run_timeline(cmd, f"{data} {side}") for side, cmd in sides.items()}

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     text = markdown(rows, header)
     print(text)
     print(json.dumps({"serve_load": rows}))
-    out = REPO / "outputs" / "benchmarks"
+    out = Path.cwd() / "outputs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("serve_%Y-%m-%d_%H-%M-%S")
     (out / f"{stamp}.md").write_text(text + "\n")
