@@ -45,6 +45,9 @@ def predict(module: Classifier, files: list[Path], topk: int = 5, batch_size: in
             device: str = "auto") -> list[dict[str, Any]]:
     """Classify image files with a trained module.
 
+    A plain loop rather than ``Trainer.predict`` (which ``transfer.evaluate`` uses): the same function serves an
+    onnxruntime session, which is no LightningModule, and a few files need no progress bar.
+
     Args:
         module: from :func:`~transfer.checkpoints.load_classifier` (a Classifier or an ONNX model; its
             ``preprocess`` decides the transform).
