@@ -1,12 +1,22 @@
-"""The command line end to end: ``python -m transfer.run`` on tiny data, as a user runs it."""
+"""The command line end to end: ``python -m transfer.run`` on tiny data, as a user runs it.
+
+``finished_run`` is a real child process; the other command lines run in this process (tests/in_process.py), which
+gives the same exit status and output without a child's 10 s of imports.
+"""
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
-from tests.conftest import TINY, run
+from tests.conftest import TINY
+from tests.in_process import run_tool
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run_tool("transfer.run", *args, env=env)
 
 
 def test_a_run_writes_every_output(finished_run):
@@ -77,9 +87,9 @@ def test_full_error_env_shows_the_traceback(tmp_path: Path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataNotFoundError" in proc.stderr
 
 
-def test_multirun_sweep_gives_each_job_its_own_directory(tiny_cifar: Path, tmp_path: Path):
+def test_multirun_sweep_gives_each_job_its_own_directory(tiny_models, tiny_cifar: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    proc = run("-m", "model=resnet18", "model.pretrained=false", "finetune.bn=train,frozen",
+    proc = run("-m", "model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "finetune.bn=train,frozen",
                f"data.root={tiny_cifar}", f"hydra.sweep.dir={sweep}", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = sorted(sweep.glob("*/summary.json"))
@@ -90,7 +100,7 @@ def test_multirun_sweep_gives_each_job_its_own_directory(tiny_cifar: Path, tmp_p
     assert "finetune.bn=train" in recorded[0] and "finetune.bn=frozen" in recorded[1]
     report = list(csv.DictReader(open(sweep / "report.csv")))
     assert [(r["job"], r["overrides"]) for r in report] == [("0", "finetune.bn=train"), ("1", "finetune.bn=frozen")]
-    assert "| 1 | finetune.bn=frozen | resnet18 |" in (sweep / "report.md").read_text()
+    assert "| 1 | finetune.bn=frozen | tiny_test_cnn |" in (sweep / "report.md").read_text()
 
 
 def test_an_input_size_the_adapted_model_cannot_take_is_a_clear_error(tiny_cifar: Path, tmp_path: Path):
