@@ -13,12 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CACHE, TINY, run
+from tests.conftest import CACHE, TINY
+from tests.in_process import run_tool
 from tests.tiny_models import TINY_MAIN
 from transfer.errors import ConfigError, DivergenceError
 from transfer.preflight import problems, resume_path, validate
 
 SMALL = ["model=resnet18", "model.pretrained=false", "~callbacks.ema", *TINY]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m transfer.run`` in this process; the signal tests below start real ones."""
+    return run_tool("transfer.run", *args, env=env)
 
 
 def old_run_dir(path: Path) -> dict[Path, tuple[int, bytes]]:
@@ -149,8 +155,7 @@ def test_a_checkpoint_of_other_classes_is_refused(tiny_cifar: Path, tmp_path: Pa
 
 
 def test_help_describes_the_tool_its_groups_and_examples():
-    proc = subprocess.run([sys.executable, "-m", "transfer.run", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = run("--help")
     assert proc.returncode == 0
     out = proc.stdout
     assert "fine-tune an ImageNet-pretrained image classifier" in out
@@ -160,10 +165,8 @@ def test_help_describes_the_tool_its_groups_and_examples():
 
 
 def test_slurm_launcher_off_a_cluster_is_one_paragraph(tmp_path: Path):
-    env = {"PATH": str(tmp_path)}  # no sbatch on it
-    proc = subprocess.run([sys.executable, "-m", "transfer.run", "-m", "hydra/launcher=slurm", "seed=1,2",
-                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env, "HYDRA_FULL_ERROR": "0"})
+    proc = run("-m", "hydra/launcher=slurm", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+               env={"PATH": str(tmp_path)})  # no sbatch on it
     assert proc.returncode == 2 and "sbatch" in flat(proc.stderr) and "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep").exists()
 
@@ -278,9 +281,11 @@ def tiny_command(*args: str) -> list[str]:
 TINY_ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": CACHE}
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(tiny_cifar: Path, tmp_path: Path,
-                                                                           signum: int, status: int):
+# The same handler serves both signals: the default suite sends one (a real child process: ~15 s).
+@pytest.mark.parametrize("signum, status", [pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),
+                                            (signal.SIGINT, 130)])
+def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(tiny_models, tiny_cifar: Path,
+                                                                           tmp_path: Path, signum: int, status: int):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(tiny_command(f"data.root={tiny_cifar}", f"hydra.run.dir={run_dir}",
                                          "trainer.max_epochs=100000"),
@@ -297,14 +302,12 @@ def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(tin
     assert lines[0].split("Resume with: ")[1].startswith("python -m transfer.run ")
     ckpt = torch.load(saved, weights_only=True)
     assert ckpt["global_step"] >= 3
-    if signum == signal.SIGTERM:  # and it resumes from that step, on to the end
-        resumed = subprocess.run(tiny_command(f"data.root={tiny_cifar}", f"resume={saved}",
-                                              f"hydra.run.dir={tmp_path / 'resumed'}",
-                                              f"trainer.max_epochs={ckpt['epoch'] + 2}"),
-                                 capture_output=True, text=True, env=TINY_ENV, cwd=ROOT, timeout=300)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        history = json.loads((tmp_path / "resumed" / "history.json").read_text())
-        assert history["epochs"][-1]["epoch"] == ckpt["epoch"] + 1
+    # and it resumes from that step, on to the end
+    resumed = run(*TINY_MODEL, f"data.root={tiny_cifar}", f"resume={saved}", f"hydra.run.dir={tmp_path / 'resumed'}",
+                  f"trainer.max_epochs={ckpt['epoch'] + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert history["epochs"][-1]["epoch"] == ckpt["epoch"] + 1
 
 
 def test_slurm_requeue_handler_survives(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -326,15 +329,14 @@ def test_slurm_requeue_handler_survives(compose_cfg, tmp_path: Path, monkeypatch
         signal.signal(signal.SIGTERM, old[1])
 
 
-def test_a_failed_single_run_exits_2_and_records_why(tmp_path: Path):
+def test_a_failed_single_run_exits_2_and_records_why(tiny_models, tmp_path: Path):
     from tests.conftest import make_image_folder
 
     root = make_image_folder(tmp_path / "photos", {"train": 6})
     (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
     args = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "trainer=cpu", "data=imagefolder",
             f"data.root={root}", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run([sys.executable, "-c", TINY_MAIN, *args], capture_output=True, text=True, env=TINY_ENV,
-                          cwd=ROOT, timeout=300)
+    proc = run(*args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"1 image file(s) could not be decoded: {root / 'train' / 'cat' / 'broken.jpg'}" in flat(proc.stderr)
     record = json.loads((tmp_path / "run" / "failed.json").read_text())
