@@ -98,6 +98,7 @@ def test_last_ckpt_follows_every_epoch_not_only_new_bests(tiny_cfg, tmp_path: Pa
     assert Path(summary["last_checkpoint"]).name == "last.ckpt"
 
 
+@pytest.mark.slow  # three child processes; test_kill_and_resume_equals_the_uninterrupted_run is its fast twin
 def test_sigkill_at_an_arbitrary_step_then_resume_equals_the_uninterrupted_run(tiny_cifar: Path, tmp_path: Path):
     """A real ``kill -9`` of ``python -m transfer.run`` (it may land mid-write: checkpoints are atomic)."""
     import os
