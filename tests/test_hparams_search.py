@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import make_image_folder, run
+from tests.conftest import make_image_folder
+from tests.in_process import run_tool
 from transfer.conf import CONF_DIR
 
 optuna = pytest.importorskip("optuna")
@@ -41,7 +42,7 @@ def test_a_three_trial_study_maximises_best_val_acc_and_continues_after_an_inter
     root = make_image_folder(tmp_path / "tiny", {"train": 12, "test": 4})
     sweep = tmp_path / "sweep"
     args = ["-m", "hparams_search=imagefolder", f"data.root={root}", f"hydra.sweep.dir={sweep}", *TINY_SEARCH]
-    proc = run(*args, "hydra.sweeper.n_trials=3")
+    proc = run_tool("transfer.run", *args, "hydra.sweeper.n_trials=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     study = _study(sweep)
@@ -53,12 +54,12 @@ def test_a_three_trial_study_maximises_best_val_acc_and_continues_after_an_inter
     assert sorted(t.value for t in trials) == pytest.approx(recorded) and len(recorded) == 3
     report = (sweep / "report.md").read_text()
     assert f"Best trial {study.best_trial.number}: best val accuracy {study.best_value:.4f}" in report
-    assert "| model |" not in report or "lenet5" in report  # the ordinary sweep table is still there
+    assert "| job | overrides | model |" in report and report.count(" | lenet5 | ") == 3  # sweep table: a row a trial
     assert (sweep / "trial_history.png").stat().st_size > 0
     assert len((sweep / "study.csv").read_text().strip().splitlines()) == 4
 
     study.ask()  # a trial an interruption left RUNNING: it must not count as done
-    again = run(*args, "hydra.sweeper.n_trials=4")
+    again = run_tool("transfer.run", *args, "hydra.sweeper.n_trials=4")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 of 4 trials already complete" in again.stdout
     continued = _study(sweep).trials
