@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CACHE
+from tests.in_process import run_tool
 from transfer.errors import ConfigError
 from transfer.checkpoints import find_checkpoint
 from transfer.data.folders import collect_images
 
 
 def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRANSFER_CACHE": CACHE})
+    """``python -m <module> <args>`` in this process (tests/in_process.py)."""
+    return run_tool(module, *args)
 
 
 def test_predict_then_evaluate_agree_on_the_test_split(finished_run, tmp_path: Path):
