@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import CACHE, CLASSES, make_image_folder
+from tests.conftest import CLASSES, make_image_folder
+from tests.in_process import run_tool
 from transfer.models import model_preprocess
 from transfer.errors import ConfigError
 from transfer.module import Classifier
@@ -32,7 +32,9 @@ def make_run(run_dir: Path, data_root: Path | None = None, model: str = "lenet5"
     data = TensorDataset(torch.randn(8 * steps, 3, 32, 32), torch.randint(0, len(CLASSES), (8 * steps,)))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, DataLoader(data, batch_size=8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "You defined a `validation_step` but have no `val_dataloader`")  # on purpose
+        trainer.fit(module, DataLoader(data, batch_size=8))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     OmegaConf.save({"data": {"root": str(data_root) if data_root else None}, "model": {"name": model}},
@@ -41,8 +43,8 @@ def make_run(run_dir: Path, data_root: Path | None = None, model: str = "lenet5"
 
 
 def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRANSFER_CACHE": CACHE, "HYDRA_FULL_ERROR": "0"})
+    """``python -m <module> <args>`` in this process (tests/in_process.py)."""
+    return run_tool(module, *args)
 
 
 @pytest.fixture(scope="module")
