@@ -1,11 +1,9 @@
-"""The served model: a real ``python -m transfer.serve`` on 127.0.0.1, talked to with a real HTTP client."""
+"""The served model: the request gate and the LitServe API in process (default suite), and a real
+``python -m transfer.serve`` on 127.0.0.1 talked to with a real HTTP client (``-m slow``: ~15 s to start)."""
 from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import CLASSES, make_image_folder
+from tests.in_process import run_tool
 from tests.test_export import make_run
 from transfer.benchmarks.serve_load import free_port, load, markdown, start_server, stop_server
 
@@ -27,6 +26,78 @@ def png_bytes(seed: int = 0, size: int = 32) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "PNG")
     return buf.getvalue()
+
+
+BAD_REQUESTS = [
+    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "not accepted"),
+    ({"data": {"image": "x"}}, 415, "not accepted"),  # a form without a file: urlencoded
+    ({"content": b"{oops", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ({"json": {"picture": "abc"}}, 400, "need {\"image\""),
+    ({"json": {"image": "%%% not base64"}}, 400, "not valid base64"),
+    ({"json": {"image": base64.b64encode(b"just some text").decode()}}, 400, "not an image"),
+    ({"files": {"image": ("notes.txt", b"plain text", "text/plain")}}, 400, "not an image"),
+    ({"files": {"other": ("a.png", b"", "image/png")}, "data": {"k": "v"}}, 400, "not an image"),
+    ({"files": {"image": ("big.png", png_bytes(size=256), "image/png")}}, 413, "limit"),
+]
+
+
+@pytest.fixture(scope="module")
+def gate():
+    """A test client for :class:`ImageGate` (50 kB limit) in front of an app that echoes the JSON it receives."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from transfer.serve import ImageGate
+
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse({"received": await request.json(), "type": request.headers["content-type"]})
+
+    app = Starlette(routes=[Route("/predict", echo, methods=["POST"])])
+    app.add_middleware(ImageGate, path="/predict", max_bytes=50_000)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.mark.parametrize("kwargs, status, message", BAD_REQUESTS)
+def test_the_gate_answers_bad_requests_with_a_clear_4xx(gate, kwargs, status, message):
+    response = gate.post("/predict", **kwargs)
+    assert response.status_code == status and message in response.json()["detail"], response.text
+
+
+def test_the_gate_hands_the_worker_the_image_as_base64_json(gate):
+    data = png_bytes(2)
+    encoded = base64.b64encode(data).decode()
+    for kwargs in ({"files": {"image": ("x.png", data, "image/png")}}, {"json": {"image": encoded}},
+                   {"json": {"image": "data:image/png;base64," + encoded}}):
+        answer = gate.post("/predict", **kwargs).json()
+        assert answer == {"received": {"image": encoded}, "type": "application/json"}
+
+
+def test_the_api_batches_and_answers_the_checkpoints_topk(tmp_path: Path):
+    from transfer.checkpoints import load_classifier
+    from transfer.predict import predict
+    from transfer.serve import ClassifierAPI
+
+    root = make_image_folder(tmp_path / "data", {"test": 1})
+    make_run(tmp_path / "run", root)
+    images = sorted((root / "test").glob("*/*.png"))
+    api = ClassifierAPI(str(tmp_path / "run"), topk=2, max_batch_size=8)
+    api.setup("cpu")
+    inputs = [api.decode_request({"image": base64.b64encode(p.read_bytes()).decode()}) for p in images]
+    answers = [api.encode_response(out) for out in api.unbatch(api.predict(api.batch(inputs)))]
+    expected = predict(load_classifier(str(tmp_path / "run")), images, topk=2)
+    assert [a["batched_with"] for a in answers] == [3, 3, 3]  # one forward pass served the three requests
+    for answer, want in zip(answers, expected):
+        assert [t["class"] for t in answer["topk"]] == [c for c, _ in want["topk"]] and answer["label"] == want["label"]
+        assert all(abs(t["prob"] - p) < 1e-5 for t, (_, p) in zip(answer["topk"], want["topk"]))
+
+
+# The real server: a child process that takes ~15 s to start, so these run with -m slow; the tests above cover
+# the gate and the API in process.
+SERVER = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +117,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         stop_server(proc)
 
 
+@SERVER
 def test_health_and_info(server):
     url, run_dir, _ = server
     assert httpx.get(f"{url}/health").text.strip('"') == "ok"
@@ -53,6 +125,7 @@ def test_health_and_info(server):
     assert info["classes"] == list(CLASSES) and info["image_size"] == 32 and info["max_batch_size"] == 8
 
 
+@SERVER
 def test_upload_and_base64_give_the_checkpoints_topk(server):
     from transfer.module import Classifier
     from transfer.predict import predict
@@ -72,6 +145,7 @@ def test_upload_and_base64_give_the_checkpoints_topk(server):
     assert all(abs(t["prob"] - p) < 1e-5 for t, (_, p) in zip(answer["topk"], expected["topk"]))
 
 
+@SERVER
 def test_concurrent_requests_are_batched(server):
     url = server[0]
 
@@ -84,17 +158,8 @@ def test_concurrent_requests_are_batched(server):
     assert max(a["batched_with"] for a in answers) > 1  # at least one forward pass served several requests
 
 
-@pytest.mark.parametrize("kwargs, status, message", [
-    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "not accepted"),
-    ({"data": {"image": "x"}}, 415, "not accepted"),  # a form without a file: urlencoded
-    ({"content": b"{oops", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ({"json": {"picture": "abc"}}, 400, "need {\"image\""),
-    ({"json": {"image": "%%% not base64"}}, 400, "not valid base64"),
-    ({"json": {"image": base64.b64encode(b"just some text").decode()}}, 400, "not an image"),
-    ({"files": {"image": ("notes.txt", b"plain text", "text/plain")}}, 400, "not an image"),
-    ({"files": {"other": ("a.png", b"", "image/png")}, "data": {"k": "v"}}, 400, "not an image"),
-    ({"files": {"image": ("big.png", png_bytes(size=256), "image/png")}}, 413, "limit"),
-])
+@SERVER
+@pytest.mark.parametrize("kwargs, status, message", BAD_REQUESTS)
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, kwargs, status, message):
     url = server[0]
     response = httpx.post(f"{url}/predict", timeout=60, **kwargs)
@@ -104,6 +169,7 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, kwarg
     assert ok.status_code == 200
 
 
+@SERVER
 def test_a_bad_request_in_a_busy_batch_fails_alone(server):
     url = server[0]
 
@@ -117,11 +183,11 @@ def test_a_bad_request_in_a_busy_batch_fails_alone(server):
 
 
 def test_unreadable_checkpoint_is_a_clear_error_before_serving(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "transfer.serve", f"ckpt={tmp_path}", f"port={free_port()}"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    proc = run_tool("transfer.serve", f"ckpt={tmp_path}", f"port={free_port()}")
     assert proc.returncode == 2 and "No checkpoint" in proc.stderr
 
 
+@SERVER
 def test_load_test_reports_throughput_and_latency_percentiles(server):
     result = load(f"{server[0]}/predict", png_bytes(3), requests=12, concurrency=4, max_seconds=120)
     assert result["requests_ok"] == 12 and result["errors"] == 0 and result["req_per_s"] > 0
