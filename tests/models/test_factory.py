@@ -18,6 +18,13 @@ TRANSFORMERS = sorted(n for n in ZOO if REGISTRY[n].default_adapt == "resize")
 # Resize mode at the pretrained size is slow on a CPU for the big CNNs; two cheap ones stay in the default run.
 RESIZE_CNN = [pytest.param(n, marks=[] if n in ("resnet18", "efficientnet_lite0") else pytest.mark.slow)
               for n in ZOO if n not in TRANSFORMERS and n != "lenet5"]
+# Larger siblings share their family's build, split and adapter code with a smaller model that stays in the default
+# run (EfficientNet-B0..B4, ResNet-50, DeiT-S, Swin-T); they take 1.5-5 s each on a CPU, so they run with -m slow.
+BIG_SIBLINGS = ("efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "resnet152", "deit_base", "swin_b")
+
+
+def _siblings_slow(names: list) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in BIG_SIBLINGS else n for n in names]
 
 
 def _train_step(name: str, adapt: str) -> None:
@@ -35,12 +42,12 @@ def _train_step(name: str, adapt: str) -> None:
     assert model.features(x).shape == (2, model.meta.num_features)
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", _siblings_slow(ZOO))
 def test_every_model_trains_on_32px_with_native_adaptation(name: str):
     _train_step(name, "native")
 
 
-@pytest.mark.parametrize("name", TRANSFORMERS + RESIZE_CNN)
+@pytest.mark.parametrize("name", _siblings_slow(TRANSFORMERS) + RESIZE_CNN)
 def test_models_train_at_their_pretrained_size_with_resize(name: str):
     _train_step(name, "resize")
 
