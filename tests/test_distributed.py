@@ -1,15 +1,47 @@
+"""Staged fine-tuning under DDP: the helpers' arithmetic with a stand-in for the other rank (default suite), and a
+real 2-process gloo run (``-m slow``: two interpreters start, ~25 s)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from tests.conftest import make_image_folder, run
 from tests.in_process import run_tool
+from transfer import distributed
 
 
+def trainer(world_size: int, gather=None) -> SimpleNamespace:
+    """What the helpers read of a Lightning trainer; ``gather`` plays ``strategy.all_gather`` across the ranks."""
+    return SimpleNamespace(world_size=world_size,
+                           strategy=SimpleNamespace(root_device=torch.device("cpu"), all_gather=gather))
+
+
+def test_gradients_ddp_does_not_average_are_averaged_over_the_ranks(monkeypatch: pytest.MonkeyPatch):
+    wrapped, unfrozen = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))  # unfrozen after DDP wrapped
+    wrapped.grad, unfrozen.grad = torch.full((2,), 4.0), torch.full((3,), 2.0)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda flat: flat.add_(6.0))  # the other rank's gradient: 6
+    distributed.sync_unregistered_grads(trainer(2), [wrapped, unfrozen], registered={id(wrapped)})
+    assert torch.equal(unfrozen.grad, torch.full((3,), 4.0))  # (2 + 6) / 2
+    assert torch.equal(wrapped.grad, torch.full((2,), 4.0))  # DDP's own: left alone
+    distributed.sync_unregistered_grads(trainer(1), [unfrozen], registered=set())
+    assert torch.equal(unfrozen.grad, torch.full((3,), 4.0))  # one process: nothing to average
+
+
+def test_weights_in_sync_compares_every_ranks_digest():
+    module = nn.Linear(3, 2)
+    assert distributed.weights_in_sync(trainer(2, lambda mine: torch.cat([mine, mine])), module) is True
+    assert distributed.weights_in_sync(trainer(2, lambda mine: torch.cat([mine, mine + 1])), module) is False
+    assert distributed.weights_in_sync(trainer(1), module) is None
+    assert distributed.ddp_registered(trainer(2), module) is None  # not DDP-wrapped: nothing registered
+
+
+@pytest.mark.slow
 def test_two_process_cpu_ddp_run_ends_with_identical_weights_on_both_ranks(tmp_path: Path):
     """gloo DDP, 2 ranks, backbone unfrozen in the second epoch: DDP wrapped the model while the backbone was
     frozen, so only the finetuning callback's own all-reduce keeps the ranks' backbones equal. The frozen

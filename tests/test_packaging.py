@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 import transfer
@@ -29,6 +30,9 @@ def test_the_editable_install_reads_the_top_level_conf():
     assert Path(transfer.__file__).parent == CHECKOUT / "transfer"
 
 
+# pip builds and installs a wheel, then a child process imports it (~18 s): -m slow, as CI runs it; the editable
+# install's test above and tests/test_cli.py compose the same packaged config in the default suite.
+@pytest.mark.slow
 def test_a_wheel_installed_outside_the_checkout_composes_the_run_config(tmp_path: Path):
     # Build from a copy: the build writes build/ and *.egg-info beside its sources, which must not touch the checkout.
     src = tmp_path / "src"
