@@ -1,4 +1,4 @@
-"""Quiet runs: no advertising tips or library-internal warnings in a run's output; the user's own mistakes still warn."""
+"""Quiet runs: no advertising tips or library-internal warnings in a run's output; a user's own mistakes still warn."""
 from __future__ import annotations
 
 import logging
