@@ -41,7 +41,7 @@ def test_report_has_a_row_per_job_seed_statistics_and_figures(tmp_path: Path):
     over_seeds = md.split("## Over seeds")[1]
     assert "resnet18 | True | native | 2 | 0.8000 ± 0.0283" in over_seeds  # mean and sample std of 0.78, 0.82
     assert "alexnet" not in over_seeds.split("![")[0]  # one seed: no statistics row
-    assert (tmp_path / "val_acc.png").stat().st_size > 0 and (tmp_path / "val_loss.png").stat().st_size > 0
+    assert all((tmp_path / png).read_bytes()[:4] == b"\x89PNG" for png in ("val_acc.png", "val_loss.png"))
 
 
 def test_jobs_are_labelled_by_the_overrides_that_set_them_apart_in_job_order(tmp_path: Path):
