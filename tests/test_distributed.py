@@ -49,8 +49,9 @@ def test_two_process_cpu_ddp_run_ends_with_identical_weights_on_both_ranks(tmp_p
     root = make_image_folder(tmp_path / "data", {"train": 12, "test": 4})
     run_dir = tmp_path / "run"
     proc = run("model=lenet5", "model.pretrained=false", f"data.root={root}", f"hydra.run.dir={run_dir}",
-               "trainer=ddp_cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "finetune.cache_features=true",
-               "data.val_size=6", "data.batch_size=4", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false")
+               "trainer=ddp_cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1",
+               "finetune.cache_features=true", "data.val_size=6", "data.batch_size=4", "data.num_workers=0",
+               "data.download=false", "trainer.enable_progress_bar=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "strategy": "DDPStrategy",
