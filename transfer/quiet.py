@@ -1,9 +1,9 @@
 """Quiet runs: silence the library messages a user of this product can do nothing about.
 
 A run's output should hold what the user can act on. Lightning prints advertising tips for its cloud products on
-every Trainer it builds, an INFO line for each ``limit_*_batches`` our config spells out at its default, and (on
-torch >= 2.10) a ``FutureWarning`` from its own use of a deprecated torch class on every fit and test; it also
-advises more loader workers where :mod:`transfer.data` keeps decoded images in memory and deliberately uses none.
+every Trainer it builds, an INFO line for each ``limit_*_batches`` our config spells out at its default, and (with
+recent torch, e.g. 2.14) a ``FutureWarning`` from its own use of a deprecated torch class on every fit and test;
+it also advises more loader workers where :mod:`transfer.data` keeps decoded images in memory and uses none.
 Those are dropped here, each by its exact message, so every other warning, in particular those about a user's own
 settings (e.g. ``log_every_n_steps`` longer than an epoch, a checkpoint directory that is not empty), still shows.
 
@@ -29,7 +29,7 @@ NOISE_LOG_PARTS = (
 
 # (message regex, category, module regex) as for :func:`warnings.filterwarnings`.
 NOISE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
-    # Lightning's own call of a torch class deprecated in torch 2.10; nothing in our code or config causes it.
+    # Lightning 2.6's own use of torch's deprecated LeafSpec (seen with torch 2.14); nothing of ours causes it.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\."),
     # Lightning's worker heuristic does not know that in-memory datasets are loaded with num_workers=0 on purpose
     # (one indexing copy per batch; worker processes would only add IPC).
