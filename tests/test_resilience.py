@@ -237,11 +237,12 @@ def test_a_nan_loss_stops_the_run_naming_epoch_step_and_rates_and_keeps_the_last
     real = ClassificationData.prepare_batch
 
     def poisoned(self, batch, train):  # the 5th training batch (epoch 1, step 4) holds a NaN pixel
-        x, y = real(self, batch, train)
+        ready = real(self, batch, train)
         if train and self.trainer is not None and self.trainer.global_step == 4:
-            x = x.clone()
+            x = ready.x.clone()
             x[0, 0, 0, 0] = float("nan")
-        return x, y
+            return ready._replace(x=x)
+        return ready
 
     monkeypatch.setattr(ClassificationData, "prepare_batch", poisoned)
     cfg = compose_cfg("model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",

@@ -34,6 +34,8 @@ NOISE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # Lightning's worker heuristic does not know that in-memory datasets are loaded with num_workers=0 on purpose
     # (one indexing copy per batch; worker processes would only add IPC).
     (r"The '\w+' does not have many workers", UserWarning, r"lightning\."),
+    # Seen on every bf16/16-mixed GPU run (H200 check): the summary's size estimate, not the training, is affected.
+    (r"Precision \S+ is not supported by the model summary", UserWarning, r"lightning\."),
 )
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.data import datamodule_from_config
 from transfer.errors import report_errors
 from transfer.preflight import check_checkpoint, resume_path, validate
 from transfer.stops import graceful_exit
@@ -27,7 +27,8 @@ def prepare(cfg: DictConfig) -> None:
     validate(cfg)
     if cfg.get("resume"):
         cfg.resume = str(resume_path(cfg.resume))
-        check_checkpoint(Path(cfg.resume), instantiate(cfg.data, _convert_="all").classes, cfg.model.name)
+        classes = datamodule_from_config(cfg.data, preprocess=None).classes  # only the class folders are read
+        check_checkpoint(Path(cfg.resume), classes, cfg.model.name)
 
 
 def _fmt(value: float | None) -> str:
