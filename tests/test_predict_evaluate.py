@@ -37,6 +37,8 @@ def test_predict_then_evaluate_agree_on_the_test_split(finished_run, tmp_path: P
     assert ev.returncode == 0, ev.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 12 and metrics["accuracy"] == pytest.approx(predicted_acc)
+    # evaluate scores the checkpoint the run tested (its best, EMA weights, flip TTA as the run had it): same number
+    assert metrics["accuracy"] == pytest.approx(json.loads((run_dir / "summary.json").read_text())["test_acc"])
     # Same labels image by image, seen through the class-by-class counts: the two confusion matrices agree.
     classes = ["cat", "dog", "ship"]
     from_predict = [[sum(r["true"] == t and r["label"] == p for r in results) for p in classes] for t in classes]
@@ -102,3 +104,11 @@ def test_a_file_that_is_not_a_transfer_checkpoint_is_refused(tmp_path: Path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ConfigError, match="not a checkpoint written by transfer.run"):
         Classifier.from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_evaluate_refuses_an_unknown_precision_in_one_paragraph(finished_run, tmp_path: Path):
+    run_dir, _, _, root = finished_run
+    ev = cli("transfer.evaluate", f"ckpt={run_dir}", f"data.root={root}", "data.val_size=6", "data.num_workers=0",
+             "data.download=false", "precision=nonsense", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 2 and "precision=nonsense cannot be used" in ev.stderr and "Traceback" not in ev.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()

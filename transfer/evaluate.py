@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from transfer.module import Classifier
 from transfer.plots import confusion_matrix_figure, image_grid
 
 
-def collect(module: Classifier, datamodule: ClassificationData, device: str = "auto") -> tuple[Tensor, Tensor]:
+def collect(module: Classifier, datamodule: ClassificationData, device: str = "auto",
+            precision: str = "32-true") -> tuple[Tensor, Tensor]:
     """Logits and targets over ``datamodule``'s ``predict_split``, through ``Trainer.predict``.
 
     Lightning's loop brings the device placement, the data module's batch preparation, inference mode and a
@@ -39,14 +41,19 @@ def collect(module: Classifier, datamodule: ClassificationData, device: str = "a
         module: the classifier.
         datamodule: built with the module's preprocessing and the split to score as ``predict_split``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
+        precision: Lightning precision of the forward passes (the run's ``trainer.precision`` reproduces its test).
 
     Returns:
         ``(logits, targets)`` on the CPU, in the split's order.
     """
     accelerator, devices = ("auto", 1) if device == "auto" else (
         ("cpu", 1) if device == "cpu" else ("gpu", [int(device.split(":")[1])] if ":" in device else 1))
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, precision="32-true")
+    try:
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, precision=precision)  # type: ignore[arg-type]
+    except (ValueError, MisconfigurationException) as err:
+        raise ConfigError(f"device={device} precision={precision} cannot be used here ({str(err)[:200]}). Use "
+                          f"device=auto|cpu|cuda and precision=32-true|bf16-mixed|16-mixed (mixed ones on a GPU).") from err
     scores = trainer.predict(module, datamodule=datamodule)
     return (torch.cat([s.logits.float().cpu() for s in scores]),  # type: ignore[union-attr]
             torch.cat([s.target.cpu() for s in scores]))  # type: ignore[union-attr]
@@ -107,7 +114,7 @@ def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if datamodule.classes != module.class_names:
         raise ConfigError(f"The checkpoint's classes {module.class_names} differ from the data's {datamodule.classes} "
                           f"(data.root={datamodule.root}); evaluate on data with the same class folders.")
-    logits, targets = collect(module, datamodule, str(cfg.device))
+    logits, targets = collect(module, datamodule, str(cfg.device), str(cfg.get("precision", "32-true")))
     metrics = classification_metrics(logits, targets, module.class_names)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"
