@@ -93,3 +93,13 @@ def test_report_tool_takes_key_value_and_writes_only_the_report(tmp_path: Path):
     missing = _tool(tmp_path, "transfer.report")
     assert missing.returncode == 2 and "sweep= is required. Usage: python -m transfer.report sweep=" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_the_run_command_answers_help_and_bad_settings_before_importing_lightning(tmp_path: Path):
+    """--help, --cfg job and the preflight's refusals must not wait ~10 s for Lightning, torch and the models."""
+    probe = ("import sys, runpy; sys.argv = ['transfer.run', 'optimizer.lr=-1'];\n"
+             "try: runpy.run_module('transfer.run', run_name='__main__')\n"
+             "except SystemExit as e: print('exit', e.code, 'lightning' in sys.modules, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "optimizer.lr=-1 must be a positive number" in proc.stderr
+    assert proc.stdout.split()[-4:] == ["exit", "2", "False", "False"]

@@ -3,7 +3,7 @@
 Lightning turns SIGINT into ``KeyboardInterrupt`` and SIGTERM into ``SIGTERMException`` (raised at the next
 batch boundary) and calls every callback's ``on_exception``; :class:`GracefulStop` then saves
 ``checkpoints/interrupted.ckpt`` (the current step: weights, optimizer, scheduler, loop progress) and prints
-one line with the command that resumes it. :func:`graceful_exit` gives the process the conventional status,
+one line with the command that resumes it. :func:`~transfer.exit_status.graceful_exit` gives the process the conventional status,
 128 + the signal number (130 for SIGINT, 143 for SIGTERM), where Lightning would exit 1 (SIGINT) or 0 (SIGTERM).
 
 On SLURM, Lightning's own SIGUSR1 handler (auto-requeue: save ``hpc_ckpt_<n>.ckpt``, ``scontrol requeue``) is
@@ -11,33 +11,17 @@ left in place; the SIGTERM SLURM sends at the end of the grace period is handled
 """
 from __future__ import annotations
 
-import shlex
 import signal
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-F = TypeVar("F", bound=Callable[..., Any])
-# The signal that stopped the last run in this process (set by GracefulStop, read by graceful_exit).
-STOPPED_BY: dict[str, int] = {}
+from transfer.exit_status import STOPPED_BY, graceful_exit, resume_command
 
-
-def resume_command(checkpoint: Path) -> str:
-    """The command line that continues from ``checkpoint``: this run's overrides plus ``resume=...``."""
-    overrides: list[str] = []
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
-    except ValueError:  # not started by Hydra (library use)
-        pass
-    return " ".join(["python -m transfer.run", *map(shlex.quote, overrides), shlex.quote(f"resume={checkpoint}")])
+__all__ = ["GracefulStop", "graceful_exit", "resume_command"]
 
 
 class GracefulStop(L.Callback):
@@ -71,21 +55,3 @@ class GracefulStop(L.Callback):
 def _announce(name: str, trainer: L.Trainer, path: Path) -> None:
     print(f"\nstopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved {path}. "
           f"Resume with: {resume_command(path)}", file=sys.stderr, flush=True)
-
-
-def graceful_exit(fn: F) -> F:
-    """Exit with 128 + signal number after a run stopped by SIGINT/SIGTERM (see the module docstring)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        STOPPED_BY.clear()
-        try:
-            return fn(*args, **kwargs)
-        except (KeyboardInterrupt, SystemExit) as err:
-            if isinstance(err, KeyboardInterrupt):
-                STOPPED_BY.setdefault("signal", int(signal.SIGINT))
-            if "signal" in STOPPED_BY:
-                sys.exit(128 + STOPPED_BY["signal"])
-            raise
-
-    return wrapper  # type: ignore[return-value]
