@@ -12,17 +12,18 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from torch import Tensor
 from torchmetrics.functional.classification import (multiclass_confusion_matrix, multiclass_f1_score,
                                                 multiclass_precision, multiclass_recall)
 
 from transfer.checkpoints import find_checkpoint
+from transfer.compute import pick_device
 from transfer.conf import CONF_PATH
 from transfer.data import ClassificationData, datamodule_from_config
 from transfer.errors import ConfigError, report_errors
@@ -46,17 +47,22 @@ def collect(module: Classifier, datamodule: ClassificationData, device: str = "a
     Returns:
         ``(logits, targets)`` on the CPU, in the split's order.
     """
-    accelerator, devices = ("auto", 1) if device == "auto" else (
-        ("cpu", 1) if device == "cpu" else ("gpu", [int(device.split(":")[1])] if ":" in device else 1))
     try:
+        accelerator, devices = ("auto", 1) if device == "auto" else _accelerator(pick_device(device))
         trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, precision=precision)  # type: ignore[arg-type]
-    except (ValueError, MisconfigurationException) as err:
+    except (RuntimeError, ValueError, MisconfigurationException) as err:  # RuntimeError: torch.device's
         raise ConfigError(f"device={device} precision={precision} cannot be used here ({str(err)[:200]}). Use "
-                          f"device=auto|cpu|cuda and precision=32-true|bf16-mixed|16-mixed (mixed ones on a GPU).") from err
+                          f"device=auto|cpu|cuda and precision=32-true|bf16-mixed|16-mixed (mixed ones on a "
+                          f"GPU).") from err
     scores = trainer.predict(module, datamodule=datamodule)
     return (torch.cat([s.logits.float().cpu() for s in scores]),  # type: ignore[union-attr]
             torch.cat([s.target.cpu() for s in scores]))  # type: ignore[union-attr]
+
+
+def _accelerator(device: torch.device) -> tuple[str, Any]:
+    """Lightning's ``(accelerator, devices)`` for one torch device."""
+    return ("gpu", [device.index or 0]) if device.type == "cuda" else (device.type, 1)
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
