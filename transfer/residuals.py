@@ -24,7 +24,6 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from timm.models import _efficientnet_blocks as timm_blocks
@@ -32,11 +31,12 @@ from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, resnet
 
 from transfer.checkpoints import find_checkpoint
 from transfer.conf import CONF_PATH
-from transfer.errors import ConfigError, WeightsUnavailableError, report_errors
 from transfer.data import datamodule_from_config
-from transfer.models import create_model, model_preprocess, resolve_adapt
+from transfer.errors import ConfigError, WeightsUnavailableError, report_errors
+from transfer.models import create_model
 from transfer.module import Classifier
 from transfer.plots import plain_vs_residual_figure, residual_figure
+from transfer.train import resolve_input
 
 Branch = Callable[[nn.Module, Tensor], Tensor]
 
@@ -215,9 +215,7 @@ def _weight_sets(cfg: Any, num_classes: int, adapt: str) -> dict[str, nn.Module]
 
 def run(cfg: DictConfig, out: Path) -> dict[str, list[BlockStats]]:
     """The command: measure every weight set on one validation batch, optionally train plain vs residual."""
-    image_size, native_size = cfg.data.get("image_size"), get_class(cfg.data._target_).native_size
-    adapt = resolve_adapt(cfg.model.name, cfg.model.adapt, image_size, native_size)
-    preprocess = model_preprocess(cfg.model.name, adapt, image_size, native_size)
+    adapt, preprocess = resolve_input(cfg)
     datamodule = datamodule_from_config(cfg.data, preprocess, eval_batch_size=int(cfg.images))
     sets = _weight_sets(cfg, len(datamodule.classes), adapt)
     if not residual_blocks(sets["random"]):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer.checkpoint_io import AtomicCheckpointIO
 from transfer.compute import apply_compute, resolve_precision
-from transfer.data import ClassificationData, datamodule_from_config
+from transfer.data import ClassificationData, Preprocess, datamodule_from_config
 from transfer.distributed import weights_in_sync
 from transfer.errors import ConfigError
 from transfer.features import FeatureCache
@@ -114,6 +114,21 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
+def resolve_input(cfg: DictConfig) -> tuple[str, Preprocess]:
+    """The model's ``adapt`` mode and the preprocessing its weights expect, for the config's data.
+
+    Args:
+        cfg: a config with ``model`` and ``data`` groups (``data.image_size``: a request to the model).
+
+    Returns:
+        ``(adapt, preprocess)``: ``model.adapt=auto`` resolved from the input size, and what the data module
+        and the classifier are built with.
+    """
+    image_size, native_size = cfg.data.get("image_size"), get_class(cfg.data._target_).native_size
+    adapt = resolve_adapt(cfg.model.name, cfg.model.adapt, image_size, native_size)
+    return adapt, model_preprocess(cfg.model.name, adapt, image_size, native_size)
+
+
 def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationData, Classifier]:
     """The data module and the LightningModule of a composed config, checked against each other.
 
@@ -128,9 +143,7 @@ def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationD
     Returns:
         ``(datamodule, module)``, both built with the same preprocessing.
     """
-    image_size, native_size = cfg.data.get("image_size"), get_class(cfg.data._target_).native_size
-    adapt = resolve_adapt(cfg.model.name, cfg.model.adapt, image_size, native_size)
-    preprocess = model_preprocess(cfg.model.name, adapt, image_size, native_size)
+    adapt, preprocess = resolve_input(cfg)
     cache = None
     if cache_features and cfg.finetune.get("cache_features"):
         cache = FeatureCache(cfg.finetune.unfreeze_at_epoch, views=int(cfg.finetune.get("cache_views", 1)))
