@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from transfer.benchmarks.timeline import accuracy
 from transfer.compute import apply_compute
 from transfer.data import CIFAR10Data
 from transfer.models import model_preprocess
@@ -180,19 +181,8 @@ def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return {"epoch_s": statistics.median(epochs.seconds), "setup_s": epochs.first_start - start,
-            "images": args.images, "cached": args.cached, "bn": args.bn, "val_acc": _val_accuracy(module, dm)}
-
-
-@torch.no_grad()
-def _val_accuracy(module: Classifier, dm: CIFAR10Data) -> float:
-    """The head's quality: accuracy on the held-out validation images, through the backbone, in eval mode."""
-    module.eval()
-    correct = total = 0
-    for batch in dm._loader(dm.val_set, train=False):
-        x, y, _ = dm.prepare_batch(tuple(t.to(module.device) for t in batch), train=False)
-        correct += int((module(x).argmax(1) == y).sum())
-        total += len(y)
-    return correct / total
+            "images": args.images, "cached": args.cached, "bn": args.bn,
+            "val_acc": accuracy(module, dm, dm._loader(dm.val_set, train=False))}  # images, not cached features
 
 
 class EpochTimer(L.Callback):

@@ -13,23 +13,25 @@ import time
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 from transfer.data import ClassificationData
 from transfer.module import Classifier
 
 
 @torch.no_grad()
-def test_accuracy(module: Classifier, datamodule: ClassificationData) -> float:
-    """Test accuracy of ``module`` as it is now, in a plain loop.
+def accuracy(module: Classifier, datamodule: ClassificationData, loader: DataLoader) -> float:
+    """Accuracy of ``module`` as it is now over one of ``datamodule``'s image loaders, in a plain loop (flip TTA
+    when the module's ``tta`` is on).
 
-    Not ``Trainer.predict``: this runs inside the fit it measures, and a second Trainer would take over the
-    module's trainer reference in the middle of that fit.
+    Not ``Trainer.predict``: the timeline runs inside the fit it measures, and a second Trainer would take over
+    the module's trainer reference in the middle of that fit.
     """
     was_training = module.training
     module.eval()
     correct = total = 0
     try:
-        for batch in datamodule.test_dataloader():
+        for batch in loader:
             batch = datamodule.prepare_batch([t.to(module.device) for t in batch[:2]], train=False)
             correct += int((module.predict_logits(batch.x).argmax(1) == batch.y).sum())  # flip TTA when on
             total += len(batch.y)
@@ -49,8 +51,9 @@ class TestTimeline(L.Callback):
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
-        accuracy = test_accuracy(pl_module, trainer.datamodule)  # type: ignore[arg-type]
+        datamodule = trainer.datamodule
+        test_acc = accuracy(pl_module, datamodule, datamodule.test_dataloader())  # type: ignore[arg-type]
         self.eval_seconds += time.perf_counter() - start
         print(json.dumps({"timeline": trainer.current_epoch + 1, "unix_time": time.time(),
-                          "eval_seconds": round(self.eval_seconds, 2), "test_acc": accuracy}),
+                          "eval_seconds": round(self.eval_seconds, 2), "test_acc": test_acc}),
               flush=True)
