@@ -112,7 +112,8 @@ def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
 
 def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Evaluate a checkpoint on a data split and write the report files into ``out``."""
-    module = Classifier.from_checkpoint(find_checkpoint(cfg.ckpt))
+    ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
+    module = Classifier.from_checkpoint(ckpt)
     if cfg.get("tta") is not None:  # null keeps what the run tested with
         module.hparams.tta = bool(cfg.tta)
     # the checkpoint's preprocessing, exactly as the run used it: nothing is resolved again here
@@ -124,7 +125,7 @@ def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     metrics = classification_metrics(logits, targets, module.class_names)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"
-    (out / "metrics.json").write_text(json.dumps({"ckpt": str(find_checkpoint(cfg.ckpt)), **metrics}, indent=1))
+    (out / "metrics.json").write_text(json.dumps({"ckpt": str(ckpt), **metrics}, indent=1))
     (out / "report.md").write_text(report_markdown(metrics, title))
     confusion_matrix_figure(np.array(metrics["confusion"]), module.class_names, out / "confusion_matrix.png", title)
     losses = F.cross_entropy(logits, targets, reduction="none")
