@@ -5,6 +5,7 @@ package (``package-dir``) and ships its YAML files as package data, so an editab
 find it the same way. This file is what makes the folder an importable package: Hydra's ``pkg://`` config
 source only accepts a package with an ``__init__.py``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

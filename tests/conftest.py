@@ -1,38 +1,19 @@
 """Shared fixtures: tiny image folders made in tmp_path, tiny architectures registered per test, Hydra configs."""
+
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from PIL import Image
 
+from tests.helpers import TINY, make_image_folder, run
 from tests.tiny_models import TINY_ARCHS, registered
 from transfer.conf import CONF_DIR
-
-CLASSES = ("cat", "dog", "ship")
-
-
-def make_image_folder(root: Path, splits: dict[str, int], size: int = 32, classes=CLASSES, seed: int = 0) -> Path:
-    """Write ``splits[name]`` PNGs per class under ``root/name/<class>/``; each class has its own colour."""
-    rng = np.random.default_rng(seed)
-    for split, per_class in splits.items():
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                base = np.array([200 if k == c else 40 for k in range(3)], dtype=float)
-                img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture
@@ -74,17 +55,6 @@ def _no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr("torchvision.datasets.utils.download_url", refuse)
 
 
-TINY = ["trainer=cpu", "trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "data.val_size=6",
-        "data.batch_size=8", "data.num_workers=0", "data.download=false", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1"]
-CACHE = tempfile.mkdtemp(prefix="transfer-test-cache-")
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer.run", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": CACHE, **(env or {})})
-
-
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, list[str], Path]:
     """One real ``python -m transfer.run`` (packaged EfficientNet-Lite0 weights, tiny data), shared by the tests
@@ -93,5 +63,3 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
     run_dir = tmp_path_factory.mktemp("runs") / "lite0"
     args = ["model=efficientnet_lite0", f"data.root={root}", f"hydra.run.dir={run_dir}", *TINY]
     return run_dir, run(*args), args, root
-
-

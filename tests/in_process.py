@@ -7,6 +7,7 @@ have: exit status, stdout and stderr (a traceback and status 1 for an uncaught e
 prints them). What only a real process has (signals, ``kill -9``, DDP workers, the interpreter's own start) stays
 with the subprocess tests.
 """
+
 from __future__ import annotations
 
 import contextlib

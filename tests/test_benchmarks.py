@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY, make_image_folder
 from transfer.benchmarks.__main__ import ensure_data, markdown, run_json, table
-from tests.conftest import TINY, make_image_folder
 from transfer.benchmarks.race import TIMELINE, accuracy_at, race_table, run_timeline, time_to
-from transfer.errors import ConfigError
+from transfer.core.errors import ConfigError
 
 
 def _rows(key: str, values: list[float], mem: float = 100.0, **extra) -> list[dict]:
@@ -45,8 +45,11 @@ def test_table_reports_median_ratios_against_the_references():
 
 
 def test_race_reads_accuracy_at_each_time_point_and_time_to_each_threshold():
-    rows = [{"epoch": 1, "seconds": 100.0, "test_acc": 0.80}, {"epoch": 2, "seconds": 230.0, "test_acc": 0.86},
-            {"epoch": 3, "seconds": 500.0, "test_acc": 0.905}]
+    rows = [
+        {"epoch": 1, "seconds": 100.0, "test_acc": 0.80},
+        {"epoch": 2, "seconds": 230.0, "test_acc": 0.86},
+        {"epoch": 3, "seconds": 500.0, "test_acc": 0.905},
+    ]
     assert accuracy_at(rows, 1) is None and accuracy_at(rows, 2) == 0.80 and accuracy_at(rows, 4) == 0.86
     assert accuracy_at(rows, 15) == 0.905
     assert time_to(rows, 0.85) == pytest.approx(230 / 60) and time_to(rows, 0.95) is None
@@ -57,8 +60,10 @@ def test_race_reads_accuracy_at_each_time_point_and_time_to_each_threshold():
 
 
 def test_run_timeline_charges_neither_side_for_its_test_evaluations():
-    script = ("import json, time; time.sleep(0.3); "
-              "print(json.dumps({'timeline': 1, 'unix_time': time.time(), 'eval_seconds': 0.2, 'test_acc': 0.5}))")
+    script = (
+        "import json, time; time.sleep(0.3); "
+        "print(json.dumps({'timeline': 1, 'unix_time': time.time(), 'eval_seconds': 0.2, 'test_acc': 0.5}))"
+    )
     out = run_timeline([sys.executable, "-c", script], "test")
     (row,) = out["rows"]
     assert out["exit_code"] == 0 and row["test_acc"] == 0.5
@@ -85,10 +90,35 @@ def test_missing_data_names_both_places_it_looked(tmp_path: Path, monkeypatch: p
 @pytest.mark.slow  # two child processes; the timeline parsing and the race table are tested above without them
 def test_plain_loop_and_the_framework_print_one_timeline_row_per_epoch(tmp_path: Path):
     root = make_image_folder(tmp_path / "data", {"train": 8, "test": 4})
-    plain = run_timeline([sys.executable, "-m", "transfer.benchmarks.plain_loop", "--data", str(root), "--epochs", "2",
-                          "--batch-size", "8", "--size", "32"], "plain")
-    ours = run_timeline([sys.executable, "-m", "transfer.run", "model=lenet5", f"data.root={root}",
-                         f"hydra.run.dir={tmp_path / 'run'}", *TINY, TIMELINE], "ours")
+    plain = run_timeline(
+        [
+            sys.executable,
+            "-m",
+            "transfer.benchmarks.plain_loop",
+            "--data",
+            str(root),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--size",
+            "32",
+        ],
+        "plain",
+    )
+    ours = run_timeline(
+        [
+            sys.executable,
+            "-m",
+            "transfer.run",
+            "model=lenet5",
+            f"data.root={root}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *TINY,
+            TIMELINE,
+        ],
+        "ours",
+    )
     for out in (plain, ours):
         assert out["exit_code"] == 0 and [r["epoch"] for r in out["rows"]] == [1, 2]
         # accuracy over the 12 test images (a whole number of them), times that grow from epoch to epoch

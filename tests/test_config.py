@@ -1,4 +1,5 @@
 """The composed configs: experiments, and every model group file against the factory's signature."""
+
 from __future__ import annotations
 
 import inspect
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from transfer.models import REGISTRY, create_model, resolve_adapt
 from transfer.conf import CONF_DIR
+from transfer.models import REGISTRY, create_model, resolve_adapt
 
 MODEL_FILES = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 
@@ -31,7 +32,11 @@ def test_seed_experiments_pin_the_source_recipe(compose_cfg):
     r18 = compose_cfg("+experiment=seed_resnet18")
     assert (r18.model.name, r18.trainer.max_epochs, r18.finetune.unfreeze_at_epoch) == ("resnet18", 40, 5)
     assert (r18.optimizer.lr, r18.optimizer.weight_decay, r18.scheduler.factor, r18.scheduler.patience) == (
-        1e-3, 1e-4, 0.5, 2)
+        1e-3,
+        1e-4,
+        0.5,
+        2,
+    )
     alex = compose_cfg("+experiment=seed_alexnet")
     assert (alex.model.name, alex.model.adapt, alex.trainer.max_epochs) == ("alexnet", "native", 20)
 
@@ -39,24 +44,46 @@ def test_seed_experiments_pin_the_source_recipe(compose_cfg):
 def test_defaults_are_the_measured_recipe(compose_cfg):
     cfg = compose_cfg()
     assert (cfg.model.name, cfg.model.adapt, cfg.optimizer._target_, cfg.scheduler._target_) == (
-        "efficientnet_lite0", "auto", "torch.optim.AdamW", "torch.optim.lr_scheduler.OneCycleLR")
+        "efficientnet_lite0",
+        "auto",
+        "torch.optim.AdamW",
+        "torch.optim.lr_scheduler.OneCycleLR",
+    )
     assert cfg.scheduler.total_steps is None and cfg.scheduler.interval == "step"  # sized by the trainer
     assert (cfg.finetune.unfreeze_at_epoch, cfg.label_smoothing, cfg.tta) == (0, 0.1, True)
-    assert cfg.callbacks.ema._target_ == "transfer.ema.EMA"
+    assert cfg.callbacks.ema._target_ == "transfer.training.ema.EMA"
     assert cfg.data.augment.color_jitter is None and not cfg.data.augment.rotation
 
 
 def test_seed_experiment_restores_every_setting_of_the_source_recipe(compose_cfg):
     cfg = compose_cfg("+experiment=seed_resnet18")
-    source = {"model.name": "resnet18", "model.adapt": "native", "model.pretrained": True,
-              "optimizer._target_": "torch.optim.Adam", "optimizer.lr": 1e-3, "optimizer.weight_decay": 1e-4,
-              "scheduler._target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "trainer.max_epochs": 40,
-              "finetune.unfreeze_at_epoch": 5, "finetune.backbone_lr_ratio": 0.1, "finetune.layer_decay": 1.0,
-              "finetune.bn": "train", "data.batch_size": 64, "data.image_size": None, "label_smoothing": 0.0,
-              "mix.mixup_alpha": 0.0, "mix.cutmix_alpha": 0.0, "tta": False,
-              "data.augment.color_jitter": [0.2, 0.2, 0.2, 0.1], "data.augment.rotation": 15}
+    source = {
+        "model.name": "resnet18",
+        "model.adapt": "native",
+        "model.pretrained": True,
+        "optimizer._target_": "torch.optim.Adam",
+        "optimizer.lr": 1e-3,
+        "optimizer.weight_decay": 1e-4,
+        "scheduler._target_": "torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "trainer.max_epochs": 40,
+        "finetune.unfreeze_at_epoch": 5,
+        "finetune.backbone_lr_ratio": 0.1,
+        "finetune.layer_decay": 1.0,
+        "finetune.bn": "train",
+        "data.batch_size": 64,
+        "data.image_size": None,
+        "label_smoothing": 0.0,
+        "mix.mixup_alpha": 0.0,
+        "mix.cutmix_alpha": 0.0,
+        "tta": False,
+        "data.augment.color_jitter": [0.2, 0.2, 0.2, 0.1],
+        "data.augment.rotation": 15,
+    }
     assert {k: OmegaConf.select(cfg, k) for k in source} == source
-    assert cfg.callbacks.ema is None and cfg.callbacks.divergence_guard._target_ == "transfer.guard.DivergenceGuard"
+    assert (
+        cfg.callbacks.ema is None
+        and cfg.callbacks.divergence_guard._target_ == "transfer.training.guard.DivergenceGuard"
+    )
     assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.hflip
 
 
@@ -76,6 +103,7 @@ def test_ddp_and_slurm_launcher_configs_compose(compose_cfg):
     from hydra import compose, initialize_config_dir
 
     from transfer.conf import CONF_DIR
+
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         full = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = full.hydra.launcher
@@ -91,8 +119,8 @@ def test_speed_defaults_are_the_documented_ones(compose_cfg):
 def test_logger_group_builds_every_logger_into_the_run_directory(compose_cfg, tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from transfer.errors import ConfigError
-    from transfer.train import build_loggers
+    from transfer.core.errors import ConfigError
+    from transfer.training.train import build_loggers
 
     loggers = build_loggers(compose_cfg("logger=csv"), tmp_path)
     assert [type(lg) for lg in loggers] == [TensorBoardLogger, CSVLogger]

@@ -1,5 +1,6 @@
 """The notebooks never rot: in the default suite, every name they import from ``transfer`` exists and every call
 of one binds to its signature; with ``-m slow`` they run top to bottom, offline, on the small data they generate."""
+
 from __future__ import annotations
 
 import ast
@@ -23,8 +24,13 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_imports_and_calls_fit_the_library(path: Path):
     nb = nbformat.read(path, as_version=4)
-    code = "\n".join(line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
-                     if not line.lstrip().startswith(("%", "!")))  # IPython magics are not Python
+    code = "\n".join(
+        line
+        for c in nb.cells
+        if c.cell_type == "code"
+        for line in c.source.splitlines()
+        if not line.lstrip().startswith(("%", "!"))
+    )  # IPython magics are not Python
     tree = ast.parse(code)
     library = {}
     for node in ast.walk(tree):
@@ -55,6 +61,7 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert images  # the figures were drawn

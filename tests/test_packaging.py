@@ -1,4 +1,5 @@
 """The config ships inside the package: a wheel installed outside the checkout composes ``transfer.run``'s config."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,23 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _pip(*args: str, cwd: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args, "--no-deps", "--no-build-isolation", "--no-index",
-                           "--quiet", "--disable-pip-version-check"], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            *args,
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--disable-pip-version-check",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
@@ -46,8 +61,11 @@ def test_a_wheel_installed_outside_the_checkout_composes_the_run_config(tmp_path
 
     shipped = set(zipfile.ZipFile(wheel).namelist())
     expected = {p.relative_to(CHECKOUT).as_posix() for p in (CHECKOUT / "transfer").rglob("*.py")}
-    expected |= {"transfer/conf/" + p.relative_to(CHECKOUT / "conf").as_posix()
-                 for p in (CHECKOUT / "conf").rglob("*") if p.suffix in (".yaml", ".py")}
+    expected |= {
+        "transfer/conf/" + p.relative_to(CHECKOUT / "conf").as_posix()
+        for p in (CHECKOUT / "conf").rglob("*")
+        if p.suffix in (".yaml", ".py")
+    }
     missing = sorted(expected - shipped)
     assert not missing, f"not in the wheel (add the package to [tool.setuptools] packages): {missing[:5]}"
 
@@ -58,8 +76,9 @@ def test_a_wheel_installed_outside_the_checkout_composes_the_run_config(tmp_path
     env = {**os.environ, "PYTHONPATH": str(site), "HYDRA_FULL_ERROR": "1"}
 
     def python(*args: str) -> str:
-        proc = subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 

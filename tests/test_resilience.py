@@ -1,5 +1,6 @@
 """Resilience: bad settings refused before anything is touched, the divergence guard, atomic checkpoints,
 graceful stops and sweeps that survive their jobs."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CACHE, TINY
+from tests.helpers import TINY, child_cache
 from tests.in_process import run_tool
 from tests.tiny_models import TINY_MAIN
-from transfer.errors import ConfigError, DivergenceError
-from transfer.preflight import problems, resume_path, validate
+from transfer.core.errors import ConfigError, DivergenceError
+from transfer.training.preflight import problems, resume_path, validate
 
 SMALL = ["model=resnet18", "model.pretrained=false", "~callbacks.ema", *TINY]
 
@@ -56,16 +57,19 @@ def snapshot(path: Path) -> dict[Path, tuple[int, bytes]]:
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
-    ("optimizer.lr=-1", "optimizer.lr=-1 must be a positive number"),
-    ("finetune.bn=foo", "finetune.bn='foo' must be train or frozen"),
-    ("trainer.max_epochs=0", "trainer.max_epochs=0 must be a positive integer"),
-    ("label_smoothing=1.5", "label_smoothing=1.5 must be in [0, 1)"),
-    ("data.batch_size=abc", "data.batch_size='abc' must be a positive integer"),
-    ("finetune.unfreeze_at_epoch=-2", "finetune.unfreeze_at_epoch=-2 must be null"),
-    ("data=imagefolder", "data.root is required"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 must be a positive number"),
+        ("finetune.bn=foo", "finetune.bn='foo' must be train or frozen"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be a positive integer"),
+        ("label_smoothing=1.5", "label_smoothing=1.5 must be in [0, 1)"),
+        ("data.batch_size=abc", "data.batch_size='abc' must be a positive integer"),
+        ("finetune.unfreeze_at_epoch=-2", "finetune.unfreeze_at_epoch=-2 must be null"),
+        ("data=imagefolder", "data.root is required"),
+    ],
+)
 def test_each_bad_setting_is_named_with_what_it_must_be(compose_cfg, override: str, expected: str):
     found = problems(compose_cfg(override))
     assert len(found) == 1 and found[0].startswith(expected), found
@@ -97,8 +101,14 @@ def test_resume_accepts_a_run_directory(tmp_path: Path):
 def test_bad_settings_exit_2_before_data_or_hydra_files_are_touched(tmp_path: Path):
     before = old_run_dir(tmp_path / "old")
     start = time.perf_counter()
-    proc = run(*SMALL, "data.batch_size=0", "optimizer.lr=-1", "finetune.bn=foo", f"data.root={tmp_path / 'absent'}",
-               f"hydra.run.dir={tmp_path / 'old'}")
+    proc = run(
+        *SMALL,
+        "data.batch_size=0",
+        "optimizer.lr=-1",
+        "finetune.bn=foo",
+        f"data.root={tmp_path / 'absent'}",
+        f"hydra.run.dir={tmp_path / 'old'}",
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     text = flat(proc.stderr)
     assert "error: Invalid settings: data.batch_size=0" in text and "finetune.bn='foo'" in text
@@ -123,8 +133,9 @@ def test_resume_from_a_text_file_is_one_paragraph(tiny_cifar: Path, tmp_path: Pa
         prepare(compose_cfg(*SMALL, f"data.root={tiny_cifar}", f"resume={bogus}"))
 
 
-def test_a_checkpoint_carrying_code_is_refused_not_run(tiny_cifar: Path, tmp_path: Path, compose_cfg,
-                                                       monkeypatch: pytest.MonkeyPatch):
+def test_a_checkpoint_carrying_code_is_refused_not_run(
+    tiny_cifar: Path, tmp_path: Path, compose_cfg, monkeypatch: pytest.MonkeyPatch
+):
     from transfer.run import prepare
 
     marker = tmp_path / "pwned"
@@ -165,16 +176,23 @@ def test_help_describes_the_tool_its_groups_and_examples():
 
 
 def test_slurm_launcher_off_a_cluster_is_one_paragraph(tmp_path: Path):
-    proc = run("-m", "hydra/launcher=slurm", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-               env={"PATH": str(tmp_path)})  # no sbatch on it
+    proc = run(
+        "-m", "hydra/launcher=slurm", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"PATH": str(tmp_path)}
+    )  # no sbatch on it
     assert proc.returncode == 2 and "sbatch" in flat(proc.stderr) and "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep").exists()
 
 
 def test_a_failing_sweep_job_is_recorded_the_others_run_and_the_sweep_fails(tiny_cifar: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    proc = run("-m", "optimizer.lr=1e-3,-1", f"data.root={tiny_cifar}", f"hydra.sweep.dir={sweep}",
-               *[a for a in SMALL if not a.startswith("trainer.max_epochs")], "trainer.max_epochs=1")
+    proc = run(
+        "-m",
+        "optimizer.lr=1e-3,-1",
+        f"data.root={tiny_cifar}",
+        f"hydra.sweep.dir={sweep}",
+        *[a for a in SMALL if not a.startswith("trainer.max_epochs")],
+        "trainer.max_epochs=1",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     ok, bad = sweep / "0", sweep / "1"
     assert (ok / "summary.json").exists() and not (ok / "failed.json").exists()
@@ -186,13 +204,14 @@ def test_a_failing_sweep_job_is_recorded_the_others_run_and_the_sweep_fails(tiny
 
 
 def test_report_lists_failed_and_killed_jobs(tmp_path: Path):
-    from tests.test_report import fake_job
-    from transfer.report import write_report
+    from tests.experiments.test_report import fake_job
+    from transfer.experiments.report import write_report
 
     fake_job(tmp_path, "0", "resnet18", 1, [0.5, 0.7], 0.7, ["seed=1"])
     (tmp_path / "1").mkdir()
-    (tmp_path / "1" / "failed.json").write_text(json.dumps({"reason": "Weights for x are not available",
-                                                            "overrides": ["seed=2"]}))
+    (tmp_path / "1" / "failed.json").write_text(
+        json.dumps({"reason": "Weights for x are not available", "overrides": ["seed=2"]})
+    )
     (tmp_path / "2" / ".hydra").mkdir(parents=True)
     (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- seed=3\n")
     md = write_report(tmp_path).read_text()
@@ -203,7 +222,7 @@ def test_report_lists_failed_and_killed_jobs(tmp_path: Path):
 
 
 def test_atomic_save_never_leaves_a_broken_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from transfer.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+    from transfer.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, target)
@@ -222,17 +241,18 @@ def test_atomic_save_never_leaves_a_broken_file(tmp_path: Path, monkeypatch: pyt
 
 
 def test_the_trainer_writes_checkpoints_atomically(compose_cfg, tmp_path: Path):
-    from transfer.checkpoint_io import AtomicCheckpointIO
-    from transfer.train import build_trainer
+    from transfer.training.checkpoint_io import AtomicCheckpointIO
+    from transfer.training.train import build_trainer
 
     trainer = build_trainer(compose_cfg(*SMALL[3:]), tmp_path, [])
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_a_nan_loss_stops_the_run_naming_epoch_step_and_rates_and_keeps_the_last_good_checkpoint(
-        tiny_models, compose_cfg, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tiny_models, compose_cfg, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     from transfer.data import ClassificationData
-    from transfer.train import train
+    from transfer.training.train import train
 
     real = ClassificationData.prepare_batch
 
@@ -245,9 +265,18 @@ def test_a_nan_loss_stops_the_run_naming_epoch_step_and_rates_and_keeps_the_last
         return ready
 
     monkeypatch.setattr(ClassificationData, "prepare_batch", poisoned)
-    cfg = compose_cfg("model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",
-                      "optimizer=adam", "scheduler=plateau", f"data.root={tiny_cifar}", *TINY[:1],
-                      "trainer.max_epochs=3", *TINY[2:])
+    cfg = compose_cfg(
+        "model=resnet18",
+        "model.name=tiny_test_cnn",
+        "model.pretrained=false",
+        "~callbacks.ema",
+        "optimizer=adam",
+        "scheduler=plateau",
+        f"data.root={tiny_cifar}",
+        *TINY[:1],
+        "trainer.max_epochs=3",
+        *TINY[2:],
+    )
     with pytest.raises(DivergenceError) as info:
         train(cfg, tmp_path / "run")
     text = str(info.value)
@@ -260,18 +289,30 @@ def test_a_nan_loss_stops_the_run_naming_epoch_step_and_rates_and_keeps_the_last
 
 
 def test_a_loss_above_max_loss_stops_the_run(tiny_models, compose_cfg, tiny_cifar: Path, tmp_path: Path):
-    from transfer.train import train
+    from transfer.training.train import train
 
-    cfg = compose_cfg("model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",
-                      f"data.root={tiny_cifar}", "callbacks.divergence_guard.max_loss=0.5", *TINY)
+    cfg = compose_cfg(
+        "model=resnet18",
+        "model.name=tiny_test_cnn",
+        "model.pretrained=false",
+        "~callbacks.ema",
+        f"data.root={tiny_cifar}",
+        "callbacks.divergence_guard.max_loss=0.5",
+        *TINY,
+    )
     with pytest.raises(DivergenceError, match=r"above callbacks.divergence_guard.max_loss=0.5\) at epoch 0, step 0"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
 # A fast CLI run's arguments: TINY_MAIN registers tiny_test_cnn in the child process.
-TINY_MODEL = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema",
-              *[a for a in TINY if not a.startswith("trainer.max_epochs")]]
+TINY_MODEL = [
+    "model=resnet18",
+    "model.name=tiny_test_cnn",
+    "model.pretrained=false",
+    "~callbacks.ema",
+    *[a for a in TINY if not a.startswith("trainer.max_epochs")],
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -279,18 +320,27 @@ def tiny_command(*args: str) -> list[str]:
     return [sys.executable, "-c", TINY_MAIN, *TINY_MODEL, *args]
 
 
-TINY_ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": CACHE}
+def tiny_env() -> dict[str, str]:
+    """The environment of the tiny child runs: short errors, the shared decode cache."""
+    return {**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": child_cache()}
 
 
 # The same handler serves both signals: the default suite sends one (a real child process: ~15 s).
-@pytest.mark.parametrize("signum, status", [pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),
-                                            (signal.SIGINT, 130)])
-def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(tiny_models, tiny_cifar: Path,
-                                                                           tmp_path: Path, signum: int, status: int):
+@pytest.mark.parametrize(
+    "signum, status", [pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow), (signal.SIGINT, 130)]
+)
+def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(
+    tiny_models, tiny_cifar: Path, tmp_path: Path, signum: int, status: int
+):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(tiny_command(f"data.root={tiny_cifar}", f"hydra.run.dir={run_dir}",
-                                         "trainer.max_epochs=100000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TINY_ENV, cwd=ROOT)
+    proc = subprocess.Popen(
+        tiny_command(f"data.root={tiny_cifar}", f"hydra.run.dir={run_dir}", "trainer.max_epochs=100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tiny_env(),
+        cwd=ROOT,
+    )
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -304,8 +354,13 @@ def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(tin
     ckpt = torch.load(saved, weights_only=True)
     assert ckpt["global_step"] >= 3
     # and it resumes from that step, on to the end
-    resumed = run(*TINY_MODEL, f"data.root={tiny_cifar}", f"resume={saved}", f"hydra.run.dir={tmp_path / 'resumed'}",
-                  f"trainer.max_epochs={ckpt['epoch'] + 2}")
+    resumed = run(
+        *TINY_MODEL,
+        f"data.root={tiny_cifar}",
+        f"resume={saved}",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+        f"trainer.max_epochs={ckpt['epoch'] + 2}",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = json.loads((tmp_path / "resumed" / "history.json").read_text())
     assert history["epochs"][-1]["epoch"] == ckpt["epoch"] + 1
@@ -313,10 +368,17 @@ def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(tin
 
 def test_slurm_requeue_handler_survives(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Lightning's SIGUSR1 auto-requeue handler is installed next to the SIGTERM handling."""
-    from transfer.train import build_trainer
+    from transfer.training.train import build_trainer
 
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "1"}.items():
+    for key, value in {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS_PER_NODE": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     trainer = build_trainer(compose_cfg(*SMALL[3:]), tmp_path, [])
     old = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
@@ -331,12 +393,20 @@ def test_slurm_requeue_handler_survives(compose_cfg, tmp_path: Path, monkeypatch
 
 
 def test_a_failed_single_run_exits_2_and_records_why(tiny_models, tmp_path: Path):
-    from tests.conftest import make_image_folder
+    from tests.helpers import make_image_folder
 
     root = make_image_folder(tmp_path / "photos", {"train": 6})
     (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
-    args = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "trainer=cpu", "data=imagefolder",
-            f"data.root={root}", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        "model=resnet18",
+        "model.name=tiny_test_cnn",
+        "model.pretrained=false",
+        "trainer=cpu",
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.num_workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = run(*args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"1 image file(s) could not be decoded: {root / 'train' / 'cat' / 'broken.jpg'}" in flat(proc.stderr)

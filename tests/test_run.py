@@ -3,6 +3,7 @@
 ``finished_run`` is a real child process; the other command lines run in this process (tests/in_process.py), which
 gives the same exit status and output without a child's 10 s of imports.
 """
+
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,7 @@ import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 from tests.in_process import run_tool
 
 
@@ -32,7 +33,7 @@ def test_a_run_writes_every_output(finished_run):
     assert abs(summary["test_acc"] * 12 - round(summary["test_acc"] * 12)) < 1e-4
     assert f"test accuracy {summary['test_acc']:.4f}" in proc.stdout
     # 2 epochs of 3 batches of 8 images, timed by the batch (within the wall time): images/s * s >= 48 images
-    assert 0 < summary["train_seconds"] and summary["images_per_second"] * summary["train_seconds"] >= 48 * 0.99
+    assert summary["train_seconds"] > 0 and summary["images_per_second"] * summary["train_seconds"] >= 48 * 0.99
     assert summary["code"]["packages"]["torch"] == version("torch")
     assert summary["overrides"] == [a for a in args if not a.startswith("hydra.")]  # what made this run
     rows = json.loads((run_dir / "history.json").read_text())["epochs"]
@@ -53,7 +54,7 @@ def test_a_run_writes_every_output(finished_run):
 
 
 def test_a_checkpoint_describes_itself(finished_run):
-    from transfer.module import Classifier
+    from transfer.training.module import Classifier
 
     run_dir, proc, *_ = finished_run
     assert proc.returncode == 0
@@ -74,23 +75,42 @@ def test_rerunning_into_a_finished_run_directory_overwrites_nothing(finished_run
 
 
 def test_missing_data_is_one_paragraph_and_exit_2(tmp_path: Path):
-    proc = run("model=resnet18", "model.pretrained=false", f"data.root={tmp_path / 'none'}",
-               f"hydra.run.dir={tmp_path / 'run'}", *TINY)
+    proc = run(
+        "model=resnet18",
+        "model.pretrained=false",
+        f"data.root={tmp_path / 'none'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *TINY,
+    )
     assert proc.returncode == 2
     assert "error: CIFAR-10 was not found" in proc.stderr and "Traceback" not in proc.stderr
     assert "HYDRA_FULL_ERROR=1" in proc.stderr
 
 
 def test_full_error_env_shows_the_traceback(tmp_path: Path):
-    proc = run("model=resnet18", "model.pretrained=false", f"data.root={tmp_path / 'none'}",
-               f"hydra.run.dir={tmp_path / 'run'}", *TINY, env={"HYDRA_FULL_ERROR": "1"})
+    proc = run(
+        "model=resnet18",
+        "model.pretrained=false",
+        f"data.root={tmp_path / 'none'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *TINY,
+        env={"HYDRA_FULL_ERROR": "1"},
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "DataNotFoundError" in proc.stderr
 
 
 def test_multirun_sweep_gives_each_job_its_own_directory(tiny_models, tiny_cifar: Path, tmp_path: Path):
     sweep = tmp_path / "sweep"
-    proc = run("-m", "model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "finetune.bn=train,frozen",
-               f"data.root={tiny_cifar}", f"hydra.sweep.dir={sweep}", *TINY)
+    proc = run(
+        "-m",
+        "model=resnet18",
+        "model.name=tiny_test_cnn",
+        "model.pretrained=false",
+        "finetune.bn=train,frozen",
+        f"data.root={tiny_cifar}",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = sorted(sweep.glob("*/summary.json"))
     assert [p.parent.name for p in summaries] == ["0", "1"]  # the job number alone: ckpt=<sweep>/1 needs no quoting
@@ -104,8 +124,15 @@ def test_multirun_sweep_gives_each_job_its_own_directory(tiny_models, tiny_cifar
 
 
 def test_an_input_size_the_adapted_model_cannot_take_is_a_clear_error(tiny_cifar: Path, tmp_path: Path):
-    proc = run("model=vit_b_16", "model.pretrained=false", "model.adapt=native", "data.image_size=48",
-               f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'run'}", *TINY)
+    proc = run(
+        "model=vit_b_16",
+        "model.pretrained=false",
+        "model.adapt=native",
+        "data.image_size=48",
+        f"data.root={tiny_cifar}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *TINY,
+    )
     assert proc.returncode == 2 and "cannot take 48 px inputs" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -4,6 +4,7 @@ They live outside ``conftest.py`` so that a ``python -c`` child process can regi
 (:data:`TINY_MAIN`) without importing pytest fixtures, and outside the package so that the production
 registry never holds them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,8 +16,14 @@ from transfer.models import REGISTRY, Architecture, Split, register
 
 
 def _tiny_build() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1000))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 1000),
+    )
 
 
 def _tiny_split(net: nn.Module) -> Split:
@@ -25,8 +32,15 @@ def _tiny_split(net: nn.Module) -> Split:
 
 
 def _tiny_neck_build() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.Linear(6, 1000))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 6),
+        nn.Linear(6, 1000),
+    )
 
 
 def _tiny_neck_split(net: nn.Module) -> Split:
@@ -34,15 +48,18 @@ def _tiny_neck_split(net: nn.Module) -> Split:
 
 
 TINY_CNN = Architecture(name="tiny_test_cnn", family="test", build=_tiny_build, split=_tiny_split, weights=None)
-TINY_NECK = Architecture(name="tiny_test_neck", family="test", build=_tiny_neck_build, split=_tiny_neck_split,
-                         weights=None)
+TINY_NECK = Architecture(
+    name="tiny_test_neck", family="test", build=_tiny_neck_build, split=_tiny_neck_split, weights=None
+)
 TINY_ARCHS = (TINY_CNN, TINY_NECK)
 
 # `python -c TINY_MAIN <overrides>` is `python -m transfer.run <overrides>` with the tiny architectures registered:
 # CLI runs (signals, kill -9, exit codes) in a second instead of building a real network.
-TINY_MAIN = ("import sys; sys.argv[0] = 'transfer.run'; from tests.tiny_models import TINY_ARCHS; "
-             "from transfer.models import register; [register(a) for a in TINY_ARCHS]; "
-             "from transfer.run import main; main()")
+TINY_MAIN = (
+    "import sys; sys.argv[0] = 'transfer.run'; from tests.tiny_models import TINY_ARCHS; "
+    "from transfer.models import register; [register(a) for a in TINY_ARCHS]; "
+    "from transfer.run import main; main()"
+)
 
 
 @contextmanager

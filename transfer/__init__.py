@@ -1,5 +1,8 @@
 """transfer: fine-tune pretrained image classifiers with PyTorch Lightning and Hydra."""
-from transfer.quiet import quiet as _quiet  # not bound as `quiet`: that name stays the submodule
+
+from transfer.core.quiet import (
+    quiet as _quiet,  # not bound as `quiet`: that name stays the submodule
+)
 
 __version__ = "0.1.0"
 

@@ -1,145 +1,22 @@
 """``python -m transfer.evaluate ckpt=<checkpoint or run dir> [data=...] [split=test]``: the evaluate-only path.
 
-Writes into a new directory: ``metrics.json`` (accuracy, per-class accuracy, precision/recall/F1),
-``report.md`` (the classification report), ``confusion_matrix.png`` and ``top_losses.png`` (the images the
-model got most confidently wrong).
+Score a checkpoint on a split: metrics.json, report.md, confusion matrix, top losses. The work is done by :mod:`transfer.deploy.evaluate`; this module is the command.
 """
+
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import hydra
-import lightning as L
-import numpy as np
-import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
-from torch import Tensor
-from torchmetrics.functional.classification import (multiclass_confusion_matrix, multiclass_f1_score,
-                                                multiclass_precision, multiclass_recall)
 
-from transfer.checkpoints import find_checkpoint
-from transfer.compute import pick_device
 from transfer.conf import CONF_PATH
-from transfer.data import ClassificationData, datamodule_from_config
-from transfer.errors import ConfigError, report_errors
-from transfer.module import Classifier
-from transfer.plots import confusion_matrix_figure, image_grid
+from transfer.core.errors import report_errors
+from transfer.deploy.evaluate import evaluate, report_markdown
 
 
-def collect(module: Classifier, datamodule: ClassificationData, device: str = "auto",
-            precision: str = "32-true") -> tuple[Tensor, Tensor]:
-    """Logits and targets over ``datamodule``'s ``predict_split``, through ``Trainer.predict``.
-
-    Lightning's loop brings the device placement, the data module's batch preparation, inference mode and a
-    progress bar; the module's ``predict_step`` applies flip TTA when its ``tta`` is on.
-
-    Args:
-        module: the classifier.
-        datamodule: built with the module's preprocessing and the split to score as ``predict_split``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
-        precision: Lightning precision of the forward passes (the run's ``trainer.precision`` reproduces its test).
-
-    Returns:
-        ``(logits, targets)`` on the CPU, in the split's order.
-    """
-    try:
-        accelerator, devices = ("auto", 1) if device == "auto" else _accelerator(pick_device(device))
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
-                            enable_model_summary=False, precision=precision)  # type: ignore[arg-type]
-    except (RuntimeError, ValueError, MisconfigurationException) as err:  # RuntimeError: torch.device's
-        raise ConfigError(f"device={device} precision={precision} cannot be used here ({str(err)[:200]}). Use "
-                          f"device=auto|cpu|cuda and precision=32-true|bf16-mixed|16-mixed (mixed ones on a "
-                          f"GPU).") from err
-    scores = trainer.predict(module, datamodule=datamodule)
-    return (torch.cat([s.logits.float().cpu() for s in scores]),  # type: ignore[union-attr]
-            torch.cat([s.target.cpu() for s in scores]))  # type: ignore[union-attr]
-
-
-def _accelerator(device: torch.device) -> tuple[str, Any]:
-    """Lightning's ``(accelerator, devices)`` for one torch device."""
-    return ("gpu", [device.index or 0]) if device.type == "cuda" else (device.type, 1)
-
-
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, confusion matrix and per-class precision/recall/F1/support, through torchmetrics.
-
-    A class never predicted gets precision 0 and one absent from ``targets`` recall 0 (``zero_division=0``).
-    ``macro_f1`` is the plain mean over all classes: torchmetrics' ``average="macro"`` would skip classes
-    absent from both targets and predictions, which would change the number this report has always given.
-
-    Args:
-        logits: ``(N, C)`` scores.
-        targets: ``(N,)`` true class indices.
-        classes: class names.
-
-    Returns:
-        A JSON-ready dict; ``confusion`` rows are true classes, columns predictions.
-    """
-    n = len(classes)
-    pred = logits.argmax(dim=1)
-    confusion = multiclass_confusion_matrix(pred, targets, n)
-    scores = {name: fn(pred, targets, n, average=None, zero_division=0) for name, fn in
-              (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score))}
-    support = confusion.sum(dim=1)
-    per_class = {c: {**{name: float(values[i]) for name, values in scores.items()}, "support": int(support[i])}
-                 for i, c in enumerate(classes)}
-    return {"accuracy": float((pred == targets).float().mean()), "n": int(len(targets)),
-            "loss": float(F.cross_entropy(logits, targets)), "per_class": per_class,
-            "macro_f1": float(scores["f1"].mean()), "confusion": confusion.tolist()}
-
-
-def report_markdown(metrics: dict[str, Any], title: str) -> str:
-    """The classification report as a Markdown table."""
-    lines = [f"# {title}", "", f"accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images, "
-             f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}", "",
-             "| class | precision | recall (class accuracy) | F1 | support |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
-              for c, m in metrics["per_class"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
-    x, _ = dataset[i]
-    if x.dtype == torch.uint8:  # the in-memory path stores the image itself
-        return x.permute(1, 2, 0).numpy()
-    return (module.preprocess.denormalize(x).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-
-
-def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """Evaluate a checkpoint on a data split and write the report files into ``out``."""
-    ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
-    module = Classifier.from_checkpoint(ckpt)
-    if cfg.get("tta") is not None:  # null keeps what the run tested with
-        module.hparams.tta = bool(cfg.tta)
-    # the checkpoint's preprocessing, exactly as the run used it: nothing is resolved again here
-    datamodule = datamodule_from_config(cfg.data, module.preprocess, predict_split=str(cfg.split))
-    if datamodule.classes != module.class_names:
-        raise ConfigError(f"The checkpoint's classes {module.class_names} differ from the data's {datamodule.classes} "
-                          f"(data.root={datamodule.root}); evaluate on data with the same class folders.")
-    logits, targets = collect(module, datamodule, str(cfg.device), str(cfg.get("precision", "32-true")))
-    metrics = classification_metrics(logits, targets, module.class_names)
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"
-    (out / "metrics.json").write_text(json.dumps({"ckpt": str(ckpt), **metrics}, indent=1))
-    (out / "report.md").write_text(report_markdown(metrics, title))
-    confusion_matrix_figure(np.array(metrics["confusion"]), module.class_names, out / "confusion_matrix.png", title)
-    losses = F.cross_entropy(logits, targets, reduction="none")
-    worst = losses.argsort(descending=True)[: int(cfg.top_losses)].tolist()
-    probs = logits.softmax(dim=1)
-    names = module.class_names
-    dataset = getattr(datamodule, f"{cfg.split}_set")
-    image_grid([_raw_image(dataset, i, module) for i in worst],
-               [f"{names[int(probs[i].argmax())]} {float(probs[i].max()):.2f}" for i in worst],
-               [names[int(targets[i])] for i in worst], out / "top_losses.png")
-    return metrics
-
-
-@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/evaluate")
 @report_errors
 def main(cfg: DictConfig) -> float:
     """Command-line entry."""

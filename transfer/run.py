@@ -1,9 +1,10 @@
 """Command line: ``python -m transfer.run model=resnet18 trainer.devices=1`` (Hydra; ``-m`` for sweeps).
 
-A thin wrapper: Hydra composes ``conf/`` (installed as the package ``transfer.conf``), :func:`transfer.train.train`
+A thin wrapper: Hydra composes ``conf/`` (installed as the package ``transfer.conf``), :func:`transfer.training.train.train`
 does the work in Hydra's run directory. Lightning and the data and model code are imported inside the functions,
 so ``--help``, ``--cfg job`` and a refused setting answer in about a second instead of after ~10 s of imports.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,10 +14,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
-from transfer.errors import report_errors
-from transfer.exit_status import graceful_exit
-from transfer.preflight import check_checkpoint, resume_path, validate
-from transfer.sweep import sweep_job
+from transfer.core.errors import report_errors
+from transfer.core.exit_status import graceful_exit
+from transfer.experiments.sweep import sweep_job
+from transfer.training.preflight import check_checkpoint, resume_path, validate
 
 
 def prepare(cfg: DictConfig) -> None:
@@ -37,9 +38,11 @@ def _fmt(value: float | None) -> str:
 
 def describe(summary: dict) -> str:
     """The one-line result a run ends with."""
-    return (f"{summary['model']}: test accuracy {_fmt(summary['test_acc'])} (best checkpoint: epoch "
-            f"{summary['best_epoch']}, val accuracy {_fmt(summary['best_val_acc'])}); "
-            f"{summary['images_per_second']:.0f} train images/s")
+    return (
+        f"{summary['model']}: test accuracy {_fmt(summary['test_acc'])} (best checkpoint: epoch "
+        f"{summary['best_epoch']}, val accuracy {_fmt(summary['best_val_acc'])}); "
+        f"{summary['images_per_second']:.0f} train images/s"
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")
@@ -51,7 +54,7 @@ def main(cfg: DictConfig) -> float | None:
     selection never looks at the test set)."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from transfer.train import train
+    from transfer.training.train import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     prepare(cfg)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from transfer.core.errors import ConfigError
+from transfer.core.preprocess import Preprocess
 from transfer.data.batch_augment import BatchAugment
-from transfer.data.transforms import Preprocess, train_transform
-from transfer.errors import ConfigError
+from transfer.data.transforms import train_transform
 
 SOURCE_AUG = {"crop_padding": 4, "hflip": True, "color_jitter": (0.2, 0.2, 0.2, 0.1), "rotation": 15}
 PIXELS = Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), native_size=32)  # identity normalisation: [0, 1] out
@@ -20,7 +21,7 @@ def photos(n: int, seed: int = 0) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
     base = torch.rand(n, 3, 1, 1, generator=g) * xx + torch.rand(n, 3, 1, 1, generator=g) * yy
     blob = ((xx - torch.rand(n, 1, 1, 1, generator=g)) ** 2 + (yy - 0.5) ** 2 < 0.05).float()
-    img = (base / 2 + blob * torch.rand(n, 3, 1, 1, generator=g) * 0.5 + torch.rand(n, 3, 32, 32, generator=g) * 0.1)
+    img = base / 2 + blob * torch.rand(n, 3, 1, 1, generator=g) * 0.5 + torch.rand(n, 3, 32, 32, generator=g) * 0.1
     return (img.clamp(0, 1) * 255).to(torch.uint8)
 
 
@@ -66,7 +67,7 @@ def test_crop_and_flip_move_whole_pixels_like_randomcrop():
     out = BatchAugment(PIXELS, {"crop_padding": 4, "hflip": True})(x)
     padded = F.pad(x.float() / 255, (4, 4, 4, 4))
     for i in range(len(x)):
-        candidates = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        candidates = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
         candidates += [c.flip(-1) for c in candidates]
         # whole pixels moved (float rounding of the /255 aside), not interpolated ones
         assert any(torch.allclose(out[i], c, atol=1e-6) for c in candidates), f"sample {i} is not a padded crop"
@@ -85,8 +86,11 @@ def test_distribution_matches_the_pil_path_on_summary_statistics():
     ours = BatchAugment(PIXELS, SOURCE_AUG)(x)
     tf = train_transform(PIXELS, SOURCE_AUG)
     theirs = torch.stack([tf(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in x])
-    for stat in (lambda t: t.mean((0, 2, 3)), lambda t: t.std((0, 2, 3)),
-                 lambda t: (t.sum(1) == 0).float().mean()):  # black pixels: padding and rotated-in corners
+    for stat in (
+        lambda t: t.mean((0, 2, 3)),
+        lambda t: t.std((0, 2, 3)),
+        lambda t: (t.sum(1) == 0).float().mean(),
+    ):  # black pixels: padding and rotated-in corners
         assert torch.allclose(stat(ours), stat(theirs), atol=0.015), (stat(ours), stat(theirs))
     # per-image brightness spread (the jitter's strength), not just the pooled moments
     assert abs(ours.mean((1, 2, 3)).std() - theirs.mean((1, 2, 3)).std()) < 0.01

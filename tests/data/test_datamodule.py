@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import CLASSES, make_image_folder
-from transfer.data import CIFAR10Data, ImageFolderData, Preprocess, stratified_split
-from transfer.errors import ConfigError, DataNotFoundError
+from tests.helpers import CLASSES, make_image_folder
+from transfer.core.errors import ConfigError, DataNotFoundError
+from transfer.core.preprocess import Preprocess
+from transfer.data import CIFAR10Data, ImageFolderData, stratified_split
 
 
 def pre(size: int = 32, native: int | None = None) -> Preprocess:
@@ -50,8 +51,18 @@ def test_stratified_split_never_takes_a_class_last_image():
 
 @PATHS
 def test_cifar_folders_split_sizes_shapes_and_normalisation(tiny_cifar: Path, augment_on: str):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=6, num_workers=0, batch_size=4,
-                           eval_batch_size=6, augment_on=augment_on))
+    dm = ready(
+        CIFAR10Data(
+            str(tiny_cifar),
+            download=False,
+            preprocess=pre(native=32),
+            val_size=6,
+            num_workers=0,
+            batch_size=4,
+            eval_batch_size=6,
+            augment_on=augment_on,
+        )
+    )
     assert dm.classes == list(CLASSES)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 6, 12)
     val_labels = [dm.val_set[i][1] for i in range(len(dm.val_set))]
@@ -67,19 +78,34 @@ def test_cifar_folders_split_sizes_shapes_and_normalisation(tiny_cifar: Path, au
 
 @PATHS
 def test_resize_adapt_feeds_the_models_pretrained_size(tiny_cifar: Path, augment_on: str):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, val_size=3, num_workers=0, batch_size=4,
-                           augment_on=augment_on, preprocess=pre(48, native=32)))
+    dm = ready(
+        CIFAR10Data(
+            str(tiny_cifar),
+            download=False,
+            val_size=3,
+            num_workers=0,
+            batch_size=4,
+            augment_on=augment_on,
+            preprocess=pre(48, native=32),
+        )
+    )
     assert dm.preprocess.image_size == 48
     assert model_batch(dm, "train")[0].shape == (4, 3, 48, 48) and model_batch(dm, "test")[0].shape[1:] == (3, 48, 48)
 
 
 def test_train_augmentation_varies_while_eval_is_deterministic(tiny_cifar: Path):
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=3, num_workers=0,
-                           augment_on="cpu_pil"))
+    dm = ready(
+        CIFAR10Data(
+            str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=3, num_workers=0, augment_on="cpu_pil"
+        )
+    )
     assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0])
     assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
-    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=3, num_workers=0,
-                           augment_on="device"))
+    dm = ready(
+        CIFAR10Data(
+            str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=3, num_workers=0, augment_on="device"
+        )
+    )
     batch = next(iter(dm.train_dataloader()))
     assert not torch.equal(dm.prepare_batch(batch, train=True)[0], dm.prepare_batch(batch, train=True)[0])
     assert torch.equal(dm.prepare_batch(batch, train=False)[0], dm.prepare_batch(batch, train=False)[0])
@@ -96,8 +122,10 @@ def _write_python_archive(root: Path, per_batch: int = 10) -> None:
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {"data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
-                 "labels": (np.arange(per_batch) % 10).tolist()}
+        batch = {
+            "data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+            "labels": (np.arange(per_batch) % 10).tolist(),
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
 
@@ -125,8 +153,17 @@ def test_missing_cifar_gives_one_actionable_error(tmp_path: Path, download: bool
 @PATHS
 def test_imagefolder_splits_val_and_test_out_of_train_when_absent(tmp_path: Path, augment_on: str):
     root = make_image_folder(tmp_path / "mine", {"train": 10})
-    dm = ready(ImageFolderData(str(root), val_size=0.2, test_size=0.1, num_workers=0, preprocess=pre(40), batch_size=4,
-                               augment_on=augment_on))
+    dm = ready(
+        ImageFolderData(
+            str(root),
+            val_size=0.2,
+            test_size=0.1,
+            num_workers=0,
+            preprocess=pre(40),
+            batch_size=4,
+            augment_on=augment_on,
+        )
+    )
     assert dm.classes == list(CLASSES)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (21, 6, 3)
     rows = [set(ds.indices.tolist()) for ds in (dm.train_set, dm.val_set, dm.test_set)]

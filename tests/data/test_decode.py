@@ -1,25 +1,38 @@
 """Decoding messy image files, and the layouts and faults of a user's image folders."""
+
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.conftest import CLASSES, make_image_folder
-from transfer.data import ImageFolderData, Preprocess
+from tests.helpers import CLASSES, make_image_folder
+from transfer.core.errors import ConfigError, CorruptImagesError, DataNotFoundError
+from transfer.core.preprocess import Preprocess
+from transfer.data import ImageFolderData
 from transfer.data.datasets import decode_checked, list_images
 from transfer.data.decode import read_rgb, to_rgb
-from transfer.errors import ConfigError, CorruptImagesError, DataNotFoundError
 
 # (mode, file suffix that can hold it)
-MODES = [("1", ".png"), ("L", ".png"), ("LA", ".png"), ("P", ".png"), ("RGB", ".jpg"), ("RGBA", ".png"),
-         ("CMYK", ".jpg"), ("I;16", ".png"), ("I", ".tif"), ("F", ".tif"), ("RGB", ".webp")]
+MODES = [
+    ("1", ".png"),
+    ("L", ".png"),
+    ("LA", ".png"),
+    ("P", ".png"),
+    ("RGB", ".jpg"),
+    ("RGBA", ".png"),
+    ("CMYK", ".jpg"),
+    ("I;16", ".png"),
+    ("I", ".tif"),
+    ("F", ".tif"),
+    ("RGB", ".webp"),
+]
 
 
 def pre(size: int = 32) -> Preprocess:
@@ -46,8 +59,13 @@ def solid(mode: str, size: tuple[int, int], value: int) -> Image.Image:
 
 
 @settings(max_examples=60, deadline=None)
-@given(kind=st.sampled_from(MODES), width=st.integers(1, 90), height=st.integers(1, 90),
-       value=st.integers(0, 255), out=st.one_of(st.none(), st.integers(1, 48)))
+@given(
+    kind=st.sampled_from(MODES),
+    width=st.integers(1, 90),
+    height=st.integers(1, 90),
+    value=st.integers(0, 255),
+    out=st.one_of(st.none(), st.integers(1, 48)),
+)
 def test_every_mode_and_size_decodes_to_upright_8bit_rgb(kind, width, height, value, out):
     mode, suffix = kind
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,8 +204,7 @@ def test_splits_with_different_class_sets_are_an_error(tmp_path: Path, change: s
 def test_flat_layout_holds_out_stratified_seeded_splits(tmp_path: Path):
     make_image_folder(tmp_path, {"flat": 20})
     root = tmp_path / "flat"
-    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1,
-                               split_seed=1))
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1, split_seed=1))
     assert dm.classes == list(CLASSES) and dm.layout == "flat" and "flat layout" in dm.describe()["source"]
     sizes = (len(dm.train_set), len(dm.val_set), len(dm.test_set))
     assert sizes == (42, 12, 6)
@@ -195,8 +212,12 @@ def test_flat_layout_holds_out_stratified_seeded_splits(tmp_path: Path):
     assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
     targets = dm.train_set.targets.numpy()
     assert np.bincount(targets[sorted(rows[1])]).tolist() == [4, 4, 4]  # stratified
-    again = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1, split_seed=1))
-    other = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1, split_seed=2))
+    again = ready(
+        ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1, split_seed=1)
+    )
+    other = ready(
+        ImageFolderData(str(root), num_workers=0, preprocess=pre(32), val_size=0.2, test_size=0.1, split_seed=2)
+    )
     assert set(again.val_set.indices.tolist()) == rows[1] and set(other.val_set.indices.tolist()) != rows[1]
 
 
@@ -212,17 +233,28 @@ def test_a_folder_of_odd_images_trains_through_both_paths(tmp_path: Path, augmen
     root = tmp_path / "odd"
     for c, name in enumerate(("a", "b")):
         (root / name).mkdir(parents=True)
-        for i, (mode, size, suffix) in enumerate([("L", (1, 1), ".png"), ("RGB", (1, 300), ".png"),
-                                                  ("RGBA", (300, 1), ".png"), ("P", (5, 3), ".gif"),
-                                                  ("CMYK", (40, 30), ".jpg"), ("I;16", (20, 20), ".png"),
-                                                  ("LA", (9, 60), ".png"), ("RGB", (64, 32), ".jpg")]):
+        for i, (mode, size, suffix) in enumerate(
+            [
+                ("L", (1, 1), ".png"),
+                ("RGB", (1, 300), ".png"),
+                ("RGBA", (300, 1), ".png"),
+                ("P", (5, 3), ".gif"),
+                ("CMYK", (40, 30), ".jpg"),
+                ("I;16", (20, 20), ".png"),
+                ("LA", (9, 60), ".png"),
+                ("RGB", (64, 32), ".jpg"),
+            ]
+        ):
             img = solid(mode, size, 60 + 120 * c)
             exif = img.getexif()
             if suffix == ".jpg":
                 exif[0x0112] = 8
             img.save(root / name / f"{i}{suffix}", **({"exif": exif} if suffix == ".jpg" else {}))
-    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), batch_size=4, val_size=2, test_size=2,
-                               augment_on=augment_on))
+    dm = ready(
+        ImageFolderData(
+            str(root), num_workers=0, preprocess=pre(32), batch_size=4, val_size=2, test_size=2, augment_on=augment_on
+        )
+    )
     assert dm.layout == "flat" and len(dm.train_set) == 12
     for split in ("train", "val", "test"):
         loader = getattr(dm, f"{split}_dataloader")()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import models as tvm
 
-from transfer.errors import ConfigError, WeightsUnavailableError
+from transfer.core.errors import ConfigError, WeightsUnavailableError
 from transfer.models import REGISTRY, create_model
 from transfer.models.adapt import resample_kernel
 from transfer.models.weights import fetch
@@ -16,13 +16,23 @@ from transfer.models.weights import fetch
 ZOO = sorted(REGISTRY)
 TRANSFORMERS = sorted(n for n in ZOO if REGISTRY[n].default_adapt == "resize")
 # Resize mode at the pretrained size is slow on a CPU for the big CNNs; two cheap ones stay in the default run.
-RESIZE_CNN = [pytest.param(n, marks=[] if n in ("resnet18", "efficientnet_lite0") else pytest.mark.slow)
-              for n in ZOO if n not in TRANSFORMERS and n != "lenet5"]
+RESIZE_CNN = [
+    pytest.param(n, marks=[] if n in ("resnet18", "efficientnet_lite0") else pytest.mark.slow)
+    for n in ZOO
+    if n not in TRANSFORMERS and n != "lenet5"
+]
 # Larger siblings share their build, split and adapter code with a smaller model that stays in the default run
 # (EfficientNet-B0..B4, ResNet-50, DeiT-S for the timm ViTs DeiT-B and MoCo v3, Swin-T); they take 1.5-5 s each on
 # a CPU, so they run with -m slow.
-BIG_SIBLINGS = ("efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "resnet152", "deit_base", "mocov3_vit_base",
-                "swin_b")
+BIG_SIBLINGS = (
+    "efficientnet_b5",
+    "efficientnet_b6",
+    "efficientnet_b7",
+    "resnet152",
+    "deit_base",
+    "mocov3_vit_base",
+    "swin_b",
+)
 
 
 def _siblings_slow(names: list) -> list:

@@ -1,4 +1,5 @@
 """The model registry: a taken name warns, and test architectures exist only while a test registers them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ def test_registered_restores_the_registry_even_an_entry_it_replaced():
     patched = dataclasses.replace(REGISTRY["resnet18"], family="patched")
     with pytest.warns(UserWarning, match="'resnet18' is already registered"), registered(TINY_CNN, patched):
         assert REGISTRY["resnet18"] is patched and "tiny_test_cnn" in REGISTRY
-    assert REGISTRY == before and REGISTRY["resnet18"] is before["resnet18"]
+    assert before == REGISTRY and REGISTRY["resnet18"] is before["resnet18"]
 
 
 def test_a_taken_name_warns_and_the_new_definition_wins():

@@ -1,4 +1,5 @@
 """Weight sources beyond torch hub (Hugging Face cache, MoCo v3 layout) and the per-family adaptations."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torchvision import models as tvm
 
-from transfer.errors import WeightsUnavailableError
+from transfer.core.errors import WeightsUnavailableError
 from transfer.models import REGISTRY, create_model
 from transfer.models.adapt import reduce_strides
 
@@ -54,11 +55,16 @@ def test_hugging_face_miss_offline_names_the_repo_and_the_ways_out(hf_cache: Pat
 
 def test_mocov3_checkpoint_layout_converts_into_the_vit_backbone(tmp_path: Path):
     vit = timm.create_model("vit_base_patch16_224", pretrained=False).state_dict()
-    ckpt = {"epoch": 300, "arch": "vit_base",
-            "state_dict": {**{f"module.base_encoder.{k}": v for k, v in vit.items() if not k.startswith("head.")},
-                           "module.base_encoder.head.0.weight": torch.randn(4096, 768),  # MoCo's projector
-                           "module.momentum_encoder.cls_token": torch.randn(1, 1, 768),
-                           "module.predictor.0.weight": torch.randn(4096, 256)}}
+    ckpt = {
+        "epoch": 300,
+        "arch": "vit_base",
+        "state_dict": {
+            **{f"module.base_encoder.{k}": v for k, v in vit.items() if not k.startswith("head.")},
+            "module.base_encoder.head.0.weight": torch.randn(4096, 768),  # MoCo's projector
+            "module.momentum_encoder.cls_token": torch.randn(1, 1, 768),
+            "module.predictor.0.weight": torch.randn(4096, 256),
+        },
+    }
     torch.save(ckpt, tmp_path / "vit-b-300ep.pth.tar")
     model = create_model("mocov3_vit_base", 10, weights=str(tmp_path / "vit-b-300ep.pth.tar"), adapt="resize")
     assert torch.equal(model.backbone.cls_token, vit["cls_token"])
@@ -118,8 +124,9 @@ def test_swin_native_windows_divide_every_stage():
 
 def test_swin_native_bias_tables_are_resized_bicubically_as_before():
     torch.manual_seed(0)
-    net = tvm.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2],
-                              window_size=[7, 7])
+    net = tvm.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[2, 2, 2, 2], window_size=[7, 7]
+    )
     blocks = [block for stage in net.features[1::2] for block in stage]
     before = [block.attn.relative_position_bias_table.detach().clone() for block in blocks]
     REGISTRY["swin_t"].adapters["native"](net)

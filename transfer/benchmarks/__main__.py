@@ -17,8 +17,9 @@ within each repeat (so a slow minute of the machine hits all of them), and the t
 6. inference images/s of EfficientNet-Lite0 at 32 px, onnxruntime on the exported model against eager PyTorch,
    batch 1 and 64 (when onnxruntime is installed: the ``[export]`` extra).
 
-Results also go to ``outputs/benchmarks/<time>.{md,json}``. The settings are ``conf/benchmarks.yaml`` (``--help``).
+Results also go to ``outputs/benchmarks/<time>.{md,json}``. The settings are ``conf/tools/benchmarks.yaml`` (``--help``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,9 +41,11 @@ from omegaconf import DictConfig
 
 from transfer.benchmarks.race import race
 from transfer.conf import CONF_PATH
-from transfer.errors import ConfigError, report_errors
+from transfer.core.errors import ConfigError, report_errors
 
 REPO = Path(__file__).resolve().parents[2]
+
+
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
     """Run a command in the repo; return its exit code, its stdout and its peak resident memory (MB, from the
     kernel's accounting of that one child)."""
@@ -79,8 +82,10 @@ def ensure_data(data: Path, archive_name: str = "cifar10-jpeg.tar.gz", strip: in
         return data
     archive = REPO.parent / "shared" / "data" / archive_name
     if not archive.is_file():
-        raise ConfigError(f"No CIFAR-10 image folders at {data} and no archive at {archive}: pass data_root=DIR "
-                          f"(DIR/train/<class>/*.jpg) or set TRANSFER_DATA.")
+        raise ConfigError(
+            f"No CIFAR-10 image folders at {data} and no archive at {archive}: pass data_root=DIR "
+            f"(DIR/train/<class>/*.jpg) or set TRANSFER_DATA."
+        )
     print(f"extracting {archive} into {data} ...", flush=True)
     data.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
@@ -101,8 +106,11 @@ def machine() -> str:
     """One line: CPU model and cores, GPU, torch version."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -115,8 +123,18 @@ def collect(data: Path, seed_loop: Path, repeats: int) -> dict[str, list[dict[st
     configs = {
         "augment_ours": measure("augment_ours", data),
         "augment_seed": measure("augment_seed", data, "--seed-loop", seed),
-        "train_seed": [sys.executable, seed, "--data", str(data), "--model", "resnet18", "--steps", "50",
-                       "--batch-size", "64"],
+        "train_seed": [
+            sys.executable,
+            seed,
+            "--data",
+            str(data),
+            "--model",
+            "resnet18",
+            "--steps",
+            "50",
+            "--batch-size",
+            "64",
+        ],
         "train_ours": measure("train_lightning", data),
         "train_raw": measure("train_raw", data),
     }
@@ -131,8 +149,11 @@ def collect(data: Path, seed_loop: Path, repeats: int) -> dict[str, list[dict[st
             print(f"  repeat {r + 1}/{repeats} {name}: {results[name][-1]}", flush=True)
     # once each: an epoch median over 3 epochs is already a repeat. Uncached with both BN policies, since the
     # cached phase keeps the pretrained BN statistics (bn=frozen) and sees un-augmented images.
-    for key, extra in (("frozen_uncached", []), ("frozen_uncached_bn_frozen", ["--bn", "frozen"]),
-                       ("frozen_cached", ["--cached"])):
+    for key, extra in (
+        ("frozen_uncached", []),
+        ("frozen_uncached_bn_frozen", ["--bn", "frozen"]),
+        ("frozen_cached", ["--cached"]),
+    ):
         with tempfile.TemporaryDirectory() as cache:  # a fresh cache: the extraction is part of the cost
             results[key] = [run_json(measure("frozen_epoch", data, *extra, "--cache", cache))]
             print(f"  {key}: {results[key][-1]}", flush=True)
@@ -146,28 +167,65 @@ def med(rows: list[dict[str, Any]], key: str) -> float:
 
 def table(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     """The rows: measurement, ours, reference, ratio, target, peak MB ours / reference."""
+
     def mem(a: str, b: str | None = None) -> str:
         return f"{med(results[a], 'peak_rss_mb'):.0f}" + (f" / {med(results[b], 'peak_rss_mb'):.0f}" if b else "")
 
     aug_o, aug_s = med(results["augment_ours"], "batches_per_s"), med(results["augment_seed"], "batches_per_s")
     tr_o, tr_s = med(results["train_ours"], "images_per_s"), med(results["train_seed"], "images_per_s")
     raw = med(results["train_raw"], "images_per_s")
-    rows = [["1 augmented batches/s (64 imgs)", f"{aug_o:.0f}", f"{aug_s:.1f} (seed PIL)", f"{aug_o / aug_s:.1f}x",
-             ">= 20x", mem("augment_ours", "augment_seed")],
-            ["2 train img/s resnet18 32px fp32", f"{tr_o:.0f}", f"{tr_s:.0f} (seed loop)", f"{tr_o / tr_s:.2f}x",
-             ">= 1.5x", mem("train_ours", "train_seed")]]
+    rows = [
+        [
+            "1 augmented batches/s (64 imgs)",
+            f"{aug_o:.0f}",
+            f"{aug_s:.1f} (seed PIL)",
+            f"{aug_o / aug_s:.1f}x",
+            ">= 20x",
+            mem("augment_ours", "augment_seed"),
+        ],
+        [
+            "2 train img/s resnet18 32px fp32",
+            f"{tr_o:.0f}",
+            f"{tr_s:.0f} (seed loop)",
+            f"{tr_o / tr_s:.2f}x",
+            ">= 1.5x",
+            mem("train_ours", "train_seed"),
+        ],
+    ]
     if "train_ours_bf16" in results:
         bf = med(results["train_ours_bf16"], "images_per_s")
-        rows.append(["2 train img/s, ours bf16-mixed", f"{bf:.0f}", f"{tr_s:.0f} (seed loop, fp32)",
-                     f"{bf / tr_s:.2f}x", ">= 1.5x", mem("train_ours_bf16", "train_seed")])
-    rows.append(["2 Lightning overhead vs raw loop", f"{tr_o:.0f}", f"{raw:.0f} (raw loop)",
-                 f"{(raw / tr_o - 1) * 100:+.1f}%", "<= 5%", mem("train_ours", "train_raw")])
+        rows.append(
+            [
+                "2 train img/s, ours bf16-mixed",
+                f"{bf:.0f}",
+                f"{tr_s:.0f} (seed loop, fp32)",
+                f"{bf / tr_s:.2f}x",
+                ">= 1.5x",
+                mem("train_ours_bf16", "train_seed"),
+            ]
+        )
+    rows.append(
+        [
+            "2 Lightning overhead vs raw loop",
+            f"{tr_o:.0f}",
+            f"{raw:.0f} (raw loop)",
+            f"{(raw / tr_o - 1) * 100:+.1f}%",
+            "<= 5%",
+            mem("train_ours", "train_raw"),
+        ]
+    )
     cached, plain = results["frozen_cached"][0], results["frozen_uncached"][0]
     frozen_bn = results["frozen_uncached_bn_frozen"][0]
-    rows.append([f"3 frozen epoch s ({plain['images']} imgs, lite0)", f"{cached['epoch_s']:.2f} "
-                 f"(+{cached['setup_s']:.1f} once; val {cached['val_acc']:.3f})",
-                 f"{plain['epoch_s']:.2f} (val {plain['val_acc']:.3f} bn=train, {frozen_bn['val_acc']:.3f} bn=frozen)",
-                 f"{plain['epoch_s'] / cached['epoch_s']:.0f}x", ">= 20x", mem("frozen_cached", "frozen_uncached")])
+    rows.append(
+        [
+            f"3 frozen epoch s ({plain['images']} imgs, lite0)",
+            f"{cached['epoch_s']:.2f} (+{cached['setup_s']:.1f} once; val {cached['val_acc']:.3f})",
+            f"{plain['epoch_s']:.2f} (val {plain['val_acc']:.3f} bn=train, {frozen_bn['val_acc']:.3f} bn=frozen)",
+            f"{plain['epoch_s'] / cached['epoch_s']:.0f}x",
+            ">= 20x",
+            mem("frozen_cached", "frozen_uncached"),
+        ]
+    )
     return rows + ort_rows(results)
 
 
@@ -178,8 +236,16 @@ def ort_rows(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     rows = []
     for batch in (1, 64):
         ort, eager = med(results["infer_ort"], f"ort_b{batch}"), med(results["infer_ort"], f"eager_b{batch}")
-        rows.append([f"6 infer img/s lite0 32px, batch {batch}", f"{ort:.0f} (onnxruntime)", f"{eager:.0f} (eager)",
-                     f"{ort / eager:.2f}x", "", f"{med(results['infer_ort'], 'peak_rss_mb'):.0f}"])
+        rows.append(
+            [
+                f"6 infer img/s lite0 32px, batch {batch}",
+                f"{ort:.0f} (onnxruntime)",
+                f"{eager:.0f} (eager)",
+                f"{ort / eager:.2f}x",
+                "",
+                f"{med(results['infer_ort'], 'peak_rss_mb'):.0f}",
+            ]
+        )
     return rows
 
 
@@ -189,7 +255,7 @@ def markdown(rows: list[list[str]], header: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="benchmarks")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/benchmarks")
 @report_errors
 def main(cfg: DictConfig) -> None:
     """Command-line entry: measure, print the table, write ``outputs/benchmarks/<time>.{md,json}``."""
@@ -210,8 +276,9 @@ def main(cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     (out / f"{stamp}.md").write_text(text + "\n")
-    (out / f"{stamp}.json").write_text(json.dumps({"machine": machine(), "results": results,
-                                                   "race": race_result and race_result["results"]}, indent=1))
+    (out / f"{stamp}.json").write_text(
+        json.dumps({"machine": machine(), "results": results, "race": race_result and race_result["results"]}, indent=1)
+    )
     print(f"\nwritten to {out / stamp}.md and .json")
 
 

@@ -9,6 +9,7 @@
 
 ``python -m transfer.benchmarks`` runs them side by side with the seed loop and prints the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from transfer.benchmarks.timeline import accuracy
-from transfer.compute import apply_compute
 from transfer.data import CIFAR10Data
 from transfer.models import model_preprocess
-from transfer.module import Classifier
+from transfer.training.compute import apply_compute
+from transfer.training.module import Classifier
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-4}  # the seed's optimizer
 # The seed's model: torchvision ResNet-18 unchanged (7x7/s2 stem) with a new 10-way fc, fed 32 px.
@@ -80,14 +81,16 @@ def augment_seed(args: argparse.Namespace) -> dict[str, Any]:
     from torchvision import transforms
 
     seed = _seed_module(args.seed_loop)
-    tf = transforms.Compose([  # seed_loop.py's train transform, verbatim
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
-        transforms.RandomRotation(15),
-        transforms.ToTensor(),
-        transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    ])
+    tf = transforms.Compose(
+        [  # seed_loop.py's train transform, verbatim
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
+            transforms.RandomRotation(15),
+            transforms.ToTensor(),
+            transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+        ]
+    )
     ds = seed.InMemoryImages(Path(args.data) / "train", tf, 10000)
     loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=0, drop_last=True)
 
@@ -106,8 +109,9 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end, self.images = warmup, 0.0, 0.0, 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.warmup:
             self.start = time.perf_counter()
         elif trainer.global_step > self.warmup:
@@ -125,13 +129,23 @@ def _train_parts(args: argparse.Namespace) -> tuple[CIFAR10Data, Classifier]:
 
 def train_lightning(args: argparse.Namespace) -> dict[str, Any]:
     """Training images/s through ``Trainer.fit`` with this project's module and data path (no validation)."""
-    from transfer.history import History
+    from transfer.training.history import History
 
     dm, module = _train_parts(args)
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(accelerator="auto", devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
-                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=20, callbacks=[timer, History()])
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=20,
+        callbacks=[timer, History()],
+    )
     trainer.fit(module, datamodule=dm)
     return {"images_per_s": timer.images / (timer.end - timer.start), "precision": args.precision}
 
@@ -162,8 +176,8 @@ def train_raw(args: argparse.Namespace) -> dict[str, Any]:
 def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per frozen-backbone epoch (EfficientNet-Lite0, packaged ImageNet weights) on ``--images``
     training images, with or without the feature cache; the cache's one-time extraction reported apart."""
-    from transfer.features import FeatureCache
-    from transfer.finetune import StagedFinetuning
+    from transfer.training.features import FeatureCache
+    from transfer.training.finetune import StagedFinetuning
 
     L.seed_everything(0)
     lite0 = {"name": "efficientnet_lite0", "pretrained": True}
@@ -175,14 +189,28 @@ def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     dm.train_set.indices = keep[np.random.default_rng(0).permutation(len(keep))[: args.images]]
     epochs = EpochTimer()
     callbacks: list[L.Callback] = [StagedFinetuning(unfreeze_at_epoch=None, bn=args.bn), epochs]
-    trainer = L.Trainer(accelerator="auto", devices=1, max_epochs=args.epochs, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=callbacks, reload_dataloaders_every_n_epochs=1 if args.cached else 0)
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_epochs=args.epochs,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        reload_dataloaders_every_n_epochs=1 if args.cached else 0,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
-    return {"epoch_s": statistics.median(epochs.seconds), "setup_s": epochs.first_start - start,
-            "images": args.images, "cached": args.cached, "bn": args.bn,
-            "val_acc": accuracy(module, dm, dm._loader(dm.val_set, train=False))}  # images, not cached features
+    return {
+        "epoch_s": statistics.median(epochs.seconds),
+        "setup_s": epochs.first_start - start,
+        "images": args.images,
+        "cached": args.cached,
+        "bn": args.bn,
+        "val_acc": accuracy(module, dm, dm._loader(dm.val_set, train=False)),
+    }  # images, not cached features
 
 
 class EpochTimer(L.Callback):
@@ -217,12 +245,13 @@ def infer_ort(args: argparse.Namespace) -> dict[str, Any]:
     the two alternate ``args.repeats`` times and the medians are reported."""
     import tempfile
 
-    from transfer.export import export_model
-    from transfer.onnx_runtime import ort_session
+    from transfer.deploy.export import export_model
+    from transfer.deploy.onnx_runtime import ort_session
 
     preprocess = model_preprocess("efficientnet_lite0", "native", None, 32).to_dict()
-    module = Classifier({"name": "efficientnet_lite0", "pretrained": False}, [str(i) for i in range(10)], ADAM,
-                        preprocess=preprocess)
+    module = Classifier(
+        {"name": "efficientnet_lite0", "pretrained": False}, [str(i) for i in range(10)], ADAM, preprocess=preprocess
+    )
     net, threads = module.model.eval(), torch.get_num_threads()
     result: dict[str, Any] = {"threads": threads}
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,8 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     result = MEASURES[args.measure](args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"measure": args.measure, **{k: (round(v, 3) if isinstance(v, float) else v)
-                                                  for k, v in result.items()}}))
+    print(
+        json.dumps(
+            {"measure": args.measure, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}}
+        )
+    )
 
 
 if __name__ == "__main__":

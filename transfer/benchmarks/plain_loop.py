@@ -15,6 +15,7 @@ resized to ``size/0.875`` and centre-cropped (``--crop center``); CIFAR's 32 px 
 prints one JSON line: epoch, the wall-clock time, the seconds spent on test evaluation so far (the race subtracts
 them), test accuracy.
 """
+
 import argparse
 import json
 import time
@@ -30,6 +31,7 @@ from PIL import Image
 
 def load(root: Path, classes: list[str], side: int) -> tuple[torch.Tensor, torch.Tensor]:
     files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir())]
+
     def read(f: Path) -> np.ndarray:
         img = Image.open(f).convert("RGB")
         if img.size != (side, side):  # photos: shorter side to `side`, centre crop
@@ -38,6 +40,7 @@ def load(root: Path, classes: list[str], side: int) -> tuple[torch.Tensor, torch
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side))
         return np.asarray(img)
+
     x = torch.from_numpy(np.stack([read(f) for f, _ in files])).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor([i for _, i in files])
 
@@ -50,11 +53,11 @@ def prep(x: torch.Tensor, size: int, train: bool) -> torch.Tensor:
         xp = F.pad(x, (pad,) * 4)
         crop = h if pad else size
         oy, ox = torch.randint(0, xp.shape[2] - crop + 1, (2, n))
-        x = torch.stack([xp[i, :, oy[i]:oy[i] + crop, ox[i]:ox[i] + crop] for i in range(n)])
+        x = torch.stack([xp[i, :, oy[i] : oy[i] + crop, ox[i] : ox[i] + crop] for i in range(n)])
         x = torch.where(torch.rand(n, 1, 1, 1) < 0.5, x.flip(3), x)
     elif x.shape[2] > size:
         o = (x.shape[2] - size) // 2
-        x = x[:, :, o:o + size, o:o + size]
+        x = x[:, :, o : o + size, o : o + size]
     if x.shape[2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return ((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
@@ -89,7 +92,7 @@ def main() -> None:
         model.train()
         order = torch.randperm(len(ytr))
         for i in range(len(ytr) // args.batch_size):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
             loss = F.cross_entropy(model(prep(xtr[idx], args.size, True)), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -98,11 +101,22 @@ def main() -> None:
         start = time.perf_counter()
         model.eval()
         with torch.no_grad():
-            correct = sum((model(prep(xte[i:i + 256], args.size, False)).argmax(1) == yte[i:i + 256]).sum().item()
-                          for i in range(0, len(yte), 256))
+            correct = sum(
+                (model(prep(xte[i : i + 256], args.size, False)).argmax(1) == yte[i : i + 256]).sum().item()
+                for i in range(0, len(yte), 256)
+            )
         eval_seconds += time.perf_counter() - start
-        print(json.dumps({"timeline": epoch + 1, "unix_time": time.time(), "eval_seconds": round(eval_seconds, 2),
-                          "test_acc": correct / len(yte)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "timeline": epoch + 1,
+                    "unix_time": time.time(),
+                    "eval_seconds": round(eval_seconds, 2),
+                    "test_acc": correct / len(yte),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ time spent on those extra test evaluations is subtracted, so each side is charge
 own (data decoding, training, and for the framework its per-epoch validation). The table gives accuracy at 2,
 4, 8 and 15 minutes (the last epoch finished by then) and the time to 85/88/90%.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,10 +57,17 @@ def run_timeline(cmd: list[str], label: str) -> dict[str, Any]:
             if not line.startswith('{"timeline"'):
                 continue
             row = json.loads(line)
-            rows.append({"epoch": row["timeline"], "test_acc": row["test_acc"],
-                         "seconds": round(row["unix_time"] - start - row["eval_seconds"], 1)})
-            print(f"  {label}: epoch {rows[-1]['epoch']}, {rows[-1]['seconds'] / 60:.1f} min, "
-                  f"test {row['test_acc']:.4f}", flush=True)
+            rows.append(
+                {
+                    "epoch": row["timeline"],
+                    "test_acc": row["test_acc"],
+                    "seconds": round(row["unix_time"] - start - row["eval_seconds"], 1),
+                }
+            )
+            print(
+                f"  {label}: epoch {rows[-1]['epoch']}, {rows[-1]['seconds'] / 60:.1f} min, test {row['test_acc']:.4f}",
+                flush=True,
+            )
         code = proc.wait()
     return {"rows": rows, "wall_s": round(time.time() - start, 1), "exit_code": code, "command": " ".join(cmd)}
 
@@ -79,14 +87,27 @@ def commands(cifar: Path, clothing: Path | None, out: Path) -> dict[str, dict[st
     """The race's command lines, per dataset: ``{"ours": [...], "plain": [...]}``."""
     py, plain = sys.executable, [sys.executable, "-m", "transfer.benchmarks.plain_loop"]
     quiet = ["trainer.enable_progress_bar=false", TIMELINE]
-    races = {"cifar10": {
-        "ours": [py, "-m", "transfer.run", f"data.root={cifar}", f"hydra.run.dir={out / 'cifar10'}", *quiet],
-        "plain": [*plain, "--data", str(cifar), "--epochs", str(default_epochs())]}}
+    races = {
+        "cifar10": {
+            "ours": [py, "-m", "transfer.run", f"data.root={cifar}", f"hydra.run.dir={out / 'cifar10'}", *quiet],
+            "plain": [*plain, "--data", str(cifar), "--epochs", str(default_epochs())],
+        }
+    }
     if clothing is not None:
         races["clothing-10"] = {
-            "ours": [py, "-m", "transfer.run", "data=imagefolder", f"data.root={clothing}", "data.image_size=128",
-                     "trainer.max_epochs=3", f"hydra.run.dir={out / 'clothing'}", *quiet],
-            "plain": [*plain, "--data", str(clothing), "--epochs", "3", "--size", "128", "--batch-size", "32"]}
+            "ours": [
+                py,
+                "-m",
+                "transfer.run",
+                "data=imagefolder",
+                f"data.root={clothing}",
+                "data.image_size=128",
+                "trainer.max_epochs=3",
+                f"hydra.run.dir={out / 'clothing'}",
+                *quiet,
+            ],
+            "plain": [*plain, "--data", str(clothing), "--epochs", "3", "--size", "128", "--batch-size", "32"],
+        }
     return races
 
 
@@ -98,15 +119,29 @@ def _fmt(value: float | None, pct: bool) -> str:
 
 def race_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Markdown: per dataset and side, accuracy at each time point, time to each threshold, final accuracy."""
-    head = ["data", "side", *(f"acc @{m} min" for m in MINUTES), *(f"to {t:.0%}" for t in THRESHOLDS),
-            "final (epochs, min)"]
+    head = [
+        "data",
+        "side",
+        *(f"acc @{m} min" for m in MINUTES),
+        *(f"to {t:.0%}" for t in THRESHOLDS),
+        "final (epochs, min)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for data, sides in results.items():
         for side, res in sides.items():
             rows = res["rows"]
-            final = f"{rows[-1]['test_acc'] * 100:.2f}% ({rows[-1]['epoch']}, {rows[-1]['seconds'] / 60:.1f})" if rows else "failed"
-            cells = [data, side, *(_fmt(accuracy_at(rows, m), True) for m in MINUTES),
-                     *(_fmt(time_to(rows, t), False) for t in THRESHOLDS), final]
+            final = (
+                f"{rows[-1]['test_acc'] * 100:.2f}% ({rows[-1]['epoch']}, {rows[-1]['seconds'] / 60:.1f})"
+                if rows
+                else "failed"
+            )
+            cells = [
+                data,
+                side,
+                *(_fmt(accuracy_at(rows, m), True) for m in MINUTES),
+                *(_fmt(time_to(rows, t), False) for t in THRESHOLDS),
+                final,
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ Nothing leaves the machine; every request has a 30 s timeout and each configurat
 checkpointed in a temporary folder. The image defaults to the first CIFAR-10 test JPEG found under
 ``$TRANSFER_DATA`` (else a synthetic PNG). Results also go to ``outputs/benchmarks/serve_<time>.{md,json}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,6 @@ from typing import Any
 import numpy as np
 
 
-
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
@@ -42,9 +42,13 @@ def start_server(ckpt: Path, port: int, overrides: list[str], log: Path, wait_s:
     """``python -m transfer.serve`` in its own process group; returns once ``GET /health`` answers 200."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "transfer.serve", f"ckpt={ckpt}", f"port={port}", *overrides],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transfer.serve", f"ckpt={ckpt}", f"port={port}", *overrides],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -78,13 +82,23 @@ def demo_checkpoint(folder: Path, model: str = "efficientnet_lite0") -> Path:
 
     from transfer.data.cifar import CIFAR10_CLASSES
     from transfer.models import model_preprocess
-    from transfer.module import Classifier
+    from transfer.training.module import Classifier
 
-    module = Classifier({"name": model, "pretrained": False}, list(CIFAR10_CLASSES), {"_target_": "torch.optim.Adam"},
-                        preprocess=model_preprocess(model, "native", None, 32).to_dict())
+    module = Classifier(
+        {"name": model, "pretrained": False},
+        list(CIFAR10_CLASSES),
+        {"_target_": "torch.optim.Adam"},
+        preprocess=model_preprocess(model, "native", None, 32).to_dict(),
+    )
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(data, batch_size=4))
     trainer.save_checkpoint(folder / "checkpoints" / "last.ckpt")
     return folder / "checkpoints" / "last.ckpt"
@@ -138,9 +152,15 @@ def load(url: str, image: bytes, requests: int, concurrency: int, max_seconds: f
         t.join()
     wall = time.perf_counter() - start
     pct = np.percentile(latencies, [50, 99]) if latencies else [float("nan")] * 2
-    return {"requests_ok": len(latencies), "errors": errors[0], "wall_s": wall,
-            "req_per_s": len(latencies) / wall, "p50_ms": float(pct[0]), "p99_ms": float(pct[1]),
-            "mean_ms": statistics.fmean(latencies) if latencies else float("nan")}
+    return {
+        "requests_ok": len(latencies),
+        "errors": errors[0],
+        "wall_s": wall,
+        "req_per_s": len(latencies) / wall,
+        "p50_ms": float(pct[0]),
+        "p99_ms": float(pct[1]),
+        "mean_ms": statistics.fmean(latencies) if latencies else float("nan"),
+    }
 
 
 def measure(ckpt: Path, batch: int, args: argparse.Namespace, image: bytes, log: Path) -> dict[str, Any]:
@@ -158,10 +178,17 @@ def measure(ckpt: Path, batch: int, args: argparse.Namespace, image: bytes, log:
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     """The results as a Markdown table."""
-    lines = [header, "", "| max_batch_size | batch_timeout s | req/s | p50 ms | p99 ms | ok | errors |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['max_batch_size']} | {r['batch_timeout']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['requests_ok']} | {r['errors']} |" for r in rows]
+    lines = [
+        header,
+        "",
+        "| max_batch_size | batch_timeout s | req/s | p50 ms | p99 ms | ok | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['max_batch_size']} | {r['batch_timeout']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
+        f"{r['p99_ms']:.1f} | {r['requests_ok']} | {r['errors']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -181,9 +208,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or demo_checkpoint(Path(tmp) / "run")
         rows = [measure(ckpt, b, args, image, Path(tmp) / f"server_{b}.log") for b in (1, args.max_batch_size)]
-    header = (f"transfer.serve load test: {args.requests} requests from {args.concurrency} client threads, "
-              f"model {args.ckpt or 'untrained efficientnet_lite0 32 px'}, image {image_name}; "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs.")
+    header = (
+        f"transfer.serve load test: {args.requests} requests from {args.concurrency} client threads, "
+        f"model {args.ckpt or 'untrained efficientnet_lite0 32 px'}, image {image_name}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs."
+    )
     text = markdown(rows, header)
     print(text)
     print(json.dumps({"serve_load": rows}))

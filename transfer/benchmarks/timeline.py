@@ -6,6 +6,7 @@ with at that point (the EMA when the run keeps one, since it swaps them in for v
 when the run's ``tta`` is on) and prints one JSON line. Its own evaluation time is reported so the race can
 subtract it: the run is not charged for measurements it would not otherwise make.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from transfer.data import ClassificationData
-from transfer.module import Classifier
+from transfer.training.module import Classifier
 
 
 @torch.no_grad()
@@ -54,6 +55,14 @@ class TestTimeline(L.Callback):
         datamodule = trainer.datamodule
         test_acc = accuracy(pl_module, datamodule, datamodule.test_dataloader())  # type: ignore[arg-type]
         self.eval_seconds += time.perf_counter() - start
-        print(json.dumps({"timeline": trainer.current_epoch + 1, "unix_time": time.time(),
-                          "eval_seconds": round(self.eval_seconds, 2), "test_acc": test_acc}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "timeline": trainer.current_epoch + 1,
+                    "unix_time": time.time(),
+                    "eval_seconds": round(self.eval_seconds, 2),
+                    "test_acc": test_acc,
+                }
+            ),
+            flush=True,
+        )

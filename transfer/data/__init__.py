@@ -1,10 +1,21 @@
 """Data: LightningDataModules for CIFAR-10 and image folders, transforms resolved from the model."""
-from transfer.data.cifar import CIFAR10_CLASSES, ensure_cifar10, load_cifar10
+
 from transfer.data.batch import Batch
+from transfer.data.cifar import CIFAR10_CLASSES, ensure_cifar10, load_cifar10
 from transfer.data.datamodule import CIFAR10Data, ClassificationData, ImageFolderData, datamodule_from_config
 from transfer.data.datasets import stratified_split
-from transfer.data.transforms import Preprocess, eval_transform, resolve_preprocess, train_transform
+from transfer.data.transforms import eval_transform, train_transform
 
-__all__ = ["Batch", "CIFAR10_CLASSES", "CIFAR10Data", "ClassificationData", "ImageFolderData", "Preprocess",
-           "datamodule_from_config", "ensure_cifar10", "eval_transform", "load_cifar10", "resolve_preprocess",
-           "stratified_split", "train_transform"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "Batch",
+    "CIFAR10Data",
+    "ClassificationData",
+    "ImageFolderData",
+    "datamodule_from_config",
+    "ensure_cifar10",
+    "eval_transform",
+    "load_cifar10",
+    "stratified_split",
+    "train_transform",
+]

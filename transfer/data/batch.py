@@ -5,6 +5,7 @@ Loaders yield what their datasets give (uint8 images, float images, cached featu
 ``History`` and the TensorBoard extras read ``batch.x``/``batch.y``/``batch.features`` instead of guessing
 from the batch's shape whether it is a tuple or a dict.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

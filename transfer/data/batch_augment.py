@@ -20,6 +20,7 @@ random one, and hue is rotated in YIQ rather than shifted in HSV. kornia's ``Aug
 the same four transforms was measured first: 114 batches/s of 64 here, 3x the PIL path, its HSV round trip
 alone 2.7 ms per batch; this module does the same batch in well under a millisecond.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer.data.transforms import Preprocess, check_augment
-from transfer.errors import ConfigError
+from transfer.core.errors import ConfigError
+from transfer.core.preprocess import Preprocess
+from transfer.data.transforms import check_augment
 
 # RGB -> YIQ (NTSC). Hue rotates the (I, Q) plane; saturation scales it; Y (luma) is kept.
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -53,14 +55,15 @@ class BatchAugment(nn.Module):
             ``seed_everything``), so runs with the same seed see the same augmented batches.
     """
 
-    def __init__(self, pre: Preprocess, augment: Mapping[str, Any] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, pre: Preprocess, augment: Mapping[str, Any] | None = None, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.pre = pre
         self.augment = dict(augment or {})
         check_augment(self.augment)
         self.generator = generator
-        # Progressive resizing (transfer.progressive) lowers the training size for early epochs; eval keeps pre's.
+        # Progressive resizing (transfer.training.progressive) lowers the training size for early epochs; eval keeps pre's.
         self.train_size: int | None = None
         # constants live on the batch's device with the module: no host-to-device copies per batch
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1), persistent=False)
@@ -81,7 +84,9 @@ class BatchAugment(nn.Module):
             float32 ``(B, 3, S, S)`` in channels-last memory format, ``S = pre.image_size``.
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ConfigError(f"BatchAugment takes uint8 (B, 3, H, W) batches, got {images.dtype} {tuple(images.shape)}.")
+            raise ConfigError(
+                f"BatchAugment takes uint8 (B, 3, H, W) batches, got {images.dtype} {tuple(images.shape)}."
+            )
         # NCHW float in 0..255: the warp is linear, so the /255 waits to be folded into a later multiply
         x = images.contiguous().float()
         aug = self.augment if train else {}
@@ -125,7 +130,7 @@ class BatchAugment(nn.Module):
         size, (h, w) = self.pre.image_size, x.shape[-2:]
         if self.pre.native_size is None and h >= size and w >= size:
             top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
-            return x[..., top:top + size, left:left + size]
+            return x[..., top : top + size, left : left + size]
         return F.interpolate(x, size=(size, size), mode=self._mode(), antialias=True, align_corners=False)
 
     def _mode(self) -> str:
@@ -149,8 +154,9 @@ class BatchAugment(nn.Module):
         return torch.cos(angle), torch.sin(angle), sx, sy, cx, cy
 
     @staticmethod
-    def _resized_crop_box(b: int, scale: Any, gen: torch.Generator | None,
-                          device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _resized_crop_box(
+        b: int, scale: Any, gen: torch.Generator | None, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """RandomResizedCrop's box: area fraction in ``scale``, log-uniform aspect ratio in [3/4, 4/3]."""
         area = _uniform(b, float(scale[0]), float(scale[1]), gen, device)
         ratio = torch.exp(_uniform(b, math.log(3 / 4), math.log(4 / 3), gen, device))
@@ -175,8 +181,9 @@ class BatchAugment(nn.Module):
         # saturation and hue: one matrix per sample, applied in YIQ (luma kept, chroma scaled and rotated)
         cos, sin = torch.cos(angle) * sat, torch.sin(angle) * sat
         one, zero = torch.ones_like(cos), torch.zeros_like(cos)
-        twist = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
-                             torch.stack([zero, sin, cos], 1)], 1)
+        twist = torch.stack(
+            [torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1), torch.stack([zero, sin, cos], 1)], 1
+        )
         matrix = self.yiq2rgb @ twist @ self.rgb2yiq  # (B, 3, 3)
         out = torch.bmm(matrix, x.contiguous().view(b, 3, -1)).view_as(x)
         return out.clamp_(0, 1)

@@ -1,4 +1,5 @@
 """Finding CIFAR-10: an image-folder tree, the official python archive, or a torchvision download."""
+
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer.core.errors import DataNotFoundError
 from transfer.data.datasets import decode_cached, list_classes, list_images
-from transfer.errors import DataNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def ensure_cifar10(root: str | Path, download: bool) -> Path:
         f"CIFAR-10 was not found under data.root={root}. Looked for an image-folder tree ({root}/train/<class>/*.jpg "
         f"and {root}/test/<class>/*.jpg), the official python archive ({root}/{_ARCHIVE_DIR}/ or "
         f"{root}/{_ARCHIVE_FILE}), and {reason}. Fix: point data.root (or the TRANSFER_DATA environment variable) at "
-        f"a local copy in one of those layouts, or run once with network access and data.download=true.")
+        f"a local copy in one of those layouts, or run once with network access and data.download=true."
+    )
 
 
 def _layout(root: Path) -> str | None:
@@ -86,12 +88,20 @@ def _from_image_folders(root: Path) -> ArraySplits:
     train_files, train_targets = list_images(root / "train", classes)
     test_files, test_targets = list_images(root / "test", classes)
     if not train_files or not test_files:
-        raise DataNotFoundError(f"{root}/train or {root}/test holds no image files; expected "
-                                f"train/<class>/<image> and test/<class>/<image> (.jpg, .png, ...).")
+        raise DataNotFoundError(
+            f"{root}/train or {root}/test holds no image files; expected "
+            f"train/<class>/<image> and test/<class>/<image> (.jpg, .png, ...)."
+        )
     cache = cache_dir()
     log.info("loading %d images from %s (decoded once, cached in %s)", len(train_files) + len(test_files), root, cache)
-    return ArraySplits(decode_cached(train_files, cache), train_targets, decode_cached(test_files, cache),
-                       test_targets, classes, f"image folders at {root}")
+    return ArraySplits(
+        decode_cached(train_files, cache),
+        train_targets,
+        decode_cached(test_files, cache),
+        test_targets,
+        classes,
+        f"image folders at {root}",
+    )
 
 
 def cache_dir() -> Path:
@@ -106,5 +116,6 @@ def _from_archive(root: Path) -> ArraySplits:
     # here it just extracts a cifar-10-python.tar.gz that was copied into root.
     train = CIFAR10(str(root), train=True, download=not (root / _ARCHIVE_DIR).is_dir())
     test = CIFAR10(str(root), train=False, download=False)
-    return ArraySplits(train.data, list(train.targets), test.data, list(test.targets), list(train.classes),
-                       f"python archive at {root}")
+    return ArraySplits(
+        train.data, list(train.targets), test.data, list(test.targets), list(train.classes), f"python archive at {root}"
+    )

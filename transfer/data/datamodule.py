@@ -3,10 +3,11 @@
 Both hold a seeded, stratified validation split out of the training images, so model selection never looks
 at the test set. Their normalisation and input size come from the model's weights and are handed to the
 constructor (``transfer.models.model_preprocess``); a data module never learns about the model afterwards.
-With ``finetune.cache_features`` they also own the :class:`~transfer.features.FeatureCache` that serves the
-frozen epochs, and hand it what it needs (a :class:`~transfer.features.FeatureSource`): the cache never reaches
+With ``finetune.cache_features`` they also own the :class:`~transfer.training.features.FeatureCache` that serves the
+frozen epochs, and hand it what it needs (a :class:`~transfer.training.features.FeatureSource`): the cache never reaches
 back into the data module.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,16 +22,28 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from transfer.core.errors import ConfigError, CorruptImagesError
+from transfer.core.preprocess import Preprocess
 from transfer.data.batch import Batch
 from transfer.data.batch_augment import BatchAugment
 from transfer.data.cifar import CIFAR10_CLASSES, cache_dir, ensure_cifar10, load_cifar10
-from transfer.data.datasets import (ArrayImages, FileImages, TensorImages, decode_cached_checked, keep_batch,
-                                    list_classes, list_images, mixed_order, scan_cached, split_count, stratified_split)
+from transfer.data.datasets import (
+    ArrayImages,
+    FileImages,
+    TensorImages,
+    decode_cached_checked,
+    keep_batch,
+    list_classes,
+    list_images,
+    mixed_order,
+    scan_cached,
+    split_count,
+    stratified_split,
+)
 from transfer.data.decode import describe_corrupt
 from transfer.data.folders import check_classes, check_not_empty, find_layout
-from transfer.data.transforms import Preprocess, eval_transform, train_transform
-from transfer.errors import ConfigError, CorruptImagesError
-from transfer.features import FeatureCache, FeatureSource
+from transfer.data.transforms import eval_transform, train_transform
+from transfer.training.features import FeatureCache, FeatureSource
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +78,19 @@ class ClassificationData(L.LightningDataModule):
     native_size: int | None = None  # the dataset's own image size, when all images share one
     default_augment: dict[str, Any] = {}
 
-    def __init__(self, root: str, batch_size: int = 64, eval_batch_size: int = 256, num_workers: int | None = None,
-                 preprocess: Preprocess | Mapping[str, Any] | None = None, augment: Mapping[str, Any] | None = None,
-                 split_seed: int = 0, augment_on: str = "device", feature_cache: FeatureCache | None = None,
-                 predict_split: str = "test") -> None:
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int | None = None,
+        preprocess: Preprocess | Mapping[str, Any] | None = None,
+        augment: Mapping[str, Any] | None = None,
+        split_seed: int = 0,
+        augment_on: str = "device",
+        feature_cache: FeatureCache | None = None,
+        predict_split: str = "test",
+    ) -> None:
         super().__init__()
         if augment_on not in AUGMENT_ON:
             raise ConfigError(f"data.augment_on={augment_on!r} is not one of {AUGMENT_ON}.")
@@ -82,7 +104,7 @@ class ClassificationData(L.LightningDataModule):
         self.hparams["preprocess"] = self.preprocess.to_dict() if self.preprocess else None
         self.batch_augment: BatchAugment | None = None
         self.feature_cache = feature_cache
-        self.train_image_size: int | None = None  # set per epoch by transfer.progressive.ProgressiveResize
+        self.train_image_size: int | None = None  # set per epoch by transfer.training.progressive.ProgressiveResize
         self.root = Path(root).expanduser()
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
@@ -100,8 +122,10 @@ class ClassificationData(L.LightningDataModule):
 
     def _preprocess(self) -> Preprocess:
         if self.preprocess is None:
-            raise RuntimeError(f"{type(self).__name__} was built without preprocess=: the input size and "
-                               f"normalisation come from the model (transfer.models.model_preprocess)")
+            raise RuntimeError(
+                f"{type(self).__name__} was built without preprocess=: the input size and "
+                f"normalisation come from the model (transfer.models.model_preprocess)"
+            )
         return self.preprocess
 
     def transforms(self) -> tuple[Any, Any]:
@@ -115,10 +139,16 @@ class ClassificationData(L.LightningDataModule):
         # In-memory uint8 batches are one indexing copy each: worker processes would only add IPC.
         in_memory = isinstance(dataset, TensorImages)
         workers = 0 if in_memory else self.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                          drop_last=train and len(dataset) > self.batch_size, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          collate_fn=keep_batch if in_memory else None)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=keep_batch if in_memory else None,
+        )
 
     def prepare_batch(self, batch: Any, train: bool) -> Batch:
         """Turn a loader's batch into the :class:`Batch` the model takes, on the batch's device.
@@ -151,19 +181,30 @@ class ClassificationData(L.LightningDataModule):
 
     def _serve_features(self) -> bool:
         trainer = self.trainer
-        return self.feature_cache is not None and trainer is not None and self.feature_cache.serves(
-            trainer.current_epoch)
+        return (
+            self.feature_cache is not None and trainer is not None and self.feature_cache.serves(trainer.current_epoch)
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self._serve_features():
-            return self.feature_cache.loader("train", self.feature_source("train"), self.trainer,  # type: ignore
-                                             self.batch_size, train=True)
+            return self.feature_cache.loader(
+                "train",
+                self.feature_source("train"),
+                self.trainer,  # type: ignore
+                self.batch_size,
+                train=True,
+            )
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
         if self._serve_features():
-            return self.feature_cache.loader("val", self.feature_source("val"), self.trainer,  # type: ignore
-                                             self.eval_batch_size, train=False)
+            return self.feature_cache.loader(
+                "val",
+                self.feature_source("val"),
+                self.trainer,  # type: ignore
+                self.eval_batch_size,
+                train=False,
+            )
         return self._loader(self.val_set, train=False)
 
     def teardown(self, stage: str) -> None:
@@ -177,7 +218,7 @@ class ClassificationData(L.LightningDataModule):
             split: ``train`` or ``val``.
 
         Returns:
-            What :class:`~transfer.features.FeatureCache` computes (or finds) the split's features from.
+            What :class:`~transfer.training.features.FeatureCache` computes (or finds) the split's features from.
         """
         dataset = self._limited(getattr(self, f"{split}_set"), split)
         device = self.trainer.lightning_module.device if self.trainer is not None else torch.device("cpu")
@@ -211,8 +252,11 @@ class ClassificationData(L.LightningDataModule):
             return dataset
         limited = copy.copy(dataset)
         # val: its first batches, exactly what an uncached epoch validates on; train: a spread (it is shuffled)
-        chosen = (np.arange(keep) if split == "val" else
-                  np.sort(np.random.default_rng(self.split_seed).permutation(size)[:keep]))
+        chosen = (
+            np.arange(keep)
+            if split == "val"
+            else np.sort(np.random.default_rng(self.split_seed).permutation(size)[:keep])
+        )
         limited.indices = dataset.indices[chosen]  # type: ignore[attr-defined]
         return limited
 
@@ -224,9 +268,15 @@ class ClassificationData(L.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """Split sizes and origin, for the run summary."""
-        return {"source": self.source, "classes": self.classes,
-                **{f"{name}_size": len(ds) for name, ds in
-                   (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)) if ds is not None}}
+        return {
+            "source": self.source,
+            "classes": self.classes,
+            **{
+                f"{name}_size": len(ds)
+                for name, ds in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))
+                if ds is not None
+            },
+        }
 
 
 class CIFAR10Data(ClassificationData):
@@ -264,8 +314,9 @@ class CIFAR10Data(ClassificationData):
         keep, held = stratified_split(data.train_targets, count, self.split_seed)
         self.train_set = self._images(data.train_images, data.train_targets, keep, train_tf)
         self.val_set = self._images(data.train_images, data.train_targets, held, eval_tf)
-        self.test_set = self._images(data.test_images, data.test_targets,
-                                     mixed_order(len(data.test_targets), self.split_seed), eval_tf)
+        self.test_set = self._images(
+            data.test_images, data.test_targets, mixed_order(len(data.test_targets), self.split_seed), eval_tf
+        )
         self.source = data.source
 
 
@@ -286,11 +337,22 @@ class ImageFolderData(ClassificationData):
         **kwargs: see :class:`ClassificationData`.
     """
 
-    default_augment = {"resized_crop_scale": (0.35, 1.0), "hflip": True, "color_jitter": (0.2, 0.2, 0.2, 0.1),
-                       "rotation": 15}
+    default_augment = {
+        "resized_crop_scale": (0.35, 1.0),
+        "hflip": True,
+        "color_jitter": (0.2, 0.2, 0.2, 0.1),
+        "rotation": 15,
+    }
 
-    def __init__(self, root: str, val_size: float = 0.1, test_size: float = 0.1, memory_limit_gb: float = 4.0,
-                 skip_corrupt: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str,
+        val_size: float = 0.1,
+        test_size: float = 0.1,
+        memory_limit_gb: float = 4.0,
+        skip_corrupt: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root, **kwargs)
         self.val_size, self.test_size = val_size, test_size
         self.memory_limit_gb = float(memory_limit_gb)
@@ -341,13 +403,20 @@ class ImageFolderData(ClassificationData):
         need = sum(distinct.values()) * self.stored_size() ** 2 * 3 / 2**30
         if need <= self.memory_limit_gb:
             return True
-        log.warning("data.augment_on=device: %d images at %d px need %.1f GB > data.memory_limit_gb=%.1f; streaming "
-                    "them from disk with %d workers and per-image PIL augmentation instead", sum(distinct.values()),
-                    self.stored_size(), need, self.memory_limit_gb, self.num_workers)
+        log.warning(
+            "data.augment_on=device: %d images at %d px need %.1f GB > data.memory_limit_gb=%.1f; streaming "
+            "them from disk with %d workers and per-image PIL augmentation instead",
+            sum(distinct.values()),
+            self.stored_size(),
+            need,
+            self.memory_limit_gb,
+            self.num_workers,
+        )
         return False
 
-    def _drop_corrupt(self, splits: dict[str, tuple[list[Path], list[int], list[int]]],
-                      bad: dict[int, dict[int, str]]) -> dict[str, tuple[list[Path], list[int], list[int]]]:
+    def _drop_corrupt(
+        self, splits: dict[str, tuple[list[Path], list[int], list[int]]], bad: dict[int, dict[int, str]]
+    ) -> dict[str, tuple[list[Path], list[int], list[int]]]:
         """Fail naming the undecodable files, or (``skip_corrupt``) leave them out of every split and count them."""
         found = {f[row]: why for f, _, _ in splits.values() for row, why in bad.get(id(f), {}).items()}
         if not found:
@@ -355,8 +424,11 @@ class ImageFolderData(ClassificationData):
         if not self.skip_corrupt:
             raise CorruptImagesError(describe_corrupt(found))
         self.skipped = found
-        log.warning("data.skip_corrupt=true: skipping %d undecodable image file(s), e.g. %s", len(found),
-                    "; ".join(f"{p} ({why})" for p, why in list(found.items())[:3]))
+        log.warning(
+            "data.skip_corrupt=true: skipping %d undecodable image file(s), e.g. %s",
+            len(found),
+            "; ".join(f"{p} ({why})" for p, why in list(found.items())[:3]),
+        )
         return {name: (f, t, [i for i in idx if i not in bad.get(id(f), {})]) for name, (f, t, idx) in splits.items()}
 
     def setup(self, stage: str | None = None) -> None:
@@ -382,12 +454,15 @@ class ImageFolderData(ClassificationData):
                 made[name] = FileImages(files, targets, indices, train_tf if name == "train" else eval_tf)
         self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]
         self.source = f"image folders at {self.root} ({self.layout} layout" + (
-            ", decoded into memory)" if in_memory else ")")
+            ", decoded into memory)" if in_memory else ")"
+        )
 
     def describe(self) -> dict[str, Any]:
         """Split sizes, origin and the undecodable files left out (``skip_corrupt``), for the run summary."""
-        return super().describe() | {"corrupt_skipped": len(self.skipped),
-                                     "corrupt_files": [str(p) for p in list(self.skipped)[:20]]}
+        return super().describe() | {
+            "corrupt_skipped": len(self.skipped),
+            "corrupt_files": [str(p) for p in list(self.skipped)[:20]],
+        }
 
 
 def datamodule_from_config(node: Any, preprocess: Preprocess | None, **kwargs: Any) -> ClassificationData:

@@ -1,4 +1,5 @@
 """Datasets over in-memory arrays or image files, class discovery and stratified splits."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from transfer.core.errors import ConfigError, CorruptImagesError, DataNotFoundError
 from transfer.data.decode import IMAGE_EXTENSIONS, decode_error, describe_corrupt, is_image_file, read_rgb
-from transfer.errors import ConfigError, CorruptImagesError, DataNotFoundError
 
 log = logging.getLogger(__name__)
 __all__ = ["IMAGE_EXTENSIONS"]  # re-exported: transfer.predict filters files with it
@@ -48,7 +49,8 @@ def list_images(folder: Path, classes: Sequence[str]) -> tuple[list[Path], list[
             raise DataNotFoundError(
                 f"{folder} has no folder for class {name!r}, which the training split has. Every split must "
                 f"contain the same class folders; add {class_dir} with images of that class, or remove the "
-                f"class from every split.")
+                f"class from every split."
+            )
         found = sorted(p for p in class_dir.rglob("*") if is_image_file(p))
         files += found
         targets += [index] * len(found)
@@ -73,7 +75,7 @@ def decode_checked(files: Sequence[Path], size: int | None = None) -> tuple[np.n
     def read(path: Path) -> np.ndarray | str:
         try:
             return np.asarray(read_rgb(path, size))
-        except Exception:  # noqa: BLE001 - decode_error re-reads it to say why, in one line
+        except Exception:
             return decode_error(path) or "unreadable"
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -82,8 +84,10 @@ def decode_checked(files: Sequence[Path], size: int | None = None) -> tuple[np.n
     arrays = [r for r in results if not isinstance(r, str)]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise DataNotFoundError(f"Images under {files[0].parent.parent} have different sizes {sorted(shapes)[:3]}; "
-                                f"an in-memory CIFAR-style folder needs one size. Use data=imagefolder instead.")
+        raise DataNotFoundError(
+            f"Images under {files[0].parent.parent} have different sizes {sorted(shapes)[:3]}; "
+            f"an in-memory CIFAR-style folder needs one size. Use data=imagefolder instead."
+        )
     shape = next(iter(shapes)) if shapes else (size or 1, size or 1, 3)
     out = np.zeros((len(files), *shape), dtype=np.uint8)
     good = [i for i in range(len(files)) if i not in bad]
@@ -117,8 +121,9 @@ def decode_cached(files: Sequence[Path], cache_dir: Path, size: int | None = Non
     return images
 
 
-def decode_cached_checked(files: Sequence[Path], cache_dir: Path,
-                          size: int | None = None) -> tuple[np.ndarray, dict[int, str]]:
+def decode_cached_checked(
+    files: Sequence[Path], cache_dir: Path, size: int | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
     """:func:`decode_checked`, remembered on disk: decoding 60k JPEGs takes ~20 s on 2 cores, loading <1 s.
 
     The key hashes every file's path, size and modification time (and ``size``), so adding, removing or
@@ -187,9 +192,15 @@ class ArrayImages(Dataset):
         transform: applied to each PIL image.
     """
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int], indices: Sequence[int],
-                 transform: Callable | None) -> None:
-        self.images, self.targets, self.indices, self.transform = images, np.asarray(targets), np.asarray(indices), transform
+    def __init__(
+        self, images: np.ndarray, targets: Sequence[int], indices: Sequence[int], transform: Callable | None
+    ) -> None:
+        self.images, self.targets, self.indices, self.transform = (
+            images,
+            np.asarray(targets),
+            np.asarray(indices),
+            transform,
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -236,9 +247,15 @@ def keep_batch(batch: Any) -> Any:
 class FileImages(Dataset):
     """Images read from disk per item, for folders too large (or too varied in size) to hold in memory."""
 
-    def __init__(self, files: Sequence[Path], targets: Sequence[int], indices: Sequence[int],
-                 transform: Callable | None) -> None:
-        self.files, self.targets, self.indices, self.transform = list(files), np.asarray(targets), np.asarray(indices), transform
+    def __init__(
+        self, files: Sequence[Path], targets: Sequence[int], indices: Sequence[int], transform: Callable | None
+    ) -> None:
+        self.files, self.targets, self.indices, self.transform = (
+            list(files),
+            np.asarray(targets),
+            np.asarray(indices),
+            transform,
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -253,8 +270,9 @@ def split_count(size: float, total: int, what: str) -> int:
     """Turn a fraction (< 1) or a count (>= 1) into a count, checking it leaves something to train on."""
     count = int(round(size * total)) if 0 < size < 1 else int(size)
     if count < 0 or count >= total:
-        raise ConfigError(f"{what}={size} asks for {count} of {total} images; use a fraction below 1 "
-                          f"or a count below {total}.")
+        raise ConfigError(
+            f"{what}={size} asks for {count} of {total} images; use a fraction below 1 or a count below {total}."
+        )
     return count
 
 

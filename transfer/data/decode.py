@@ -6,6 +6,7 @@ orientation tag, and the odd truncated download. :func:`to_rgb` brings every one
 the models expect; :func:`read_rgb` opens a file that way; :func:`describe_corrupt` turns the files that fail
 into one paragraph that names them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -90,7 +91,7 @@ def decode_error(path: Path) -> str | None:
     """Why ``path`` cannot be used as an image (the decoder's one-line message), or ``None`` when it can."""
     try:
         read_rgb(path)
-    except Exception as err:  # noqa: BLE001 - a damaged file can make PIL raise nearly anything
+    except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'unreadable'}"
     return None
 
@@ -99,8 +100,10 @@ def describe_corrupt(bad: Mapping[Path, str], shown: int = 5) -> str:
     """One paragraph naming the first ``shown`` unreadable files and their errors, and the two ways out."""
     first = "; ".join(f"{path} ({why})" for path, why in list(bad.items())[:shown])
     more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
-    return (f"{len(bad)} image file(s) could not be decoded: {first}{more}. Delete or replace them, or pass "
-            f"data.skip_corrupt=true to leave them out (their number is logged and written to summary.json).")
+    return (
+        f"{len(bad)} image file(s) could not be decoded: {first}{more}. Delete or replace them, or pass "
+        f"data.skip_corrupt=true to leave them out (their number is logged and written to summary.json)."
+    )
 
 
 def first_rows(rows: Sequence[int], files: Sequence[Path], reasons: Sequence[str]) -> dict[Path, str]:

@@ -4,19 +4,22 @@ Two layouts are accepted: ``root/train/<class>/*`` with optional ``val/`` (or ``
 beside it, and the flat ``root/<class>/*`` (no split folders; every hold-out is carved out of it). Also the
 image files a command line names (:func:`collect_images`: a file, a folder or a glob).
 """
+
 from __future__ import annotations
 
 import glob
 from collections.abc import Sequence
 from pathlib import Path
 
+from transfer.core.errors import ConfigError, DataNotFoundError
 from transfer.data.datasets import IMAGE_EXTENSIONS, list_classes
-from transfer.errors import ConfigError, DataNotFoundError
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
-_LAYOUTS = ("data=imagefolder expects data.root to hold either train/<class>/<image> (optionally with val/ and "
-            "test/ holding the same class folders) or <class>/<image> directly (val and test are then held out "
-            "of it, stratified and seeded)")
+_LAYOUTS = (
+    "data=imagefolder expects data.root to hold either train/<class>/<image> (optionally with val/ and "
+    "test/ holding the same class folders) or <class>/<image> directly (val and test are then held out "
+    "of it, stratified and seeded)"
+)
 
 
 def find_layout(root: Path) -> tuple[Path, dict[str, Path]]:
@@ -32,14 +35,18 @@ def find_layout(root: Path) -> tuple[Path, dict[str, Path]]:
     if not root.is_dir():
         raise DataNotFoundError(f"No image folder at {root}. {_LAYOUTS}; set data.root=/path/to/your/images.")
     if (root / "train").is_dir():
-        found = {name: next((root / n for n in names if (root / n).is_dir()), None)
-                 for name, names in SPLIT_FOLDERS.items() if name != "train"}
+        found = {
+            name: next((root / n for n in names if (root / n).is_dir()), None)
+            for name, names in SPLIT_FOLDERS.items()
+            if name != "train"
+        }
         return root / "train", {name: path for name, path in found.items() if path is not None}
     stray = [n for names in SPLIT_FOLDERS.values() for n in names if (root / n).is_dir()]
     if stray:
         raise DataNotFoundError(
             f"{root} has {', '.join(s + '/' for s in stray)} but no train/ folder. {_LAYOUTS}. Rename the training "
-            f"split's folder to train/, or move the class folders up into {root} to let the splits be held out.")
+            f"split's folder to train/, or move the class folders up into {root} to let the splits be held out."
+        )
     return root, {}
 
 
@@ -54,19 +61,27 @@ def check_classes(train_dir: Path, splits: dict[str, Path]) -> list[str]:
     if not classes:
         raise DataNotFoundError(f"No class folders in {train_dir}. {_LAYOUTS}; set data.root=/path/to/your/images.")
     if len(classes) < 2:
-        raise ConfigError(f"{train_dir} has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a "
-                          f"classifier needs at least two. {_LAYOUTS}.")
+        raise ConfigError(
+            f"{train_dir} has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a "
+            f"classifier needs at least two. {_LAYOUTS}."
+        )
     for name, folder in splits.items():
         other = list_classes(folder)
         extra, missing = sorted(set(other) - set(classes)), sorted(set(classes) - set(other))
         if extra or missing:
-            what = "; ".join(part for part in (
-                f"{folder} has class folder(s) {', '.join(extra)} that {train_dir} lacks" if extra else "",
-                f"it lacks {', '.join(missing)}" if missing else "") if part)
+            what = "; ".join(
+                part
+                for part in (
+                    f"{folder} has class folder(s) {', '.join(extra)} that {train_dir} lacks" if extra else "",
+                    f"it lacks {', '.join(missing)}" if missing else "",
+                )
+                if part
+            )
             raise ConfigError(
                 f"The {name} split's classes differ from the training split's: {what}. Every split must hold the "
                 f"same class folders (images of a class the model never trains on cannot be scored); add or "
-                f"remove class folders so that they match.")
+                f"remove class folders so that they match."
+            )
     return classes
 
 
@@ -80,7 +95,8 @@ def check_not_empty(split: str, folder: Path, classes: Sequence[str], targets: S
         raise ConfigError(
             f"The {split} split has no image files for class(es) {', '.join(empty)} (under "
             f"{', '.join(str(folder / c) for c in empty[:3])}). Add images there, or remove the class folder from "
-            f"every split; only files ending in a known image extension count.")
+            f"every split; only files ending in a known image extension count."
+        )
 
 
 def collect_images(spec: str) -> list[Path]:
@@ -103,6 +119,8 @@ def collect_images(spec: str) -> list[Path]:
     else:
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
-        raise ConfigError(f"images={spec} matches no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...). Pass "
-                          f"a file, a folder or a quoted glob such as 'photos/*.jpg'.")
+        raise ConfigError(
+            f"images={spec} matches no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...). Pass "
+            f"a file, a folder or a quoted glob such as 'photos/*.jpg'."
+        )
     return sorted(files)

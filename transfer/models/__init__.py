@@ -1,7 +1,32 @@
 """Model factory and registry. Importing this package registers every architecture."""
-from transfer.models import cnn_zoo, mobile_zoo, transformer_zoo  # noqa: F401  (registration side effects)
-from transfer.models.core import (REGISTRY, Architecture, ModelMeta, Split, TransferModel, architecture,
-                                  count_parameters, create_model, model_preprocess, register, resolve_adapt)
 
-__all__ = ["REGISTRY", "Architecture", "ModelMeta", "Split", "TransferModel", "architecture", "count_parameters",
-           "create_model", "model_preprocess", "register", "resolve_adapt"]
+from transfer.models import cnn_zoo, mobile_zoo, transformer_zoo  # noqa: F401  (registration side effects)
+from transfer.models.core import (
+    REGISTRY,
+    Architecture,
+    ModelMeta,
+    Split,
+    TransferModel,
+    architecture,
+    count_parameters,
+    create_model,
+    model_preprocess,
+    register,
+    resolve_adapt,
+    resolve_preprocess,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Architecture",
+    "ModelMeta",
+    "Split",
+    "TransferModel",
+    "architecture",
+    "count_parameters",
+    "create_model",
+    "model_preprocess",
+    "register",
+    "resolve_adapt",
+    "resolve_preprocess",
+]

@@ -1,4 +1,5 @@
 """Adapting ImageNet architectures to small inputs (CIFAR's 32 px) without throwing the pretrained stem away."""
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,14 @@ def resample_kernel(weight: Tensor, size: int) -> Tensor:
 
 def shrink_conv(conv: nn.Conv2d, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
     """A ``kernel_size``/``stride`` copy of ``conv`` with 'same' padding and kernels resampled from it."""
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size, stride=stride,
-                    padding=kernel_size // 2, bias=conv.bias is not None)
+    new = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        kernel_size,
+        stride=stride,
+        padding=kernel_size // 2,
+        bias=conv.bias is not None,
+    )
     with torch.no_grad():
         new.weight.copy_(resample_kernel(conv.weight, kernel_size))
         if conv.bias is not None:

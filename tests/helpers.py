@@ -1,0 +1,63 @@
+"""Helpers the tests import: tiny image folders, the tiny run settings, a real ``transfer.run`` child process."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = ("cat", "dog", "ship")
+
+
+def make_image_folder(root: Path, splits: dict[str, int], size: int = 32, classes=CLASSES, seed: int = 0) -> Path:
+    """Write ``splits[name]`` PNGs per class under ``root/name/<class>/``; each class has its own colour."""
+    rng = np.random.default_rng(seed)
+    for split, per_class in splits.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.array([200 if k == c else 40 for k in range(3)], dtype=float)
+                img = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+TINY = [
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "finetune.unfreeze_at_epoch=1",
+    "data.val_size=6",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.download=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+@functools.cache
+def child_cache() -> str:
+    """One decode cache shared by the child processes of a test session: made on first use, removed at exit."""
+    path = tempfile.mkdtemp(prefix="transfer-test-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m transfer.run <args>`` as a real child process (errors short, the shared decode cache)."""
+    return subprocess.run(
+        [sys.executable, "-m", "transfer.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": child_cache(), **(env or {})},
+    )

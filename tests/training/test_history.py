@@ -1,0 +1,80 @@
+"""History's lr columns come from Lightning's LearningRateMonitor: one source for history.json and the logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from transfer.training.history import History
+
+
+class _TwoPart(L.LightningModule):
+    """A head trained from the start and a backbone whose param group arrives at epoch 1 (as at an unfreeze)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.SGD([{"params": self.head.parameters(), "name": "head"}], lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+
+
+class _AddBackboneGroup(L.Callback):
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            trainer.optimizers[0].add_param_group(
+                {"params": pl_module.backbone.parameters(), "name": "backbone", "lr": 0.01}
+            )
+
+
+def _fit(tmp_path: Path, *callbacks: L.Callback, logger: bool = True) -> History:
+    history = History()
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[_AddBackboneGroup(), *callbacks, history],
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path) if logger else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(_TwoPart())
+    return history
+
+
+def test_lr_columns_are_what_the_lr_monitor_logged_at_each_epoch_start(tmp_path: Path):
+    monitor = LearningRateMonitor("epoch")
+    history = _fit(tmp_path, monitor)
+    lrs = [{k: v for k, v in row.items() if k.startswith("lr/")} for row in history.epochs]
+    # StepLR halves every group after each epoch; the backbone group joins at epoch 1 with its own rate.
+    assert lrs == [
+        {"lr/head": pytest.approx(0.1)},
+        {"lr/head": pytest.approx(0.05), "lr/backbone": pytest.approx(0.01)},
+        {"lr/head": pytest.approx(0.025), "lr/backbone": pytest.approx(0.005)},
+    ]
+    assert monitor.lrs == {
+        "lr-SGD/head": [row["lr/head"] for row in lrs],
+        "lr-SGD/backbone": [row["lr/backbone"] for row in lrs[1:]],
+    }
+
+
+def test_without_an_lr_monitor_history_has_no_lr_columns(tmp_path: Path):
+    history = _fit(tmp_path, logger=False)
+    assert len(history.epochs) == 3 and not any(k.startswith("lr/") for row in history.epochs for k in row)

@@ -1,0 +1,86 @@
+"""Sweeps survive their jobs: in ``-m`` a failing job is recorded and the sweep goes on.
+
+Hydra's basic launcher runs the jobs one after another; an exception escaping one job would end the sweep
+after it (and a ``sys.exit`` at once), so the other jobs never run and no report is written. :func:`sweep_job`
+catches the failure instead, writes ``failed.json`` (the one-line reason, the job's overrides) into the job's
+directory and its traceback into ``traceback.txt`` beside it, and returns ``None``. The sweep report lists
+the job as failed and the sweep then exits non-zero (:class:`transfer.experiments.report.SweepReport`). A single run
+records its failure the same way, then fails as before.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from transfer.core.errors import TransferError
+
+F = TypeVar("F", bound=Callable[..., Any])
+FAILED = "failed.json"
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """A failure as one line: the message of a :class:`TransferError`, else ``Type: first line``."""
+    text = " ".join(str(err).split())
+    if not isinstance(err, TransferError):
+        text = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def record_failure(job_dir: Path, err: BaseException) -> dict[str, Any]:
+    """Write ``failed.json`` for a job that raised ``err``; returns what was written."""
+    hydra = HydraConfig.get()
+    record = {
+        "status": "failed",
+        "reason": one_line(err),
+        "error": type(err).__name__,
+        "job": job_dir.name,
+        "job_num": OmegaConf.select(hydra, "job.num", default=None),
+        "overrides": list(hydra.overrides.task),
+    }
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / FAILED).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def sweep_job(fn: F) -> F:
+    """Record a failure in ``failed.json``; in a multirun, then return ``None`` so the other jobs run.
+
+    A single run records its failure too (so ``transfer.report`` can say why) and re-raises it.
+    ``KeyboardInterrupt`` and ``SystemExit`` (Ctrl-C, SIGTERM) are not recorded and still stop a whole sweep.
+    """
+
+    @wraps(fn)
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        except ValueError:
+            multirun = False
+        try:
+            return fn(cfg, *args, **kwargs)
+        except Exception as err:
+            job_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+            if job_dir is None:
+                raise
+            record = {"job": job_dir.name, "reason": one_line(err)}
+            if not (job_dir / "summary.json").exists():  # never touch a finished run's files
+                try:
+                    record = record_failure(job_dir, err)
+                    (job_dir / "traceback.txt").write_text(traceback.format_exc())
+                except OSError:  # a full or read-only disk must not hide the job's own error
+                    pass
+            if not multirun:
+                raise  # a single run: the caller prints the error and sets the exit status
+            print(f"\njob {record['job']} failed: {record['reason']}", file=sys.stderr, flush=True)
+            return None
+
+    return wrapper  # type: ignore[return-value]

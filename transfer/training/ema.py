@@ -1,0 +1,73 @@
+"""An exponential moving average of the weights, used for validation, test and the saved checkpoints.
+
+Built on Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging`, which already swaps the averaged
+weights in for validation, writes them as the checkpoint's ``state_dict`` (keeping the live weights beside
+them for resume) and copies them into the model when training ends. What this adds is timm's decay warm-up:
+the effective decay is ``min(decay, (1 + n) / (warmup + n))`` after ``n`` updates, so in a short fine-tuning
+run the average is not dominated by the first, barely trained steps. With a fixed 0.998 the average after one
+CIFAR epoch (703 steps) would still weigh the starting weights by 0.998**703 = 25%.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from transfer.core.errors import ConfigError
+
+
+def ema_update(decay: float, warmup: float) -> Any:
+    """A ``multi_avg_fn`` for :class:`torch.optim.swa_utils.AveragedModel`: in-place EMA with decay warm-up.
+
+    Args:
+        decay: the decay once warmed up.
+        warmup: ``n`` at which the warm-up decay ``(1 + n) / (warmup + n)`` reaches ~0.5; 0 disables it.
+
+    Returns:
+        ``fn(averaged, current, num_averaged)`` updating ``averaged`` in place (integer buffers are copied).
+    """
+
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        if not averaged[0].is_floating_point():  # num_batches_tracked: nothing to average
+            torch._foreach_copy_(averaged, current)
+            return
+        # The decay stays a device tensor: no host sync per step on a GPU.
+        n = num_averaged.to(averaged[0].dtype)
+        d = torch.clamp((1 + n) / (warmup + n), max=decay) if warmup > 0 else torch.full_like(n, decay)
+        torch._foreach_mul_(averaged, d)
+        torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+
+    return update
+
+
+class EMA(WeightAveraging):
+    """EMA of the weights (and BatchNorm statistics), updated after every optimizer step.
+
+    Args:
+        decay: per-step decay once warmed up; the average spans about ``1 / (1 - decay)`` steps.
+        warmup: decay warm-up (see :func:`ema_update`); 0 for a constant decay.
+        use_buffers: average BatchNorm running statistics too (else the live ones are used).
+    """
+
+    def __init__(self, decay: float = 0.998, warmup: float = 10.0, use_buffers: bool = True) -> None:
+        if not 0 < decay < 1:
+            raise ConfigError(
+                f"callbacks.ema.decay={decay} must be in (0, 1), e.g. 0.998; remove the EMA with ~callbacks.ema."
+            )
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=ema_update(decay, warmup))
+        self.decay, self.warmup = decay, warmup
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning's version loads the live (non-averaged) weights whenever the averaged model exists, which it
+        # still does after fit: trainer.test(ckpt_path=best) would then test the live weights. Only a resumed
+        # fit needs them; testing, validating and predicting keep the checkpoint's state_dict (the EMA).
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

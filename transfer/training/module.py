@@ -1,0 +1,182 @@
+"""The LightningModule: a :class:`~transfer.models.TransferModel` trained with cross-entropy.
+
+Checkpoints describe themselves: the hyperparameters rebuild the architecture, and a ``transfer`` entry
+carries class names, preprocessing and the code version, so prediction needs nothing but the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from transfer.core.errors import ConfigError
+from transfer.core.preprocess import Preprocess
+from transfer.core.provenance import code_version
+from transfer.data.batch import Batch, as_batch
+from transfer.models import TransferModel, create_model
+from transfer.training.mix import BatchMix
+from transfer.training.optim import build_optimizer, build_scheduler
+
+
+class Scores(NamedTuple):
+    """What ``Trainer.predict`` returns per batch: logits, and the targets where the data has them."""
+
+    logits: Tensor
+    target: Tensor | None
+
+
+class Classifier(L.LightningModule):
+    """Image classifier around a pretrained backbone and a new head.
+
+    Args:
+        model: ``create_model`` arguments (the ``model`` config group) without ``num_classes``.
+        class_names: class names in label order; their number sizes the head.
+        optimizer: the ``optimizer`` config group.
+        scheduler: the ``scheduler`` config group, or ``None``.
+        label_smoothing: cross-entropy label smoothing.
+        mix: MixUp/CutMix of training batches (:class:`~transfer.training.mix.BatchMix` arguments), or ``None``.
+        tta: test-time augmentation: average the logits of each test image and its mirror image.
+        preprocess: the input the model's weights expect (``Preprocess.to_dict()``, as handed to the data
+            module); checkpoints carry it, so prediction needs nothing but the file.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        class_names: list[str],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        mix: dict[str, Any] | None = None,
+        tta: bool = False,
+        preprocess: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.preprocess: Preprocess | None = Preprocess.from_dict(preprocess) if preprocess else None
+        self.class_names = list(class_names)
+        self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
+        mixing = bool(mix) and any(mix.get(k) for k in ("mixup_alpha", "cutmix_alpha"))  # type: ignore[union-attr]
+        self.mix = BatchMix(len(self.class_names), **mix) if mixing else None  # alphas 0: plain class targets
+        n = len(self.class_names)
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.val_acc = MulticlassAccuracy(n, average="micro")
+        self.test_acc = MulticlassAccuracy(n, average="micro")
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pretrained part; the finetuning callback freezes and unfreezes it."""
+        return self.model.backbone
+
+    @property
+    def head(self) -> nn.Module:
+        """The new classifier (the neck, where a family has one, trains with it from the start)."""
+        return self.model.head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Logits as the run's test uses them: with ``tta``, the mean of the image's and its mirror's."""
+        if self.hparams.get("tta"):
+            return (self.model(x) + self.model(x.flip(-1))) / 2
+        return self.model(x)
+
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        # y: class indices, or class probabilities after MixUp/CutMix (cross_entropy takes both)
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def _logits_and_targets(self, batch: Batch, test: bool = False) -> tuple[Tensor, Tensor]:
+        batch = as_batch(batch)
+        if batch.features:  # cached backbone features (finetune.cache_features): neck and head only
+            return self.model.head(self.model.neck(batch.x)), batch.y
+        return (self.predict_logits(batch.x) if test else self(batch.x)), batch.y
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        batch = as_batch(batch)
+        if self.mix is not None and not batch.features:
+            batch = Batch(*self.mix(batch.x, batch.y))
+        logits, y = self._logits_and_targets(batch)
+        loss = self._loss(logits, y)
+        self.train_acc(logits, y.argmax(1) if y.ndim == 2 else y)
+        n = len(y)  # told, not inferred: Lightning cannot tell which tensor of a batch counts images
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: Batch, stage: str, metric: MulticlassAccuracy) -> Tensor:
+        logits, y = self._logits_and_targets(batch, test=stage == "test")
+        metric(logits, y)
+        self.log(
+            f"{stage}/loss", self._loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y)
+        )
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return logits.argmax(dim=1)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Logs test loss/accuracy; returns the predicted classes (the confusion matrix is built from them)."""
+        return self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Scores:
+        """Logits as the test sees them (flip TTA when ``tta``), with the targets when the batch has them."""
+        if isinstance(batch, Batch):
+            return Scores(self.predict_logits(batch.x), batch.y)
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return Scores(self.predict_logits(x), None)
+
+    def configure_optimizers(self) -> Any:
+        # Only what is trainable now: the finetuning callback froze the backbone in setup() and adds it as
+        # its own param group when it unfreezes.
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.hparams.optimizer, [{"params": params, "name": "head"}])
+        scheduler = build_scheduler(
+            self.hparams.scheduler,
+            optimizer,
+            total_steps=self.trainer.estimated_stepping_batches if self._trainer else None,
+        )
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["transfer"] = {
+            "class_names": self.class_names,
+            "meta": self.model.meta.to_dict(),
+            "preprocess": self.preprocess.to_dict() if self.preprocess else None,
+            "code": code_version(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+        """Rebuild a trained classifier from its checkpoint alone (no config, no weight download).
+
+        Args:
+            path: a ``.ckpt`` written by a run.
+            map_location: device for the tensors.
+
+        Returns:
+            The module in eval mode, with ``preprocess`` restored.
+        """
+        # weights_only: a checkpoint handed to predict/evaluate must not be able to run code either.
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            model_args = {**ckpt["hyper_parameters"]["model"], "pretrained": False, "weights": None}
+        except (pickle.UnpicklingError, KeyError, TypeError, RuntimeError) as err:
+            raise ConfigError(
+                f"{path} is not a checkpoint written by transfer.run, or holds pickled objects that "
+                f"could run code ({type(err).__name__}: {str(err)[:120]}). Pass a .ckpt from a run's "
+                f"checkpoints/ folder."
+            ) from err
+        module = cls.load_from_checkpoint(path, map_location=map_location, model=model_args, weights_only=True)
+        info = ckpt.get("transfer", {})
+        if module.preprocess is None and info.get("preprocess"):  # a checkpoint from before hparams carried it
+            module.preprocess = Preprocess.from_dict(info["preprocess"])
+        return module.eval()

@@ -1,0 +1,212 @@
+"""Settings checked when the config is composed, before any data is read or any run directory is touched.
+
+:func:`validate` turns every bad value it finds into one paragraph (:class:`~transfer.core.errors.ConfigError`).
+:class:`Preflight` is the Hydra callback that runs it: in ``on_run_start``, which Hydra calls before it creates
+the run directory and writes ``.hydra/`` into it, so a refused run leaves an earlier run's files untouched; and
+in ``on_multirun_start`` for the sweep as a whole (each job checks its own settings again when it starts).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from transfer.core.errors import ConfigError, report_errors
+
+_ABSENT = object()
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+# (key, check, what it must be): keys absent from the composed config are skipped.
+RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", _int, "an integer"),
+    ("data.batch_size", lambda v: _int(v) and v >= 1, "a positive integer (images per training step, e.g. 64)"),
+    ("data.eval_batch_size", lambda v: _int(v) and v >= 1, "a positive integer"),
+    ("data.num_workers", _optional(lambda v: _int(v) and v >= 0), "null (one per core) or an integer >= 0"),
+    ("data.image_size", _optional(lambda v: _int(v) and v >= 8), "null (the model decides) or an integer >= 8 (px)"),
+    ("data.val_size", lambda v: _num(v) and v >= 0, "a fraction below 1 or an image count >= 1"),
+    ("data.test_size", lambda v: _num(v) and v >= 0, "a fraction below 1 or an image count >= 1"),
+    ("data.augment_on", lambda v: v in ("device", "cpu_pil"), "device or cpu_pil"),
+    ("data.skip_corrupt", lambda v: isinstance(v, bool), "true or false"),
+    ("data.memory_limit_gb", lambda v: _num(v) and v >= 0, "a number of GB >= 0"),
+    ("optimizer.lr", lambda v: _num(v) and v > 0, "a positive number (e.g. 1e-3)"),
+    ("optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a number >= 0"),
+    ("optimizer.momentum", lambda v: _num(v) and 0 <= v < 1, "in [0, 1)"),
+    ("scheduler.factor", lambda v: _num(v) and 0 < v < 1, "in (0, 1)"),
+    ("scheduler.patience", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    ("scheduler.pct_start", lambda v: _num(v) and 0 <= v < 1, "in [0, 1)"),
+    ("scheduler.warmup", lambda v: _num(v) and 0 <= v < 1, "a fraction in [0, 1)"),
+    ("finetune.unfreeze_at_epoch", _optional(lambda v: _int(v) and v >= 0), "null (never unfreeze) or an epoch >= 0"),
+    ("finetune.backbone_lr_ratio", lambda v: _num(v) and v > 0, "a positive number (e.g. 0.1)"),
+    ("finetune.layer_decay", lambda v: _num(v) and 0 < v <= 1, "in (0, 1]"),
+    ("finetune.bn", lambda v: v in ("train", "frozen"), "train or frozen"),
+    ("finetune.cache_views", lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    ("trainer.max_epochs", lambda v: _int(v) and (v >= 1 or v == -1), "a positive integer (or -1: no limit)"),
+    ("trainer.accumulate_grad_batches", lambda v: _int(v) and v >= 1, "a positive integer"),
+    ("trainer.gradient_clip_val", _optional(lambda v: _num(v) and v > 0), "null or a positive number"),
+    ("trainer.log_every_n_steps", lambda v: _int(v) and v >= 1, "a positive integer"),
+    ("label_smoothing", lambda v: _num(v) and 0 <= v < 1, "in [0, 1)"),
+    ("mix.mixup_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
+    ("mix.cutmix_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
+    ("mix.prob", lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    ("callbacks.divergence_guard.max_loss", _optional(lambda v: _num(v) and v > 0), "null or a positive number"),
+    (
+        "callbacks.mid_epoch_checkpoint.every_n_steps",
+        _optional(lambda v: _int(v) and v >= 1),
+        "null or a positive number of steps",
+    ),
+    (
+        "callbacks.mid_epoch_checkpoint.every_n_minutes",
+        _optional(lambda v: _num(v) and v > 0),
+        "null or a positive number of minutes",
+    ),
+)
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """Every rule :data:`RULES` (and ``resume``) breaks in ``cfg``, as ``key=value must be ...`` phrases."""
+    found = []
+    for key, check, what in RULES:
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+        except MissingMandatoryValue:
+            found.append(f"{key} is required and not set (pass {key}=...)")
+            continue
+        except Exception as err:
+            found.append(f"{key} cannot be resolved ({str(err).splitlines()[0]})")
+            continue
+        if value is not _ABSENT and not check(value):
+            found.append(f"{key}={value!r} must be {what}")
+    try:
+        OmegaConf.select(cfg, "data.root", throw_on_missing=True)
+    except MissingMandatoryValue:
+        found.append("data.root is required for this data config (pass data.root=/path/to/your/images)")
+    resume = OmegaConf.select(cfg, "resume", default=None)
+    if resume:
+        try:
+            resume_path(resume)
+        except ConfigError as err:
+            found.append(str(err).rstrip("."))
+    return found
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one :class:`~transfer.core.errors.ConfigError` listing every bad setting in ``cfg`` (see :func:`problems`)."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError(
+            f"Invalid setting{'s' if len(found) > 1 else ''}: {'; '.join(found)}. Nothing was read or "
+            f"written. Fix {'them' if len(found) > 1 else 'it'} on the command line or in conf/ "
+            f"(python -m transfer.run --cfg job prints the composed config)."
+        )
+
+
+def resume_path(resume: str | Path) -> Path:
+    """The checkpoint ``resume=`` names: a ``.ckpt`` file, or a run directory (its ``checkpoints/last.ckpt``)."""
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        candidates = [path / "checkpoints" / "last.ckpt", path / "last.ckpt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(
+                f"resume={resume} is a directory without checkpoints/last.ckpt; pass a run directory "
+                f"written by transfer.run or a .ckpt file"
+            )
+        return found
+    if not path.is_file():
+        raise ConfigError(
+            f"resume={resume} does not exist; pass a run directory or a .ckpt file from its checkpoints/ folder"
+        )
+    return path
+
+
+def check_checkpoint(path: Path, classes: list[str] | None = None, model: str | None = None) -> None:
+    """Refuse a ``resume=`` file that is not a training checkpoint of this data, before anything runs.
+
+    The file is read with ``weights_only=True`` (whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: it is
+    passed explicitly), so a pickle that would run code is rejected, not executed.
+
+    Args:
+        path: the checkpoint.
+        classes: the data's class names, to compare with the checkpoint's; ``None`` skips that check.
+        model: the configured ``model.name``, likewise.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise ConfigError(
+            f"resume={path} cannot be read as a checkpoint with weights_only=True ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:140] if str(err) else 'empty'}): it is not a .ckpt written by "
+            f"transfer.run, it is damaged, or it holds pickled objects that could run code. Pass a run "
+            f"directory or a file from its checkpoints/ folder."
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
+        raise ConfigError(
+            f"resume={path} is not a Lightning training checkpoint (no state_dict/loops entry; a "
+            f"weights file goes to model.weights=, not resume=). Pass a file from a run's checkpoints/."
+        )
+    trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
+    if model is not None and trained is not None and trained != model:
+        raise ConfigError(
+            f"resume={path} was trained with model={trained} but this run builds model={model}. "
+            f"Pass model={trained} (and the rest of that run's settings) to resume it."
+        )
+    saved = (ckpt.get("transfer") or {}).get("class_names")
+    if classes is not None and saved is not None and list(saved) != list(classes):
+        raise ConfigError(
+            f"resume={path} was trained on {len(saved)} classes ({', '.join(saved[:6])}"
+            f"{', ...' if len(saved) > 6 else ''}) but the data has {len(classes)} ({', '.join(classes[:6])}"
+            f"{', ...' if len(classes) > 6 else ''}). Resume with the data.root (and data=...) of that run, or "
+            f"start a new run with model.weights= to fine-tune from it."
+        )
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """A SLURM launcher needs ``sbatch``: say so in one paragraph instead of submitit's traceback."""
+    target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
+    if "submitit" in target and "Slurm" in target and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm submits every job with sbatch, which is not on this machine's PATH (not a SLURM "
+            "login node?). Run the sweep on the cluster, or drop hydra/launcher=slurm to run the jobs here one "
+            "after another."
+        )
+
+
+class Preflight(Callback):
+    """Hydra callback: :func:`validate` (and the run directory's freshness) before Hydra writes anything."""
+
+    @report_errors
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        validate(config)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 share rank 0's directory
+            from transfer.training.train import check_fresh
+
+            check_fresh(Path(str(config.hydra.run.dir)))
+
+    @report_errors
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_launcher(config)
+        validate(config)

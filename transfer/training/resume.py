@@ -1,0 +1,233 @@
+"""What a checkpoint needs beyond Lightning's own state for a resumed run to continue exactly.
+
+Lightning restores weights, optimizer, schedulers, loop progress and each callback's ``state_dict``. It does
+not save the random number generators (shuffling and augmentation draw from the global ones), and it skips the
+``ReduceLROnPlateau`` step of the epoch a checkpoint was written in (checkpoints are written during validation,
+before that step; on resume the metric it needs is gone). :class:`RunState` adds both, and the
+:class:`~transfer.training.history.History` behind the run's figures and summary, so that a resumed run's outputs cover
+the whole run. :class:`EpochCheckpoint` keeps ``last.ckpt`` at the last finished epoch, and
+:class:`MidEpochCheckpoint` adds saves inside long epochs.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from transfer.training.history import History
+
+_HISTORY_FIELDS = ("step_loss", "epochs", "train_images", "train_batch_seconds")
+
+
+class RunState(L.Callback):
+    """Checkpoint the RNG streams, the pending plateau-scheduler step and the run's :class:`History`.
+
+    Args:
+        history: the run's history callback, saved and restored with the checkpoint.
+    """
+
+    def __init__(self, history: History) -> None:
+        self.history = history
+        self._restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        return {
+            "rng": rng_states(),
+            "history": {k: getattr(self.history, k) for k in _HISTORY_FIELDS},
+            "pending_plateau": _pending_plateau(trainer) if trainer is not None else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._stage not in (None, "fit"):
+            return  # a test from the best checkpoint: nothing of the training state applies
+        # The RNG streams now, during Lightning's restore: the training loader draws its shuffling seed when
+        # the fit loop sets up its data, before any hook of the first resumed epoch.
+        if state_dict.get("rng"):
+            set_rng_states(state_dict["rng"])
+        self._restored = state_dict
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer, self._stage = trainer, stage
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After Lightning's restore: put the history and the owed plateau step back."""
+        state, self._restored = self._restored, None
+        if not state:
+            return
+        for key, value in state.get("history", {}).items():
+            setattr(self.history, key, value)
+        _continue_tensorboard(trainer)
+        configs = trainer.lr_scheduler_configs
+        for index, value in state.get("pending_plateau", []):
+            configs[index].scheduler.step(value)
+
+    _trainer: L.Trainer | None = None
+    _stage: str | None = None
+
+
+def _pending_plateau(trainer: L.Trainer) -> list[tuple[int, float]]:
+    """``(scheduler index, metric)`` for each plateau scheduler whose step of this epoch is still to come.
+
+    A checkpoint written at the end of an epoch (validation just ran, the epoch-interval step has not) owes
+    the plateau schedulers their step with the metric they monitor.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not loop.batch_progress.is_last_batch:
+        return []
+    pending = []
+    for index, config in enumerate(trainer.lr_scheduler_configs):
+        if isinstance(config.scheduler, ReduceLROnPlateau) and config.interval == "epoch" and config.monitor:
+            value = trainer.callback_metrics.get(config.monitor)
+            if value is not None:
+                pending.append((index, float(value)))
+    return pending
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG streams (torch, CUDA, NumPy, Python) in types a ``weights_only`` load accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [
+            str(name),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA only when this machine has as many devices)."""
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the last finished epoch.
+
+    Lightning 2.6 rewrites ``last.ckpt`` only in an epoch that also saved a new top-k checkpoint, so after the
+    best epoch it falls behind, and a resumed run repeats the epochs since. Here it is written at the end of
+    every epoch (after the top-k save, in the same hook), through the run's (atomic) checkpoint IO.
+
+    Resumed into a new run directory, Lightning keeps only the old best path and forgets its score, so the
+    first resumed epoch would count as the best whatever its accuracy. Here the best checkpoint is copied into
+    the new directory and its score kept: model selection continues over the whole run, and the original
+    run's files are never deleted by the top-k bookkeeping.
+    """
+
+    _stage: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._stage = stage
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._stage not in (None, "fit"):
+            return  # trainer.test(ckpt_path=best) restores callbacks too: keep this run's paths, not the best's
+        with warnings.catch_warnings():  # "won't be reloaded": the score and the best file are, just below
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
+        score, best = state_dict.get("best_model_score"), state_dict.get("best_model_path") or ""
+        if self.dirpath is None or state_dict.get("dirpath") == self.dirpath or score is None or not best:
+            return
+        local = Path(self.dirpath) / Path(best).name
+        if Path(best).is_file():
+            _copy_rank_zero(Path(best), local)
+        self.best_model_score, self.best_model_path = score, str(local)
+        self.best_k_models, self.kth_best_model_path, self.kth_value = {str(local): score}, str(local), score
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+@rank_zero_only
+def _copy_rank_zero(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+
+
+@rank_zero_only
+def _continue_tensorboard(trainer: L.Trainer) -> None:
+    """Copy the resumed run's TensorBoard event files next to this run's, so TensorBoard shows one run.
+
+    The original run directory is only read. Steps the interrupted run logged after its checkpoint appear
+    twice (its values and the resumed run's).
+    """
+    ckpt, log_dir = trainer.ckpt_path, getattr(trainer.logger, "log_dir", None)
+    if not ckpt or not log_dir:
+        return
+    source = Path(ckpt).parent.parent / "tensorboard"
+    if not source.is_dir() or source.resolve() == Path(log_dir).resolve():
+        return
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    for events in sorted(source.glob("events.out.tfevents.*")):
+        shutil.copy2(events, Path(log_dir) / f"{events.name}.resumed-from")
+
+
+class MidEpochCheckpoint(L.Callback):
+    """Save ``checkpoints/mid-epoch.ckpt`` every ``every_n_steps`` optimizer steps and/or ``every_n_minutes``.
+
+    For epochs long enough that losing one hurts; ``last.ckpt`` stays the last finished epoch. The file is
+    overwritten each time (atomically), and the last batch of an epoch is left to the epoch-end save.
+    Resuming from it continues at that step (Lightning skips the batches already trained on).
+
+    Args:
+        every_n_steps: save every this many optimizer steps (``None``: not by steps).
+        every_n_minutes: save when this many minutes have passed since the last save (``None``: not by time).
+    """
+
+    def __init__(self, every_n_steps: int | None = None, every_n_minutes: float | None = None) -> None:
+        if (every_n_steps is not None and every_n_steps < 1) or (every_n_minutes is not None and every_n_minutes <= 0):
+            raise ValueError("every_n_steps must be >= 1 and every_n_minutes > 0 (or None)")
+        self.every_n_steps, self.every_n_minutes = every_n_steps, every_n_minutes
+        self._last_save = time.monotonic()
+        self.saved: Path | None = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps is None and self.every_n_minutes is None:
+            return
+        due = bool(self.every_n_steps and trainer.global_step % self.every_n_steps == 0)
+        if self.every_n_minutes is not None:
+            due = due or time.monotonic() - self._last_save >= 60 * self.every_n_minutes
+            due = bool(trainer.strategy.broadcast(due))  # every rank must take part in the save, or none
+        folder = next((c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)), None)
+        if not due or folder is None or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        self.saved = Path(folder) / "mid-epoch.ckpt"
+        trainer.save_checkpoint(self.saved)
+        self._last_save = time.monotonic()

@@ -1,0 +1,370 @@
+"""One training run from a composed config: data, model, staged fine-tuning, test of the best checkpoint.
+
+:func:`train` is the library entry; ``python -m transfer.run`` is a thin Hydra wrapper around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from transfer.core.errors import ConfigError
+from transfer.core.plots import plot_epoch_curves, plot_step_loss
+from transfer.core.preprocess import Preprocess
+from transfer.core.provenance import code_version
+from transfer.data import ClassificationData, datamodule_from_config
+from transfer.models import count_parameters, model_preprocess, resolve_adapt
+from transfer.training.checkpoint_io import AtomicCheckpointIO
+from transfer.training.compute import apply_compute, resolve_precision
+from transfer.training.distributed import weights_in_sync
+from transfer.training.features import FeatureCache
+from transfer.training.finetune import StagedFinetuning
+from transfer.training.history import History
+from transfer.training.module import Classifier
+from transfer.training.resume import EpochCheckpoint, RunState
+from transfer.training.stops import GracefulStop
+from transfer.training.tensorboard import TensorBoardExtras, log_hparams
+
+log = logging.getLogger(__name__)
+
+
+def check_fresh(run_dir: Path) -> None:
+    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
+    ckpts = run_dir / "checkpoints"
+    if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
+        raise ConfigError(
+            f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
+            f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
+            f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new directory."
+        )
+
+
+def check_input_size(module: Classifier, size: int) -> None:
+    """Fail before training, with a clear message, if the (adapted) model cannot take ``size`` px inputs."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        meta = module.model.meta
+        raise ConfigError(
+            f"Model {meta.name} with model.adapt={meta.adapt} cannot take {size} px inputs "
+            f"({str(err).splitlines()[0][:160]}). Use data.image_size=32 with adapt=native (transformers are adapted "
+            f"for 32 px), or model.adapt=resize to feed the pretrained {meta.input_size} px."
+        ) from err
+    finally:
+        module.train(was_training)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """The ``logger`` group's entries, each writing under ``run_dir``.
+
+    Args:
+        cfg: the composed config.
+        run_dir: the run directory (every logger's ``save_dir``).
+
+    Returns:
+        The loggers (TensorBoard by default).
+    """
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or not node.get("_target_"):
+            continue
+        try:
+            loggers.append(instantiate(node, save_dir=str(run_dir)))
+        except (ImportError, InstantiationException) as err:
+            raise ConfigError(
+                f"logger.{name} could not be created ({str(err).splitlines()[-1][:200]}). If it needs "
+                f"a package that is not installed, install it (pip install mlflow, pip install wandb); "
+                f"or drop the logger with ~logger.{name}."
+            ) from err
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    """A Lightning Trainer with the ``trainer`` group as its arguments and the ``logger`` group's loggers."""
+    logger = build_loggers(cfg, run_dir)
+    args: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    args["precision"] = resolve_precision(args.get("precision", "auto"), args.get("accelerator"))
+    if OmegaConf.select(cfg, "finetune.cache_features"):
+        # the loaders switch from cached features to images at the unfreeze epoch
+        args.setdefault("reload_dataloaders_every_n_epochs", 1)
+    try:
+        # AtomicCheckpointIO: temp file + fsync + rename, so a kill mid-write never leaves a broken last.ckpt
+        plugins = [*(args.pop("plugins", None) or []), AtomicCheckpointIO()]
+        return L.Trainer(**args, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks, plugins=plugins)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"The trainer settings {args} were rejected by lightning.Trainer: {err}") from err
+    except Exception as err:  # MisconfigurationException: e.g. accelerator=gpu on a machine without one
+        if type(err).__name__ == "MisconfigurationException":
+            hint = (
+                "trainer=ddp_cpu for DDP over CPU processes"
+                if "ddp" in str(args.get("strategy", ""))
+                else "trainer=cpu (or trainer.accelerator=cpu)"
+            )
+            raise ConfigError(f"{err} Use {hint} on a machine without a GPU.") from err
+        raise
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def resolve_input(cfg: DictConfig) -> tuple[str, Preprocess]:
+    """The model's ``adapt`` mode and the preprocessing its weights expect, for the config's data.
+
+    Args:
+        cfg: a config with ``model`` and ``data`` groups (``data.image_size``: a request to the model).
+
+    Returns:
+        ``(adapt, preprocess)``: ``model.adapt=auto`` resolved from the input size, and what the data module
+        and the classifier are built with.
+    """
+    image_size, native_size = cfg.data.get("image_size"), get_class(cfg.data._target_).native_size
+    adapt = resolve_adapt(cfg.model.name, cfg.model.adapt, image_size, native_size)
+    return adapt, model_preprocess(cfg.model.name, adapt, image_size, native_size)
+
+
+def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationData, Classifier]:
+    """The data module and the LightningModule of a composed config, checked against each other.
+
+    Data flows one way: the model's weights decide the preprocessing (``model.adapt=auto`` resolved from the
+    input size on the way), the data module receives it in its constructor, and its class names size the
+    head. A model that cannot take that size fails now, before any data is read.
+
+    Args:
+        cfg: the composed config.
+        cache_features: honour ``finetune.cache_features`` (the lr range test trains on images only).
+
+    Returns:
+        ``(datamodule, module)``, both built with the same preprocessing.
+    """
+    adapt, preprocess = resolve_input(cfg)
+    cache = None
+    if cache_features and cfg.finetune.get("cache_features"):
+        cache = FeatureCache(cfg.finetune.unfreeze_at_epoch, views=int(cfg.finetune.get("cache_views", 1)))
+    datamodule = datamodule_from_config(cfg.data, preprocess, feature_cache=cache)
+    module = Classifier(
+        model={**_container(cfg.model), "adapt": adapt},
+        class_names=datamodule.classes,
+        optimizer=_container(cfg.optimizer),
+        scheduler=_container(cfg.scheduler),
+        label_smoothing=float(cfg.label_smoothing),
+        mix=_container(cfg.get("mix")),
+        tta=bool(cfg.get("tta", False)),
+        preprocess=preprocess.to_dict(),
+    )
+    check_input_size(module, preprocess.image_size)
+    apply_compute(module.model, **_container(cfg.compute))
+    return datamodule, module
+
+
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, test the best checkpoint, and write the run's outputs into ``run_dir``.
+
+    Args:
+        cfg: the composed config (``conf/config.yaml``).
+        run_dir: where checkpoints, logs, figures and ``summary.json`` go; must not hold an earlier run.
+        overrides: the command-line overrides that made ``cfg`` (recorded in the summary: sweep job
+            directories are named by number only).
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    run_dir = Path(run_dir)
+    check_fresh(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    history, checkpoint = History(), best_and_last_checkpoint(run_dir)
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, history, checkpoint))
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)  # a ckpt cannot run code
+    train_seconds = time.perf_counter() - start
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+
+    summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
+    summary["distributed"] = _distributed(trainer, module)
+    summary["overrides"] = list(overrides or [])
+    _write_outputs(cfg, trainer, history, summary, run_dir)
+    return summary
+
+
+def best_and_last_checkpoint(run_dir: Path) -> EpochCheckpoint:
+    """``checkpoints/best-epochNN.ckpt`` by validation accuracy, and ``last.ckpt``: always the last finished epoch."""
+    return EpochCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        filename="best-epoch{epoch:02d}",
+        auto_insert_metric_name=False,
+    )
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, history: History, checkpoint: ModelCheckpoint) -> list[L.Callback]:
+    """Every callback of a run: staged unfreezing, the ``callbacks`` group, and the ones each run needs.
+
+    Args:
+        cfg: the composed config.
+        run_dir: the run directory (``checkpoints/interrupted.ckpt`` on a signal).
+        history: records the curves behind the figures and ``history.json``.
+        checkpoint: best and last checkpoints.
+
+    Returns:
+        The callbacks, in the order Lightning calls them.
+    """
+    callbacks = [
+        *finetune_callbacks(cfg),
+        *_configured_callbacks(cfg),
+        checkpoint,
+        history,
+        LearningRateMonitor("epoch"),
+        TensorBoardExtras(),
+        GracefulStop(run_dir / "checkpoints"),
+        RunState(history),
+    ]  # RNG streams, pending plateau step and history ride in the checkpoint
+    if cfg.trainer.get("enable_progress_bar", True):
+        # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.get("log_every_n_steps", 20))))
+    return callbacks
+
+
+def _distributed(trainer: L.Trainer, module: Classifier) -> dict[str, Any]:
+    in_sync = weights_in_sync(trainer, module)
+    if in_sync is False:
+        log.warning("the ranks finished with different weights: gradients were not averaged for some parameters")
+    return {
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "weights_identical_across_ranks": in_sync,
+    }
+
+
+def _write_outputs(
+    cfg: DictConfig, trainer: L.Trainer, history: History, summary: dict[str, Any], run_dir: Path
+) -> None:
+    """``summary.json``, ``history.json`` and the figures (rank zero), and the HParams entry of the loggers."""
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _figures(
+            history,
+            run_dir,
+            f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
+            cfg.finetune.unfreeze_at_epoch,
+        )
+    log_hparams(trainer, _hparams(cfg), {k: summary[k] for k in ("test_acc", "best_val_acc", "images_per_second")})
+
+
+def finetune_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Staged unfreezing from the ``finetune`` group (its ``cache_*`` keys go to the data module's cache).
+
+    Args:
+        cfg: the composed config.
+
+    Returns:
+        The callbacks.
+    """
+    args = {k: v for k, v in _container(cfg.finetune).items() if not k.startswith("cache_")}
+    return [StagedFinetuning(**args)]
+
+
+def _configured_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The ``callbacks`` group: every entry with a ``_target_`` (``~callbacks.<name>`` removes one)."""
+    entries = cfg.get("callbacks") or {}
+    return [instantiate(node) for node in entries.values() if node is not None and node.get("_target_")]
+
+
+@rank_zero_only
+def _write_rank_zero(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _summary(
+    cfg: DictConfig,
+    module: Classifier,
+    datamodule: ClassificationData,
+    history: History,
+    checkpoint: ModelCheckpoint,
+    test: list[dict[str, float]],
+    train_seconds: float,
+) -> dict[str, Any]:
+    validated = [row for row in history.epochs if "val/acc" in row]
+    val_accs = [row["val/acc"] for row in validated]
+    best_score = checkpoint.best_model_score
+    return {
+        "model": cfg.model.name,
+        "pretrained": bool(cfg.model.pretrained or cfg.model.weights),
+        "adapt": module.model.meta.adapt,
+        "weight_source": module.model.meta.weight_source,
+        "params": count_parameters(module.model),
+        "image_size": module.preprocess.image_size if module.preprocess else None,
+        "epochs_run": len(history.epochs),
+        "best_val_acc": float(best_score) if best_score is not None else (max(val_accs) if val_accs else None),
+        # numbered as history.json and the checkpoint names are (from 0), whichever epochs were validated
+        "best_epoch": (int(validated[val_accs.index(max(val_accs))]["epoch"]) if val_accs else None),
+        "test_acc": test[0].get("test/acc") if test else None,
+        "test_loss": test[0].get("test/loss") if test else None,
+        "train_seconds": round(train_seconds, 2),
+        "images_per_second": round(history.images_per_second, 1),
+        "best_checkpoint": checkpoint.best_model_path,
+        "last_checkpoint": checkpoint.last_model_path,
+        "seed": cfg.seed,
+        "data": datamodule.describe() | {"batch_size": datamodule.batch_size},
+        # the strategy's device: by now Lightning's teardown has moved the module back to the CPU
+        "device": str(module.trainer.strategy.root_device),
+        "precision": str(module.trainer.precision),
+        "channels_last": bool(cfg.compute.channels_last),
+        "compiled": bool(cfg.compute.compile),
+        "cached_frozen_phase": bool(OmegaConf.select(cfg, "finetune.cache_features")),
+        "code": code_version(),
+    }
+
+
+def _hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a sweep varies, flat, for TensorBoard's HParams tab."""
+    keys = (
+        "model.name",
+        "model.pretrained",
+        "model.adapt",
+        "optimizer._target_",
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "scheduler._target_",
+        "finetune.unfreeze_at_epoch",
+        "finetune.backbone_lr_ratio",
+        "finetune.bn",
+        "finetune.cache_features",
+        "data.batch_size",
+        "data.augment_on",
+        "data.image_size",
+        "trainer.max_epochs",
+        "trainer.precision",
+        "seed",
+        "label_smoothing",
+    )
+    values = {k: OmegaConf.select(cfg, k) for k in keys}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+
+
+def _figures(history: History, run_dir: Path, title: str, unfreeze_epoch: int | None) -> None:
+    history.save(run_dir / "history.json")
+    if history.step_loss:
+        plot_step_loss(history.step_loss, run_dir / "loss_per_iteration.png", f"Training loss per iteration: {title}")
+    if history.epochs:
+        plot_epoch_curves(history.epochs, run_dir / "curves_per_epoch.png", title, unfreeze_epoch)
