@@ -94,7 +94,7 @@ def test_resume_accepts_a_run_directory(tmp_path: Path):
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resume_path(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="without checkpoints/last.ckpt"):
+    with pytest.raises(ConfigError, match=r"without checkpoints/last\.ckpt"):
         resume_path(tmp_path / "empty")
 
 
@@ -152,7 +152,7 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_cifar: Path, tmp_path: Pa
 
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "loops": {}, "hyper_parameters": {"model": {"name": "alexnet"}}}, other)
-    with pytest.raises(ConfigError, match="model=alexnet but this run builds model=resnet18. Pass model=alexnet"):
+    with pytest.raises(ConfigError, match=r"model=alexnet but this run builds model=resnet18\. Pass model=alexnet"):
         prepare(compose_cfg(*SMALL, f"data.root={tiny_cifar}", f"resume={other}"))
 
 

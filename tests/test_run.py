@@ -118,7 +118,7 @@ def test_multirun_sweep_gives_each_job_its_own_directory(tiny_models, tiny_cifar
 
     recorded = [list(OmegaConf.load(sweep / job / ".hydra" / "overrides.yaml")) for job in ("0", "1")]
     assert "finetune.bn=train" in recorded[0] and "finetune.bn=frozen" in recorded[1]
-    report = list(csv.DictReader(open(sweep / "report.csv")))
+    report = list(csv.DictReader((sweep / "report.csv").read_text().splitlines()))
     assert [(r["job"], r["overrides"]) for r in report] == [("0", "finetune.bn=train"), ("1", "finetune.bn=frozen")]
     assert "| 1 | finetune.bn=frozen | tiny_test_cnn |" in (sweep / "report.md").read_text()
 

@@ -1,6 +1,7 @@
 """``python -m transfer.evaluate ckpt=<checkpoint or run dir> [data=...] [split=test]``: the evaluate-only path.
 
-Score a checkpoint on a split: metrics.json, report.md, confusion matrix, top losses. The work is done by :mod:`transfer.deploy.evaluate`; this module is the command.
+Score a checkpoint on a split: metrics.json, report.md, confusion matrix, top losses. The work is done by
+:mod:`transfer.deploy.evaluate`; this module is the command.
 """
 
 from __future__ import annotations

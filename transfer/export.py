@@ -1,6 +1,7 @@
 """``python -m transfer.export ckpt=<checkpoint or run dir> format=onnx|torchscript [out=DIR]``
 
-A trained checkpoint as ONNX or TorchScript, checked for parity before it reports success. The work is done by :mod:`transfer.deploy.export`; this module is the command.
+A trained checkpoint as ONNX or TorchScript, checked for parity before it reports success. The work is done by
+:mod:`transfer.deploy.export`; this module is the command.
 """
 
 from __future__ import annotations

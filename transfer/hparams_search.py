@@ -1,6 +1,7 @@
 """Hyperparameter search with Optuna: ``python -m transfer.run -m hparams_search=cifar10`` (or ``imagefolder``).
 
-Rebuild the report of an Optuna search (the search itself is transfer.run -m hparams_search=...). The work is done by :mod:`transfer.experiments.hparams_search`; this module is the command.
+Rebuild the report of an Optuna search (the search itself is transfer.run -m hparams_search=...). The work is done by
+:mod:`transfer.experiments.hparams_search`; this module is the command.
 """
 
 from __future__ import annotations

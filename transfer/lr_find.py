@@ -1,6 +1,7 @@
 """``python -m transfer.lr_find [any transfer.run overrides]``: Lightning's learning-rate range test.
 
-Lightning's learning-rate range test on exactly what transfer.run would train. The work is done by :mod:`transfer.experiments.lr_find`; this module is the command.
+Lightning's learning-rate range test on exactly what transfer.run would train. The work is done by
+:mod:`transfer.experiments.lr_find`; this module is the command.
 """
 
 from __future__ import annotations

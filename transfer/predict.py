@@ -1,6 +1,7 @@
 """``python -m transfer.predict ckpt=<checkpoint or run dir> images=<file, folder or glob> [topk=5] [grid=true]``
 
-Top-k class names and probabilities for new images, from a checkpoint alone. The work is done by :mod:`transfer.deploy.predict`; this module is the command.
+Top-k class names and probabilities for new images, from a checkpoint alone. The work is done by
+:mod:`transfer.deploy.predict`; this module is the command.
 """
 
 from __future__ import annotations

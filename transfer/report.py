@@ -1,6 +1,7 @@
 """One report for a sweep: ``python -m transfer.report sweep=<sweep dir>``, also written after every ``-m`` run.
 
-One report for a sweep, from its jobs' summary.json and history.json. The work is done by :mod:`transfer.experiments.report`; this module is the command.
+One report for a sweep, from its jobs' summary.json and history.json. The work is done by
+:mod:`transfer.experiments.report`; this module is the command.
 """
 
 from __future__ import annotations

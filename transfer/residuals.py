@@ -1,6 +1,7 @@
 """Inside residual blocks: how much each block changes its input, and how gradients flow through it.
 
-Inside residual blocks: F(x) = H(x) - x measured per block, and plain vs residual training. The work is done by :mod:`transfer.experiments.residuals`; this module is the command.
+Inside residual blocks: F(x) = H(x) - x measured per block, and plain vs residual training. The work is done by
+:mod:`transfer.experiments.residuals`; this module is the command.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Command line: ``python -m transfer.run model=resnet18 trainer.devices=1`` (Hydra; ``-m`` for sweeps).
 
-A thin wrapper: Hydra composes ``conf/`` (installed as the package ``transfer.conf``), :func:`transfer.training.train.train`
-does the work in Hydra's run directory. Lightning and the data and model code are imported inside the functions,
-so ``--help``, ``--cfg job`` and a refused setting answer in about a second instead of after ~10 s of imports.
+A thin wrapper: Hydra composes ``conf/`` (installed as the package ``transfer.conf``), and
+:func:`transfer.training.train.train` does the work in Hydra's run directory. Lightning and the data and model
+code are imported inside the functions, so ``--help``, ``--cfg job`` and a refused setting answer in about a
+second instead of after ~10 s of imports.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     prepare(cfg)
     summary = train(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task))
-    if rank_zero_only.rank == 0:  # under DDP every rank runs this function
+    if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every rank runs this function; Lightning sets .rank
         print(f"\n{describe(summary)}; outputs in {run_dir}")
     return summary["best_val_acc"]
 

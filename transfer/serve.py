@@ -1,6 +1,7 @@
 """``python -m transfer.serve ckpt=<checkpoint, run dir or exported .onnx> [port=8000] [host=127.0.0.1]``
 
-An HTTP prediction server (LitServe) for a checkpoint, run directory or exported .onnx. The work is done by :mod:`transfer.deploy.serve`; this module is the command.
+An HTTP prediction server (LitServe) for a checkpoint, run directory or exported .onnx. The work is done by
+:mod:`transfer.deploy.serve`; this module is the command.
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ def _monitored_lrs(trainer: L.Trainer) -> dict[str, float]:
     epoch a run resumes inside (a mid-epoch checkpoint), Lightning skips ``on_train_epoch_start``, so the
     monitor has logged nothing yet; that one row takes the optimizer's current rates instead.
     """
-    monitor = next((cb for cb in trainer.callbacks if isinstance(cb, LearningRateMonitor)), None)
+    # Trainer.callbacks is assigned by Lightning's callback connector, so its type is not declared
+    callbacks: list[L.Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    monitor = next((cb for cb in callbacks if isinstance(cb, LearningRateMonitor)), None)
     if monitor is None:
         return {}
     logged = {name.split("/", 1)[-1]: values[-1] for name, values in monitor.lrs.items() if values}

@@ -225,7 +225,9 @@ class MidEpochCheckpoint(L.Callback):
         if self.every_n_minutes is not None:
             due = due or time.monotonic() - self._last_save >= 60 * self.every_n_minutes
             due = bool(trainer.strategy.broadcast(due))  # every rank must take part in the save, or none
-        folder = next((c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)), None)
+        folder = next(
+            (c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None
+        )
         if not due or folder is None or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return
         self.saved = Path(folder) / "mid-epoch.ckpt"

@@ -3,8 +3,9 @@
 Lightning turns SIGINT into ``KeyboardInterrupt`` and SIGTERM into ``SIGTERMException`` (raised at the next
 batch boundary) and calls every callback's ``on_exception``; :class:`GracefulStop` then saves
 ``checkpoints/interrupted.ckpt`` (the current step: weights, optimizer, scheduler, loop progress) and prints
-one line with the command that resumes it. :func:`~transfer.core.exit_status.graceful_exit` gives the process the conventional status,
-128 + the signal number (130 for SIGINT, 143 for SIGTERM), where Lightning would exit 1 (SIGINT) or 0 (SIGTERM).
+one line with the command that resumes it. :func:`~transfer.core.exit_status.graceful_exit` gives the process
+the conventional status, 128 + the signal number (130 for SIGINT, 143 for SIGTERM), where Lightning would exit 1
+(SIGINT) or 0 (SIGTERM).
 
 On SLURM, Lightning's own SIGUSR1 handler (auto-requeue: save ``hpc_ckpt_<n>.ckpt``, ``scontrol requeue``) is
 left in place; the SIGTERM SLURM sends at the end of the grace period is handled as above.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
 from transfer.data.batch import as_batch
+from transfer.training.module import Classifier
 
 
 def _writer(trainer: L.Trainer) -> Any | None:
@@ -36,17 +37,17 @@ class TensorBoardExtras(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        writer = _writer(trainer)
+        writer, module = _writer(trainer), cast(Classifier, pl_module)
         batch = as_batch(batch)
-        if self._logged_inputs or writer is None or pl_module.preprocess is None or batch.features:
+        if self._logged_inputs or writer is None or module.preprocess is None or batch.features:
             return  # (cached features are not images)
-        x = pl_module.preprocess.denormalize(batch.x[: self.max_images].detach().float().cpu())
+        x = module.preprocess.denormalize(batch.x[: self.max_images].detach().float().cpu())
         writer.add_image("inputs/augmented", make_grid(x, nrow=8), trainer.global_step)
         self._logged_inputs = True
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A fresh count per test run, kept on the module's device: no per-batch copy to the host.
-        self._confusion = MulticlassConfusionMatrix(len(pl_module.class_names)).to(pl_module.device)
+        self._confusion = MulticlassConfusionMatrix(len(cast(Classifier, pl_module).class_names)).to(pl_module.device)
 
     def on_test_batch_end(
         self,
@@ -71,7 +72,9 @@ class TensorBoardExtras(L.Callback):
         from transfer.core.plots import confusion_matrix_figure_object
 
         writer.add_figure(
-            "test/confusion", confusion_matrix_figure_object(matrix, pl_module.class_names), trainer.global_step
+            "test/confusion",
+            confusion_matrix_figure_object(matrix, cast(Classifier, pl_module).class_names),
+            trainer.global_step,
         )
 
 
