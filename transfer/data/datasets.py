@@ -96,14 +96,6 @@ def decode_checked(files: Sequence[Path], size: int | None = None) -> tuple[np.n
     return out, bad
 
 
-def decode_all(files: Sequence[Path], size: int | None = None) -> np.ndarray:
-    """:func:`decode_checked` that refuses corrupt files, naming the first ones (see its arguments)."""
-    images, bad = decode_checked(files, size)
-    if bad:
-        raise CorruptImagesError(describe_corrupt({files[i]: why for i, why in bad.items()}))
-    return images
-
-
 def files_digest(files: Sequence[Path], extra: str = "") -> str:
     """A key for a list of files from their paths, sizes and modification times (the files are not read)."""
     digest = hashlib.sha1(extra.encode())
@@ -268,7 +260,7 @@ class FileImages(Dataset):
 
 def split_count(size: float, total: int, what: str) -> int:
     """Turn a fraction (< 1) or a count (>= 1) into a count, checking it leaves something to train on."""
-    count = int(round(size * total)) if 0 < size < 1 else int(size)
+    count = round(size * total) if 0 < size < 1 else int(size)
     if count < 0 or count >= total:
         raise ConfigError(
             f"{what}={size} asks for {count} of {total} images; use a fraction below 1 or a count below {total}."
@@ -302,7 +294,7 @@ def stratified_split(targets: Sequence[int], count: int, seed: int) -> tuple[np.
             take[i] += 1
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
-    for cls, n in zip(classes, take):
+    for cls, n in zip(classes, take, strict=True):
         members = np.flatnonzero(targets == cls)
         held.append(rng.permutation(members)[:n])
     held_out = rng.permutation(np.concatenate(held)) if held else np.array([], dtype=int)

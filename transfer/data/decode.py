@@ -9,7 +9,7 @@ into one paragraph that names them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -104,8 +104,3 @@ def describe_corrupt(bad: Mapping[Path, str], shown: int = 5) -> str:
         f"{len(bad)} image file(s) could not be decoded: {first}{more}. Delete or replace them, or pass "
         f"data.skip_corrupt=true to leave them out (their number is logged and written to summary.json)."
     )
-
-
-def first_rows(rows: Sequence[int], files: Sequence[Path], reasons: Sequence[str]) -> dict[Path, str]:
-    """``{file: reason}`` for the given rows of ``files``, in file order."""
-    return {files[r]: why for r, why in sorted(zip(rows, reasons))}
