@@ -1,7 +1,8 @@
 """``python -m transfer.predict ckpt=<checkpoint or run dir> images=<file, folder or glob> [topk=5] [grid=true]``
 
-Top-k class names and probabilities for new images, from a checkpoint alone. The work is done by
-:mod:`transfer.deploy.predict`; this module is the command.
+Top-k class names and probabilities for new images, from a checkpoint alone, or with ``model=<name>`` from that
+model's pretrained ImageNet classifier. The work is done by :mod:`transfer.deploy.predict`; this module is the
+command.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from transfer.conf import CONF_PATH
 from transfer.core.errors import ConfigError, report_errors
@@ -19,9 +20,10 @@ from transfer.data.folders import collect_images
 from transfer.deploy.load import load_classifier
 from transfer.deploy.predict import (
     USAGE,
+    Predictor,
     predict,
+    pretrained_imagenet,
     print_table,
-    untrained,
     write_results,
 )
 
@@ -32,11 +34,11 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
     """Command-line entry: predict, write the results, print a table."""
     if not (cfg.ckpt or cfg.model) or OmegaConf.is_missing(cfg, "images") or not cfg.images:
         raise ConfigError(f"Pass ckpt= (or model=) and images=. Usage: {USAGE}.")
+    module: Predictor
     if cfg.ckpt:
         module = load_classifier(cfg.ckpt)
     else:
-        classes = OmegaConf.to_container(cfg.classes) if isinstance(cfg.classes, ListConfig) else cfg.classes
-        module = untrained(OmegaConf.to_container(cfg.model), classes)
+        module = pretrained_imagenet(str(cfg.model.name), cfg.model.get("weights"))
     results = predict(module, collect_images(str(cfg.images)), int(cfg.topk), int(cfg.batch_size), str(cfg.device))
     out = Path(cfg.out or f"outputs/predictions/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}").expanduser()
     write_results(results, out)

@@ -104,20 +104,56 @@ def test_classification_metrics_zero_division_and_macro_f1_over_every_class():
     assert m["accuracy"] == 0.5 and m["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 5)  # e counts as 0, not skipped
 
 
-def test_untrained_head_demo_predicts_cifar_class_names(tiny_cifar: Path, tmp_path: Path):
-    """The source material's demo: a pretrained backbone with a fresh head, before any training."""
-    proc = cli(
-        "transfer.predict",
-        "model=efficientnet_lite0",
-        f"images={tiny_cifar / 'test' / 'cat'}",
-        "topk=3",
-        f"out={tmp_path / 'demo'}",
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((tmp_path / "demo" / "predictions.json").read_text())
-    from transfer.data import CIFAR10_CLASSES
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two photos of known ImageNet categories (scikit-image's offline samples), as JPEGs: a cat and an espresso."""
+    from PIL import Image
+    from skimage import data
 
-    assert len(results) == 4 and all(r["label"] in CIFAR10_CLASSES and len(r["topk"]) == 3 for r in results)
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.chelsea()).save(folder / "chelsea.jpg", quality=90)
+    Image.fromarray(data.coffee()).save(folder / "coffee.jpg", quality=90)
+    return folder
+
+
+def test_model_name_predicts_imagenet_categories_with_the_pretrained_classifier(photos: Path, tmp_path: Path):
+    proc = cli("transfer.predict", "model=efficientnet_lite0", f"images={photos}", "topk=3", f"out={tmp_path / 'p'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = {Path(r["image"]).stem: r for r in json.loads((tmp_path / "p" / "predictions.json").read_text())}
+    top3 = {stem: [name for name, _ in r["topk"]] for stem, r in results.items()}
+    cats = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
+    assert cats & set(top3["chelsea"]), top3
+    assert {"espresso", "cup"} & set(top3["coffee"]), top3
+    assert all(r["true"] is None for r in results.values())  # folder names are no ImageNet categories
+
+
+def test_model_name_without_an_imagenet_head_is_refused_naming_ckpt(photos: Path, tmp_path: Path):
+    proc = cli("transfer.predict", "model=lenet5", f"images={photos}", f"out={tmp_path / 'p'}")
+    assert proc.returncode == 2 and "no ImageNet classifier" in proc.stderr and "ckpt=" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "p").exists()
+
+
+def test_model_name_whose_weights_cannot_load_offline_is_refused(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache; downloads fail in tests
+    proc = cli("transfer.predict", "model=resnet18", f"images={photos}", f"out={tmp_path / 'p'}")
+    assert proc.returncode == 2 and "could not be loaded" in proc.stderr and "ckpt=" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_weights_without_the_classifier_are_refused_in_one_paragraph(tmp_path: Path):
+    """A backbone-only file (as self-supervised checkpoints are) cannot predict ImageNet classes."""
+    import torch
+
+    from transfer.deploy.predict import pretrained_imagenet
+    from transfer.models import architecture
+
+    state = {k: v for k, v in architecture("efficientnet_lite0").build().state_dict().items() if "classifier" not in k}
+    torch.save(state, tmp_path / "backbone.pth")
+    with pytest.raises(ConfigError, match=r"ImageNet classifier.*ckpt=") as err:
+        pretrained_imagenet("efficientnet_lite0", str(tmp_path / "backbone.pth"))
+    assert "\n" not in str(err.value)
 
 
 def test_a_file_that_is_not_a_transfer_checkpoint_is_refused(tmp_path: Path):
@@ -126,7 +162,7 @@ def test_a_file_that_is_not_a_transfer_checkpoint_is_refused(tmp_path: Path):
     from transfer.training.module import Classifier
 
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
-    with pytest.raises(ConfigError, match="not a checkpoint written by transfer.run"):
+    with pytest.raises(ConfigError, match=r"not a checkpoint written by transfer\.run"):
         Classifier.from_checkpoint(tmp_path / "other.ckpt")
 
 

@@ -1,7 +1,8 @@
 """``python -m transfer.predict ckpt=<checkpoint or run dir> images=<file, folder or glob> [topk=5] [grid=true]``
 
-``model=<name>`` instead of ``ckpt=`` predicts with that pretrained backbone and a new, untrained head over
-CIFAR-10's classes (or ``'classes=[a,b,c]'``): the source material's "before training" demo.
+``model=<name>`` instead of ``ckpt=`` predicts with that model's pretrained ImageNet classifier (its original
+1000-class head, ImageNet category names, the weights' own preprocessing at their pretrained size): what the
+network knows before any fine-tuning. A model whose weights carry no ImageNet head is refused.
 
 ``ckpt=`` may also name an exported ``.onnx`` file (``python -m transfer.export``): onnxruntime runs it, with the
 class names and preprocessing of the JSON beside it.
@@ -17,29 +18,33 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from PIL import Image
+from torch import Tensor, nn
 
-from transfer.core.errors import ConfigError
-from transfer.data.cifar import CIFAR10_CLASSES
+from transfer.core.errors import ConfigError, WeightsUnavailableError
+from transfer.core.preprocess import Preprocess
 from transfer.data.transforms import eval_transform
-from transfer.models import model_preprocess
+from transfer.models import architecture, model_preprocess
+from transfer.models.weights import fetch, load_file, load_into
 from transfer.training.compute import pick_device
 from transfer.training.module import Classifier
 
-CIFAR_SIZE = 32
+if TYPE_CHECKING:
+    from transfer.deploy.onnx_runtime import OnnxClassifier  # onnxruntime is an optional extra
+
 USAGE = (
     "python -m transfer.predict ckpt=<checkpoint, run dir or exported .onnx> images=<file, folder or glob> "
-    "[topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for a pretrained backbone "
-    "with an untrained head"
+    "[topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for that model's "
+    "pretrained ImageNet classifier"
 )
 
 
 @torch.no_grad()
 def predict(
-    module: Classifier, files: list[Path], topk: int = 5, batch_size: int = 64, device: str = "auto"
+    module: Predictor, files: list[Path], topk: int = 5, batch_size: int = 64, device: str = "auto"
 ) -> list[dict[str, Any]]:
     """Classify image files with a trained module.
 
@@ -47,8 +52,8 @@ def predict(
     onnxruntime session, which is no LightningModule, and a few files need no progress bar.
 
     Args:
-        module: from :func:`~transfer.deploy.load.load_classifier` (a Classifier or an ONNX model; its
-            ``preprocess`` decides the transform).
+        module: from :func:`~transfer.deploy.load.load_classifier` (a Classifier or an ONNX model) or
+            :func:`pretrained_imagenet`; its ``preprocess`` decides the transform.
         files: image paths.
         topk: how many classes to report per image.
         batch_size: images per forward pass.
@@ -72,8 +77,8 @@ def predict(
         batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in chunk]).to(dev)
         probs = module(batch).softmax(dim=-1).cpu()
         values, indices = probs.topk(k, dim=-1)
-        for f, v, i in zip(chunk, values, indices):
-            top = [[names[j], round(float(p), 6)] for p, j in zip(v, i)]
+        for f, v, i in zip(chunk, values, indices, strict=True):
+            top = [[names[j], round(float(p), 6)] for p, j in zip(v, i, strict=True)]
             results.append(
                 {
                     "image": str(f),
@@ -86,18 +91,87 @@ def predict(
     return results
 
 
-def untrained(model: dict[str, Any], classes: list[str] | str | None = None) -> Classifier:
-    """A pretrained backbone with a new head that has seen no data (its predictions are guesses).
+class ImageNetClassifier(nn.Module):
+    """A registry model with its original ImageNet head: what :func:`predict` needs of a module, and no more.
+
+    Attributes:
+        net: the ImageNet-shaped network with every pretrained tensor, its 1000-class classifier included.
+        class_names: the ImageNet category names, in the classifier's order.
+        preprocess: the weights' preprocessing at their pretrained size (photos: resize, then centre crop).
+    """
+
+    def __init__(self, net: nn.Module, class_names: list[str], preprocess: Preprocess) -> None:
+        super().__init__()
+        self.net = net
+        self.class_names = class_names
+        self.preprocess = preprocess
+
+    def forward(self, x: Tensor) -> Tensor:
+        """ImageNet logits for a normalised batch."""
+        return self.net(x)
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet-1k category names in class-index order (timm's offline copy; the first synonym each)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+
+
+def pretrained_imagenet(name: str, weights: str | None = None) -> ImageNetClassifier:
+    """The pretrained ImageNet classifier of registry model ``name``, head and all.
 
     Args:
-        model: the ``model=`` group's settings; ``name``, ``pretrained`` and ``weights`` are used (the stem is
-            adapted to CIFAR-10's 32 px, as ``create_model``'s default ``adapt`` does).
-        classes: the head's class names (a list, or one comma-separated string); ``None``: CIFAR-10's.
+        name: registry name, e.g. ``efficientnet_lite0``.
+        weights: a local state-dict file to load instead of the registry's source (``model.weights=PATH``).
+
+    Returns:
+        An :class:`ImageNetClassifier` in eval mode.
+
+    Raises:
+        ConfigError: unknown model, weights that cannot be had (offline, not installed) or that carry no
+            ImageNet classifier.
     """
-    names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes or CIFAR10_CLASSES)
-    chosen = {k: model[k] for k in ("name", "pretrained", "weights") if k in model}
-    preprocess = model_preprocess(chosen["name"], "native", None, CIFAR_SIZE)  # the weights' input for 32 px data
-    return Classifier(chosen, names, {"_target_": "torch.optim.Adam"}, preprocess=preprocess.to_dict())
+    arch = architecture(name)
+    use_ckpt = "to predict with a model you trained, pass ckpt=<checkpoint or run dir> instead of model="
+    if arch.weights is None and not weights:
+        raise ConfigError(f"model={name} has no pretrained weights, so it has no ImageNet classifier; {use_ckpt}.")
+    net = arch.build()
+    try:
+        state = load_file(weights) if weights else fetch(arch.weights, name)  # type: ignore[arg-type]
+        if arch.convert is not None:
+            state = arch.convert(state)
+        load_into(net, state, arch.weights, origin=str(weights or name))  # no optional tensors: the head too
+    except WeightsUnavailableError as err:
+        raise ConfigError(
+            f"model={name} cannot predict ImageNet classes here: its pretrained weights could not be loaded "
+            f"with their ImageNet classifier ({str(err)[:300]}). Use a model whose weights carry the 1000-class "
+            f"head and are available offline (model=efficientnet_lite0 ships in a pip package), or {use_ckpt}."
+        ) from err
+    categories = imagenet_categories()
+    width = _output_width(net, arch.classifier)
+    if width != len(categories):
+        raise ConfigError(
+            f"model={name}'s pretrained classifier has {width} outputs, not the {len(categories)} ImageNet-1k "
+            f"classes, so there are no category names for it; {use_ckpt}."
+        )
+    return ImageNetClassifier(net, categories, model_preprocess(name, "resize", None, None)).eval()
+
+
+def _output_width(net: nn.Module, classifier: str) -> int:
+    """Number of logits of the classifier (the tensors named ``classifier*``), else of the last linear layer."""
+    heads = [
+        v for k, v in net.state_dict().items() if k.startswith(classifier) and k.endswith("weight") and v.ndim == 2
+    ]
+    if classifier and heads:
+        return int(heads[-1].shape[0])
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else 0
+
+
+# what predict() runs: a trained checkpoint, an exported ONNX model or a pretrained ImageNet classifier
+Predictor: TypeAlias = "Classifier | ImageNetClassifier | OnnxClassifier"
 
 
 def write_results(results: list[dict[str, Any]], out: Path) -> None:
