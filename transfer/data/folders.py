@@ -2,7 +2,7 @@
 
 Two layouts are accepted: ``root/train/<class>/*`` with optional ``val/`` (or ``validation/``) and ``test/``
 beside it, and the flat ``root/<class>/*`` (no split folders; every hold-out is carved out of it). Also the
-image files a command line names (:func:`collect_images`: a file, a folder or a glob).
+image files a command line names (:func:`collect_images`: files, folders or shell patterns).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transfer.core.errors import ConfigError, DataNotFoundError
+from transfer.core.overrides import path_specs
 from transfer.data.datasets import IMAGE_EXTENSIONS, list_classes
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
@@ -90,7 +91,7 @@ def check_not_empty(split: str, folder: Path, classes: Sequence[str], targets: S
     counts = [0] * len(classes)
     for t in targets:
         counts[t] += 1
-    empty = [c for c, n in zip(classes, counts) if n == 0]
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
     if empty:
         raise ConfigError(
             f"The {split} split has no image files for class(es) {', '.join(empty)} (under "
@@ -99,28 +100,37 @@ def check_not_empty(split: str, folder: Path, classes: Sequence[str], targets: S
         )
 
 
-def collect_images(spec: str) -> list[Path]:
-    """Image files named on a command line (``images=``, ``parity.images=``), sorted.
+def collect_images(spec: str | Sequence[str]) -> list[Path]:
+    """Image files named on a command line (``images=``, ``parity.images=``), sorted, each once.
 
     Args:
-        spec: a file, a folder (searched recursively) or a glob pattern (``**`` recurses).
+        spec: a file, a folder (searched recursively) or a shell pattern (``*``, ``?``, ``[0-3]``; ``**``
+            recurses); several of them as a list or separated by commas.
 
     Returns:
         The image files (known extensions only).
 
     Raises:
-        ConfigError: nothing matched.
+        ConfigError: a spec matched nothing.
     """
+    files: set[Path] = set()
+    for one in path_specs(spec):
+        found = _matches(one)
+        if not found:
+            raise ConfigError(
+                f"images={one} matches no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...). Pass a file, a "
+                f"folder, a pattern such as photos/*.jpg or photos/00[0-4]?.jpg, or several: images=[a.jpg,b.jpg]."
+            )
+        files.update(found)
+    if not files:
+        raise ConfigError("images= names no files. Pass a file, a folder or a pattern such as photos/*.jpg.")
+    return sorted(files)
+
+
+def _matches(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
-    elif path.is_file():
-        files = [path]
-    else:
-        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise ConfigError(
-            f"images={spec} matches no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...). Pass "
-            f"a file, a folder or a quoted glob such as 'photos/*.jpg'."
-        )
-    return sorted(files)
+        return [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if path.is_file():
+        return [path]
+    return [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTENSIONS]
