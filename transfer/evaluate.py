@@ -21,8 +21,9 @@ from transfer.deploy.evaluate import evaluate, report_markdown
 @report_errors
 def main(cfg: DictConfig) -> float:
     """Command-line entry."""
-    out = Path(HydraConfig.get().runtime.output_dir)
-    metrics = evaluate(cfg, out)
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
+    metrics = evaluate(cfg, out, list(hydra_cfg.overrides.task))  # data.* of these go on top of the run's data
     print(report_markdown(metrics, "evaluation"))
     print(f"outputs in {out}")
     return metrics["accuracy"]

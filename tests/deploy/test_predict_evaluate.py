@@ -62,6 +62,60 @@ def test_predict_then_evaluate_agree_on_the_test_split(finished_run, tmp_path: P
     assert f"{metrics['accuracy']:.4f}" in (tmp_path / "eval" / "report.md").read_text()
 
 
+def _evaluate_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from transfer.conf import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("tools/evaluate", overrides=list(overrides))
+
+
+def test_evaluate_val_split_is_the_runs_own_with_data_overrides_on_top(finished_run, tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from transfer.data import datamodule_from_config
+    from transfer.deploy.evaluate import data_config
+    from transfer.training.module import Classifier
+
+    run_dir, proc, _, _ = finished_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = cli("transfer.evaluate", f"ckpt={run_dir}", "split=val", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    run_data = OmegaConf.load(run_dir / "config.yaml").data
+    assert run_data.val_size != _evaluate_config("ckpt=x").data.val_size  # the run's is not the default
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == run_data.val_size
+
+    ckpt = find_checkpoint(run_dir)
+    overrides = ["data.eval_batch_size=5"]
+    node = data_config(_evaluate_config(f"ckpt={run_dir}", *overrides), ckpt, overrides)
+    assert node.eval_batch_size == 5 and node.root == run_data.root and node.split_seed == run_data.split_seed
+    pre = Classifier.from_checkpoint(ckpt).preprocess
+    built = []
+    for data in (node, run_data):
+        dm = datamodule_from_config(data, pre, predict_split="val")
+        dm.setup("predict")
+        built.append(list(dm.val_set.indices))
+    assert built[0] == built[1] and len(built[0]) == run_data.val_size
+
+
+def test_evaluate_without_a_run_config_uses_the_composed_data_and_says_so(
+    finished_run, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    import logging
+    import shutil
+
+    from transfer.deploy.evaluate import data_config
+
+    lone = tmp_path / "lone.ckpt"
+    shutil.copy(find_checkpoint(finished_run[0]), lone)
+    cfg = _evaluate_config(f"ckpt={lone}", "data.val_size=7")
+    with caplog.at_level(logging.INFO, logger="transfer.deploy.evaluate"):
+        node = data_config(cfg, lone, ["data.val_size=7"])
+    assert node == cfg.data and node.val_size == 7
+    assert "no run data config" in caplog.text
+
+
 def test_checkpoint_and_image_lookup_errors_are_clear(tmp_path: Path):
     with pytest.raises(ConfigError, match="No checkpoint"):
         find_checkpoint(tmp_path)

@@ -1,5 +1,9 @@
 """``python -m transfer.evaluate ckpt=<checkpoint or run dir> [data=...] [split=test]``: the evaluate-only path.
 
+The data are the run's own: a run directory keeps the resolved config it trained with (``config.yaml`` beside
+``checkpoints/``), and its ``data`` node (root, val_size, split_seed...) rebuilds the very validation split the
+run selected its checkpoint on; ``data.<key>=`` overrides apply on top, and ``data=<group>`` replaces it.
+
 Writes into a new directory: ``metrics.json`` (accuracy, per-class accuracy, precision/recall/F1),
 ``report.md`` (the classification report), ``confusion_matrix.png`` and ``top_losses.png`` (the images the
 model got most confidently wrong).
@@ -8,6 +12,8 @@ model got most confidently wrong).
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchmetrics.functional.classification import (
     multiclass_confusion_matrix,
@@ -28,9 +34,11 @@ from torchmetrics.functional.classification import (
 from transfer.core.errors import ConfigError
 from transfer.core.plots import confusion_matrix_figure, image_grid
 from transfer.data import ClassificationData, datamodule_from_config
-from transfer.deploy.load import find_checkpoint
+from transfer.deploy.load import find_checkpoint, run_dir_of
 from transfer.training.compute import pick_device
 from transfer.training.module import Classifier
+
+log = logging.getLogger(__name__)
 
 
 def collect(
@@ -144,14 +152,70 @@ def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
     return (module.preprocess.denormalize(x).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """Evaluate a checkpoint on a data split and write the report files into ``out``."""
+def data_config(cfg: DictConfig, ckpt: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``data`` node to evaluate ``ckpt`` on: its run's own, with the command line's ``data.*`` on top.
+
+    Args:
+        cfg: the composed ``conf/tools/evaluate.yaml`` (its ``data`` holds the command line's values).
+        ckpt: the checkpoint file; its run's ``config.yaml`` is looked for beside ``checkpoints/``.
+        overrides: the command line's overrides (Hydra's task overrides); those of ``data.<key>`` are applied to
+            the run's node, and a ``data=<group>`` one means the composed node is wanted instead.
+
+    Returns:
+        The ``data`` node for :func:`~transfer.data.datamodule_from_config`.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if any(o.key_or_group == "data" for o in parsed):
+        return cfg.data  # the user chose another data group: the run's is not wanted
+    run_config = run_dir_of(ckpt) / "config.yaml"
+    node = OmegaConf.load(run_config).get("data") if run_config.is_file() else None
+    if not isinstance(node, DictConfig):
+        log.info("%s has no run data config: evaluating on the data config composed here", run_config)
+        return cfg.data
+    applied = _apply_data_overrides(node, cfg, parsed)
+    log.info("data: the run's own (%s)%s", run_config, f", with {', '.join(applied)}" if applied else "")
+    return node
+
+
+def _apply_data_overrides(node: DictConfig, cfg: DictConfig, parsed: Sequence[Any]) -> list[str]:
+    """Put the command line's ``data.<key>`` values (as Hydra parsed them into ``cfg``) into ``node``."""
+    applied = []
+    for override in parsed:
+        dotted = str(override.key_or_group)
+        if not dotted.startswith("data."):
+            continue
+        key = dotted.removeprefix("data.")
+        if override.is_delete():
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(node, parent_key) if parent_key else node
+            if isinstance(parent, DictConfig) and leaf in parent:
+                del parent[leaf]
+        else:
+            OmegaConf.update(node, key, OmegaConf.select(cfg, dotted), merge=False, force_add=True)
+        applied.append(override.input_line or dotted)
+    return applied
+
+
+def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate a checkpoint on a data split and write the report files into ``out``.
+
+    Args:
+        cfg: the composed ``conf/tools/evaluate.yaml``.
+        out: the output directory.
+        overrides: the command line's overrides (see :func:`data_config`).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
     ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
     module = Classifier.from_checkpoint(ckpt)
     if cfg.get("tta") is not None:  # null keeps what the run tested with
         module.hparams.tta = bool(cfg.tta)
     # the checkpoint's preprocessing, exactly as the run used it: nothing is resolved again here
-    datamodule = datamodule_from_config(cfg.data, module.preprocess, predict_split=str(cfg.split))
+    node = data_config(cfg, ckpt, overrides)
+    datamodule = datamodule_from_config(node, module.preprocess, predict_split=str(cfg.split))
     if datamodule.classes != module.class_names:
         raise ConfigError(
             f"The checkpoint's classes {module.class_names} differ from the data's {datamodule.classes} "

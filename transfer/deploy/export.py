@@ -33,7 +33,7 @@ from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
 from transfer.data.folders import collect_images
 from transfer.data.transforms import eval_transform
-from transfer.deploy.load import find_checkpoint
+from transfer.deploy.load import find_checkpoint, run_dir_of
 from transfer.deploy.onnx_runtime import INSTALL_HINT, ort_session, sidecar_path
 from transfer.training.module import Classifier
 
@@ -209,11 +209,6 @@ def check_parity(
         max_abs_logit_diff=float((ref_logits - out_logits).abs().max()),
         atol=float(atol),
     )
-
-
-def run_dir_of(ckpt: Path) -> Path:
-    """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def describe(module: Classifier, fmt: str, path: Path, ckpt: Path, opset: int, parity: Parity) -> dict[str, Any]:

@@ -40,6 +40,11 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[0]
 
 
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def load_classifier(path: str | Path) -> Any:
     """A trained model from a checkpoint or run directory, or from an exported ``.onnx`` file.
 
