@@ -2,10 +2,12 @@
 
 Built on Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging`, which already swaps the averaged
 weights in for validation, writes them as the checkpoint's ``state_dict`` (keeping the live weights beside
-them for resume) and copies them into the model when training ends. What this adds is timm's decay warm-up:
-the effective decay is ``min(decay, (1 + n) / (warmup + n))`` after ``n`` updates, so in a short fine-tuning
-run the average is not dominated by the first, barely trained steps. With a fixed 0.998 the average after one
-CIFAR epoch (703 steps) would still weigh the starting weights by 0.998**703 = 25%.
+them for resume) and copies them into the model when training ends. What this adds is a decay warm-up, the
+rule of TensorFlow's ``tf.train.ExponentialMovingAverage(decay, num_updates=n)``: the effective decay is
+``min(decay, (1 + n) / (warmup + n))`` after ``n`` updates (TensorFlow fixes ``warmup`` at 10), so in a short
+fine-tuning run the average is not dominated by the first, barely trained steps. timm's ``ModelEmaV3`` warms
+up by another formula, ``1 - (1 + n / gamma) ** -power``. With a fixed 0.998 the average after one CIFAR
+epoch (703 steps) would still weigh the starting weights by 0.998**703 = 25%.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def ema_update(decay: float, warmup: float) -> Any:
 
     Args:
         decay: the decay once warmed up.
-        warmup: ``n`` at which the warm-up decay ``(1 + n) / (warmup + n)`` reaches ~0.5; 0 disables it.
+        warmup: the constant of the warm-up decay ``(1 + n) / (warmup + n)`` (TensorFlow's is 10; the decay
+            is ~0.5 at ``n = warmup``); 0 disables it.
 
     Returns:
         ``fn(averaged, current, num_averaged)`` updating ``averaged`` in place (integer buffers are copied).
