@@ -12,11 +12,13 @@ import hydra
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
 from transfer.deploy.export import export
 from transfer.deploy.onnx_runtime import sidecar_path
 
 
+@checked_command_line("transfer.export", CONF_PATH, "tools/export", ("parity.images",))  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/export")
 @report_errors
 def main(cfg: DictConfig) -> dict[str, Any]:

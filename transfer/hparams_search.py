@@ -12,10 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors, require
 from transfer.experiments.hparams_search import USAGE, rebuild
 
 
+@checked_command_line("transfer.hparams_search", CONF_PATH, "tools/hparams_search")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/hparams_search")
 @report_errors
 def main(cfg: DictConfig) -> None:

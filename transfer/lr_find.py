@@ -13,10 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
 from transfer.experiments.lr_find import lr_range_test
 
 
+@checked_command_line("transfer.lr_find", CONF_PATH, "tools/lr_find")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/lr_find")
 @report_errors
 def main(cfg: DictConfig) -> float | None:

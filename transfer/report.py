@@ -12,10 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors, require
 from transfer.experiments.report import write_report
 
 
+@checked_command_line("transfer.report", CONF_PATH, "tools/report")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/report")
 @report_errors
 def main(cfg: DictConfig) -> None:

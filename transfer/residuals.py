@@ -13,10 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
 from transfer.experiments.residuals import run
 
 
+@checked_command_line("transfer.residuals", CONF_PATH, "tools/residuals")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/residuals")
 @report_errors
 def main(cfg: DictConfig) -> None:

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
 from transfer.core.exit_status import graceful_exit
 from transfer.experiments.sweep import sweep_job
@@ -46,6 +47,7 @@ def describe(summary: dict) -> str:
     )
 
 
+@checked_command_line("transfer.run", CONF_PATH, "config")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")
 @report_errors  # a TransferError: one paragraph, exit status 2
 @graceful_exit  # stopped by SIGINT/SIGTERM: exit status 130/143 after saving checkpoints/interrupted.ckpt

@@ -10,10 +10,12 @@ import hydra
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
 from transfer.deploy.serve import build_server
 
 
+@checked_command_line("transfer.serve", CONF_PATH, "tools/serve")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/serve")
 @report_errors
 def main(cfg: DictConfig) -> None:

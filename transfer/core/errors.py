@@ -64,6 +64,12 @@ def require(cfg: Any, key: str, usage: str) -> Any:
     return OmegaConf.select(cfg, key)
 
 
+def print_error(err: BaseException) -> None:
+    """Print ``err`` as the one-paragraph message every command ends with on a refused input."""
+    text = textwrap.fill(str(err), width=110, break_long_words=False, break_on_hyphens=False)
+    print(f"\nerror: {text}\n(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+
+
 def report_errors(fn: F) -> F:
     """Turn :class:`TransferError` into a one-paragraph message on stderr and exit status 2.
 
@@ -81,8 +87,7 @@ def report_errors(fn: F) -> F:
         except TransferError as err:
             if full_errors_requested():
                 raise
-            text = textwrap.fill(str(err), width=110, break_long_words=False, break_on_hyphens=False)
-            print(f"\nerror: {text}\n(set HYDRA_FULL_ERROR=1 for the full traceback)", file=sys.stderr)
+            print_error(err)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
