@@ -110,7 +110,7 @@ def problems(cfg: DictConfig) -> list[str]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise one :class:`~transfer.core.errors.ConfigError` listing every bad setting in ``cfg`` (see :func:`problems`)."""
+    """Raise one :class:`~transfer.core.errors.ConfigError` listing every bad setting in ``cfg`` (:func:`problems`)."""
     found = problems(cfg)
     if found:
         raise ConfigError(
@@ -195,6 +195,18 @@ def check_launcher(cfg: DictConfig) -> None:
         )
 
 
+def check_fresh(run_dir: Path) -> None:
+    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
+    ckpts = run_dir / "checkpoints"
+    if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
+        raise ConfigError(
+            f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
+            f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
+            f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new "
+            f"directory."
+        )
+
+
 class Preflight(Callback):
     """Hydra callback: :func:`validate` (and the run directory's freshness) before Hydra writes anything."""
 
@@ -202,8 +214,6 @@ class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         validate(config)
         if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 share rank 0's directory
-            from transfer.training.train import check_fresh
-
             check_fresh(Path(str(config.hydra.run.dir)))
 
     @report_errors
