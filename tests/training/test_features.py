@@ -12,7 +12,7 @@ from transfer.core.errors import ConfigError
 from transfer.data import CIFAR10Data
 from transfer.data.datasets import TensorImages
 from transfer.models import model_preprocess
-from transfer.training.features import FeatureCache, cache_key
+from transfer.training.features import CachedFeatureData, FeatureCache, cache_key
 from transfer.training.finetune import StagedFinetuning
 from transfer.training.module import Classifier
 
@@ -49,9 +49,7 @@ def fit(
 ) -> tuple[Classifier, BatchKinds, FeatureCache | None]:
     L.seed_everything(0)
     feature_cache = FeatureCache(unfreeze, root=cache) if cache else None
-    dm = data(
-        root, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment, feature_cache=feature_cache
-    )
+    dm = data(root, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment)
     module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, dm.classes, ADAM)
     kinds = BatchKinds()
     callbacks = [StagedFinetuning(unfreeze_at_epoch=unfreeze, bn="frozen"), kinds]
@@ -67,7 +65,7 @@ def fit(
         reload_dataloaders_every_n_epochs=1 if cache else 0,
         **trainer_args,
     )
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=CachedFeatureData(dm, feature_cache) if feature_cache else dm)
     return module, kinds, feature_cache
 
 
@@ -87,11 +85,11 @@ def test_cached_head_training_matches_the_uncached_frozen_phase(tiny_cifar: Path
     cached, kinds, _ = fit(tiny_cifar, tmp_path / "f", **common)
     plain, _, _ = fit(tiny_cifar, None, **common)
     assert set(kinds.kinds.values()) == {"features"}
-    for a, b in zip(cached.head.parameters(), plain.head.parameters()):
+    for a, b in zip(cached.head.parameters(), plain.head.parameters(), strict=True):
         assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()
     L.seed_everything(0)
     untrained = Classifier({"name": "tiny_test_cnn", "pretrained": False}, cached.class_names, ADAM)
-    moved = [(a - b).abs().max() for a, b in zip(cached.head.parameters(), untrained.head.parameters())]
+    moved = [(a - b).abs().max() for a, b in zip(cached.head.parameters(), untrained.head.parameters(), strict=True)]
     assert max(moved) > 1e-2  # the head did train
 
 
@@ -168,3 +166,19 @@ def test_the_cache_serves_exactly_the_frozen_epochs_of_the_finetuning_rule():
         [cache.serves(e) for e in range(4)] == [finetune.frozen_at(e) for e in range(4)] == [True, True, False, False]
     )
     assert all(FeatureCache(None).serves(e) for e in range(3))  # a linear probe: cached throughout
+
+
+def test_the_wrapper_passes_the_data_module_on(tiny_cifar: Path):
+    """What a run reads from its data module (class names, summary, batch size, hyperparameters, the batch
+    step) is the wrapped data module's, and the trainer Lightning sets on the wrapper reaches it."""
+    dm = data(tiny_cifar, batch_size=4)
+    wrapped = CachedFeatureData(dm, FeatureCache(1))
+    wrapped.prepare_data()
+    wrapped.setup("fit")
+    assert wrapped.classes == dm.classes and wrapped.batch_size == 4 and wrapped.preprocess is dm.preprocess
+    assert wrapped.describe() == dm.describe() and wrapped.describe()["train_size"] > 0
+    assert wrapped.hparams_initial == dm.hparams_initial and wrapped.hparams["batch_size"] == 4
+    assert wrapped.test_dataloader().dataset is dm.test_set  # the test split is never cached
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    wrapped.trainer = trainer
+    assert dm.trainer is trainer and wrapped.trainer is trainer

@@ -176,12 +176,12 @@ def train_raw(args: argparse.Namespace) -> dict[str, Any]:
 def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per frozen-backbone epoch (EfficientNet-Lite0, packaged ImageNet weights) on ``--images``
     training images, with or without the feature cache; the cache's one-time extraction reported apart."""
-    from transfer.training.features import FeatureCache
+    from transfer.training.features import CachedFeatureData, FeatureCache
     from transfer.training.finetune import StagedFinetuning
 
     L.seed_everything(0)
     lite0 = {"name": "efficientnet_lite0", "pretrained": True}
-    dm = _data(args.data, lite0, feature_cache=FeatureCache(None, root=args.cache) if args.cached else None)
+    dm = _data(args.data, lite0)
     module = Classifier(lite0, dm.classes, ADAM, preprocess=dm.hparams["preprocess"])
     apply_compute(module.model, channels_last=True)
     dm.setup("fit")
@@ -201,8 +201,9 @@ def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
         callbacks=callbacks,
         reload_dataloaders_every_n_epochs=1 if args.cached else 0,
     )
+    data = CachedFeatureData(dm, FeatureCache(None, root=args.cache)) if args.cached else dm
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=data)
     return {
         "epoch_s": statistics.median(epochs.seconds),
         "setup_s": epochs.first_start - start,

@@ -55,6 +55,13 @@ class BatchAugment(nn.Module):
             ``seed_everything``), so runs with the same seed see the same augmented batches.
     """
 
+    # registered in __init__; declared here so the arithmetic below type-checks as tensors
+    mean: Tensor
+    std: Tensor
+    grey: Tensor
+    rgb2yiq: Tensor
+    yiq2rgb: Tensor
+
     def __init__(
         self, pre: Preprocess, augment: Mapping[str, Any] | None = None, generator: torch.Generator | None = None
     ) -> None:
@@ -63,7 +70,8 @@ class BatchAugment(nn.Module):
         self.augment = dict(augment or {})
         check_augment(self.augment)
         self.generator = generator
-        # Progressive resizing (transfer.training.progressive) lowers the training size for early epochs; eval keeps pre's.
+        # The training output size, None for pre.image_size: progressive resizing lowers it for early epochs through
+        # the data module's set_train_size. Evaluation always keeps pre.image_size.
         self.train_size: int | None = None
         # constants live on the batch's device with the module: no host-to-device copies per batch
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1), persistent=False)
@@ -129,7 +137,7 @@ class BatchAugment(nn.Module):
         """What :func:`~transfer.data.transforms.eval_transform` does: a resize, or for photos a centre crop."""
         size, (h, w) = self.pre.image_size, x.shape[-2:]
         if self.pre.native_size is None and h >= size and w >= size:
-            top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+            top, left = round((h - size) / 2), round((w - size) / 2)
             return x[..., top : top + size, left : left + size]
         return F.interpolate(x, size=(size, size), mode=self._mode(), antialias=True, align_corners=False)
 

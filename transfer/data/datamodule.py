@@ -3,9 +3,10 @@
 Both hold a seeded, stratified validation split out of the training images, so model selection never looks
 at the test set. Their normalisation and input size come from the model's weights and are handed to the
 constructor (``transfer.models.model_preprocess``); a data module never learns about the model afterwards.
-With ``finetune.cache_features`` they also own the :class:`~transfer.training.features.FeatureCache` that serves the
-frozen epochs, and hand it what it needs (a :class:`~transfer.training.features.FeatureSource`): the cache never reaches
-back into the data module.
+Training drives them through two public methods only: :meth:`ClassificationData.feature_source` describes a split
+for the feature cache of the frozen epochs (``finetune.cache_features``, which wraps the data module and serves
+the cached features itself), and :meth:`ClassificationData.set_train_size` sets the batched augmentation's
+output size for progressive resizing.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from transfer.core.errors import ConfigError, CorruptImagesError
 from transfer.core.preprocess import Preprocess
@@ -41,14 +42,15 @@ from transfer.data.datasets import (
     stratified_split,
 )
 from transfer.data.decode import describe_corrupt
+from transfer.data.feature_source import FeatureSource
 from transfer.data.folders import check_classes, check_not_empty, find_layout
 from transfer.data.transforms import eval_transform, train_transform
-from transfer.training.features import FeatureCache, FeatureSource
 
 log = logging.getLogger(__name__)
 
 
 AUGMENT_ON = ("device", "cpu_pil")
+Images = TensorImages | ArrayImages | FileImages  # what a split holds: uint8 in memory, PIL from memory or disk
 
 
 def default_workers() -> int:
@@ -71,12 +73,11 @@ class ClassificationData(L.LightningDataModule):
         augment_on: ``device`` holds uint8 images in memory and augments whole batches on the training device
             (:class:`~transfer.data.batch_augment.BatchAugment`); ``cpu_pil`` runs the per-image PIL transforms
             in loader workers (any torchvision transform can be added there).
-        feature_cache: serves cached backbone features in the frozen epochs (``finetune.cache_features``).
         predict_split: the split ``Trainer.predict`` runs over (``test`` or ``val``; ``transfer.evaluate``).
     """
 
     native_size: int | None = None  # the dataset's own image size, when all images share one
-    default_augment: dict[str, Any] = {}
+    default_augment: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -88,7 +89,6 @@ class ClassificationData(L.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         split_seed: int = 0,
         augment_on: str = "device",
-        feature_cache: FeatureCache | None = None,
         predict_split: str = "test",
     ) -> None:
         super().__init__()
@@ -100,19 +100,17 @@ class ClassificationData(L.LightningDataModule):
         self.augment_on = augment_on
         self.preprocess = Preprocess.from_dict(preprocess) if isinstance(preprocess, Mapping) else preprocess
         # The checkpoint records what the data was built with; objects stay out (a checkpoint holds no code).
-        self.save_hyperparameters(ignore=["preprocess", "feature_cache"])
+        self.save_hyperparameters(ignore=["preprocess"])
         self.hparams["preprocess"] = self.preprocess.to_dict() if self.preprocess else None
         self.batch_augment: BatchAugment | None = None
-        self.feature_cache = feature_cache
-        self.train_image_size: int | None = None  # set per epoch by transfer.training.progressive.ProgressiveResize
         self.root = Path(root).expanduser()
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers = default_workers() if num_workers is None else int(num_workers)
         self.augment = dict(self.default_augment if augment is None else augment)
         self.split_seed = int(split_seed)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.train_set: Images | None = None
+        self.val_set: Images | None = None
+        self.test_set: Images | None = None
         self.source = ""
 
     @property
@@ -133,7 +131,7 @@ class ClassificationData(L.LightningDataModule):
         pre = self._preprocess()
         return train_transform(pre, self.augment), eval_transform(pre)
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+    def _loader(self, dataset: Images | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("setup() has not run")
         # In-memory uint8 batches are one indexing copy each: worker processes would only add IPC.
@@ -150,6 +148,33 @@ class ClassificationData(L.LightningDataModule):
             collate_fn=keep_batch if in_memory else None,
         )
 
+    def _batch_augment(self) -> BatchAugment:
+        if self.batch_augment is None:
+            self.batch_augment = BatchAugment(self._preprocess(), self.augment)
+        return self.batch_augment
+
+    @property
+    def batched_augment(self) -> bool:
+        """Whether training batches go through the batched augmentation (:meth:`prepare_batch`), so that
+        :meth:`set_train_size` acts: in-memory uint8 images (``augment_on=device`` and, for image folders, within
+        ``memory_limit_gb``). Known after :meth:`setup`."""
+        if self.train_set is None:
+            raise RuntimeError("setup() has not run")
+        return isinstance(self.train_set, TensorImages)
+
+    def set_train_size(self, size: int | None) -> None:
+        """Set the batched augmentation's output size for the coming training batches (progressive resizing).
+
+        Evaluation keeps the model's ``image_size``. Only the batched path resizes (:attr:`batched_augment`):
+        PIL-augmented and streamed batches arrive at their final size and are not changed.
+
+        Args:
+            size: side length in px; ``None`` for the model's ``image_size``.
+        """
+        if size is not None and int(size) < 1:
+            raise ValueError(f"set_train_size({size}): a side length must be positive")
+        self._batch_augment().train_size = None if size is None else int(size)
+
     def prepare_batch(self, batch: Any, train: bool) -> Batch:
         """Turn a loader's batch into the :class:`Batch` the model takes, on the batch's device.
 
@@ -162,54 +187,26 @@ class ClassificationData(L.LightningDataModule):
         x, y = batch[0], batch[1]
         if x.dtype != torch.uint8:
             return Batch(x, y)
-        if self.batch_augment is None:
-            self.batch_augment = BatchAugment(self._preprocess(), self.augment)
-        if self.batch_augment.mean.device != x.device:
-            self.batch_augment.to(x.device)
-        self.batch_augment.train_size = self.train_image_size
-        return Batch(self.batch_augment(x, train=train), y)
+        augment = self._batch_augment()
+        if augment.mean.device != x.device:
+            augment.to(x.device)
+        return Batch(augment(x, train=train), y)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
         trainer = self.trainer
         return self.prepare_batch(batch, train=bool(trainer is not None and trainer.training))
 
-    def _images(self, images: Any, targets: Any, indices: Any, transform: Any) -> Dataset:
+    def _images(self, images: Any, targets: Any, indices: Any, transform: Any) -> TensorImages | ArrayImages:
         """An in-memory split for the configured augmentation path."""
         if self.augment_on == "device":
             return TensorImages(images, targets, indices)
         return ArrayImages(images, targets, indices, transform)
 
-    def _serve_features(self) -> bool:
-        trainer = self.trainer
-        return (
-            self.feature_cache is not None and trainer is not None and self.feature_cache.serves(trainer.current_epoch)
-        )
-
     def train_dataloader(self) -> DataLoader:
-        if self._serve_features():
-            return self.feature_cache.loader(
-                "train",
-                self.feature_source("train"),
-                self.trainer,  # type: ignore
-                self.batch_size,
-                train=True,
-            )
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        if self._serve_features():
-            return self.feature_cache.loader(
-                "val",
-                self.feature_source("val"),
-                self.trainer,  # type: ignore
-                self.eval_batch_size,
-                train=False,
-            )
         return self._loader(self.val_set, train=False)
-
-    def teardown(self, stage: str) -> None:
-        if self.feature_cache is not None and stage == "fit":
-            self.feature_cache.clear()  # the features' memory goes back once fitting is over
 
     def feature_source(self, split: str) -> FeatureSource:
         """``split``'s images for feature extraction: in dataset order, cut to the trainer's ``limit_*_batches``.
@@ -218,23 +215,24 @@ class ClassificationData(L.LightningDataModule):
             split: ``train`` or ``val``.
 
         Returns:
-            What :class:`~transfer.training.features.FeatureCache` computes (or finds) the split's features from.
+            What the feature cache (``finetune.cache_features``) computes, or finds, the split's features from.
         """
         dataset = self._limited(getattr(self, f"{split}_set"), split)
         device = self.trainer.lightning_module.device if self.trainer is not None else torch.device("cpu")
 
-        def batches(augmented: bool) -> Any:
+        def batches(augmented: bool) -> Iterator[Batch]:
             view = dataset
             if isinstance(dataset, (ArrayImages, FileImages)):
                 train_tf, eval_tf = self.transforms()
-                view = copy.copy(dataset)
-                view.transform = train_tf if augmented else eval_tf
+                with_transform = copy.copy(dataset)
+                with_transform.transform = train_tf if augmented else eval_tf
+                view = with_transform
             for batch in self._loader(view, train=False):
                 yield self.prepare_batch((batch[0].to(device), batch[1].to(device)), train=augmented)
 
         return FeatureSource(dataset, batches, self._preprocess().to_dict(), self.augment)
 
-    def _limited(self, dataset: Dataset | None, split: str) -> Dataset:
+    def _limited(self, dataset: Images | None, split: str) -> Images:
         """``dataset`` cut to what ``limit_<split>_batches=<count>`` lets an epoch see: the first batches of val,
         a seeded subset spread over train (the first images of a class-sorted split would be one class).
 
@@ -244,7 +242,7 @@ class ClassificationData(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("setup() has not run")
         limit = getattr(self.trainer, f"limit_{split}_batches", 1.0) if self.trainer is not None else 1.0
-        size = len(dataset)  # type: ignore[arg-type]
+        size = len(dataset)
         if isinstance(limit, float):
             return dataset
         keep = int(limit) * (self.batch_size if split == "train" else self.eval_batch_size)
@@ -257,7 +255,7 @@ class ClassificationData(L.LightningDataModule):
             if split == "val"
             else np.sort(np.random.default_rng(self.split_seed).permutation(size)[:keep])
         )
-        limited.indices = dataset.indices[chosen]  # type: ignore[attr-defined]
+        limited.indices = dataset.indices[chosen]
         return limited
 
     def test_dataloader(self) -> DataLoader:
@@ -289,8 +287,15 @@ class CIFAR10Data(ClassificationData):
     """
 
     native_size = 32
-    # The source material's augmentation (also in conf/data/cifar10.yaml).
-    default_augment = {"crop_padding": 4, "hflip": True, "color_jitter": (0.2, 0.2, 0.2, 0.1), "rotation": 15}
+    # The source material's augmentation, used when no augment= is passed. A run always passes data.augment:
+    # conf/data/cifar10.yaml keeps only crop and flip, and the source recipe is set again, these same values, by
+    # conf/experiment/seed_resnet18.yaml (which conf/experiment/seed_alexnet.yaml builds on).
+    default_augment: ClassVar[dict[str, Any]] = {
+        "crop_padding": 4,
+        "hflip": True,
+        "color_jitter": (0.2, 0.2, 0.2, 0.1),
+        "rotation": 15,
+    }
 
     def __init__(self, root: str, download: bool = True, val_size: float = 5000, **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
@@ -337,7 +342,7 @@ class ImageFolderData(ClassificationData):
         **kwargs: see :class:`ClassificationData`.
     """
 
-    default_augment = {
+    default_augment: ClassVar[dict[str, Any]] = {
         "resized_crop_scale": (0.35, 1.0),
         "hflip": True,
         "color_jitter": (0.2, 0.2, 0.2, 0.1),
@@ -396,7 +401,7 @@ class ImageFolderData(ClassificationData):
         """Side of the square each image is decoded to for the in-memory path: the eval transform's resize, so
         the eval centre crop is exact and train crops have the margin around it."""
         pre = self._preprocess()
-        return int(round(pre.image_size / pre.crop_pct))
+        return round(pre.image_size / pre.crop_pct)
 
     def _fits_in_memory(self, splits: dict[str, tuple[list[Path], list[int], list[int]]]) -> bool:
         distinct = {id(f): len(f) for f, _, _ in splits.values()}
@@ -446,7 +451,7 @@ class ImageFolderData(ClassificationData):
                 decoded[id(files)], bad[id(files)] = decode_cached_checked(files, cache_dir(), size=self.stored_size())
             else:
                 bad[id(files)] = scan_cached(files, cache_dir())
-        made: dict[str, Dataset] = {}
+        made: dict[str, Images] = {}
         for name, (files, targets, indices) in self._drop_corrupt(splits, bad).items():
             if in_memory:
                 made[name] = TensorImages(decoded[id(files)], targets, indices)
@@ -474,7 +479,7 @@ def datamodule_from_config(node: Any, preprocess: Preprocess | None, **kwargs: A
     Args:
         node: the ``data`` group (``_target_`` plus constructor arguments).
         preprocess: from the model's weights; ``None`` when only ``classes`` is needed.
-        **kwargs: further constructor arguments (``feature_cache``, ``predict_split``).
+        **kwargs: further constructor arguments (e.g. ``predict_split``, ``eval_batch_size``).
 
     Returns:
         The data module.
@@ -482,5 +487,8 @@ def datamodule_from_config(node: Any, preprocess: Preprocess | None, **kwargs: A
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "image_size"}
+    container = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(container, dict):
+        raise ConfigError(f"The data config must be a mapping with a _target_, got {container!r}.")
+    args = {k: v for k, v in container.items() if k != "image_size"}
     return instantiate(args, preprocess=preprocess, **kwargs, _convert_="all")

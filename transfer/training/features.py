@@ -5,6 +5,10 @@ work: here the backbone runs once over the training and validation images, the f
 and on disk), and the frozen epochs train the neck and head on them, a few seconds an epoch instead of a
 full forward pass over the data. At the unfreeze epoch the loaders switch back to images.
 
+:class:`CachedFeatureData` is how a run gets there (``transfer.training.train.build``): it wraps the run's data
+module, whose part is only to describe each split (:meth:`~transfer.data.ClassificationData.feature_source`),
+and serves the :class:`FeatureCache`'s loaders in the frozen epochs.
+
 What changes against the uncached frozen phase: the backbone sees un-augmented images (or ``views`` fixed
 augmented copies, cycled per epoch), and its BatchNorm statistics stay the pretrained ones until the
 unfreeze (``finetune.bn=frozen`` behaviour; ``bn=train`` would let them drift with every batch).
@@ -20,23 +24,24 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from transfer.core.errors import ConfigError
 from transfer.core.provenance import state_digest
-from transfer.data.batch import Batch
+from transfer.data import Batch, ClassificationData, FeatureSource
 from transfer.data.cifar import cache_dir
 from transfer.data.datasets import ArrayImages, FileImages, TensorImages, files_digest, keep_batch
 from transfer.training.finetune import frozen_at
+from transfer.training.module import Classifier
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when what is stored changes
@@ -72,24 +77,6 @@ def cache_key(
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-@dataclass
-class FeatureSource:
-    """What the data module hands the cache for one split: the cache never reaches back into the data module.
-
-    Attributes:
-        dataset: the split's images, already cut to ``limit_*_batches``; keys the cache.
-        batches: ``batches(augmented)`` yields the split's :class:`Batch` es on the model's device, in dataset
-            order, with the training augmentation when ``augmented``.
-        preprocess: the preprocessing (``Preprocess.to_dict()``); keys the cache.
-        augment: the training augmentation; keys the cache of augmented views.
-    """
-
-    dataset: Dataset
-    batches: Callable[[bool], Iterable[Batch]]
-    preprocess: dict[str, Any]
-    augment: dict[str, Any]
-
-
 class FeatureSet(Dataset):
     """Cached features of one split: ``(views, N, ...)`` float16 features and ``(N,)`` targets."""
 
@@ -105,7 +92,7 @@ class FeatureSet(Dataset):
 
 
 class FeatureCache:
-    """Cached backbone features for the frozen epochs, owned by the data module that serves them.
+    """Cached backbone features for the frozen epochs, served by :class:`CachedFeatureData`.
 
     Args:
         unfreeze_at_epoch: the finetuning's first unfrozen epoch (images again); ``None`` caches the whole run
@@ -148,6 +135,10 @@ class FeatureCache:
 
     def _load_or_compute(self, split: str, source: FeatureSource, trainer: L.Trainer) -> FeatureSet:
         module = trainer.lightning_module
+        if not isinstance(module, Classifier):
+            raise TypeError(
+                f"the feature cache needs a Classifier (its backbone and model), not {type(module).__name__}"
+            )
         views = self.views if split == "train" else 1
         key = cache_key(module.backbone, module.model.meta, source.preprocess, source.dataset, views, source.augment)
         path = self.root / f"{split}-{key}.pt"
@@ -171,13 +162,13 @@ class FeatureCache:
         return feats
 
     @torch.no_grad()
-    def _compute(self, split: str, source: FeatureSource, module: L.LightningModule, views: int) -> FeatureSet:
+    def _compute(self, split: str, source: FeatureSource, module: Classifier, views: int) -> FeatureSet:
         backbone = module.backbone
         was_training = backbone.training
         backbone.eval()  # pretrained BatchNorm statistics, no dropout: the features a frozen backbone gives
         out: list[Tensor] = []
         targets: Tensor = torch.empty(0, dtype=torch.long)
-        progress = _progress(module.trainer, len(source.dataset) * views, f"{split} features")  # type: ignore[arg-type]
+        progress = _progress(module.trainer, len(source.dataset) * views, f"{split} features")
         try:
             for view in range(views):
                 chunks, ys = [], []
@@ -217,3 +208,94 @@ def _progress(trainer: L.Trainer, total: int, what: str) -> Callable[[int | None
 
     bar = tqdm(total=total, desc=what, unit="img", leave=False, dynamic_ncols=True)
     return lambda n: bar.close() if n is None else bar.update(n)
+
+
+class CachedFeatureData(L.LightningDataModule):
+    """A run's data module whose frozen epochs train on cached features (``finetune.cache_features``).
+
+    The training and validation loaders are the cache's while :meth:`FeatureCache.serves` the current epoch,
+    the wrapped data module's otherwise; the trainer needs ``reload_dataloaders_every_n_epochs=1`` to switch at
+    the unfreeze epoch (``transfer.training.train.build_trainer`` sets it). Every other hook, the hyperparameters
+    and every attribute this class lacks (``classes``, ``describe()``, ``preprocess``, ``batch_size``,
+    ``prepare_batch``, ``set_train_size``, ...) are the wrapped data module's. The features' memory goes back
+    when fitting ends.
+
+    Args:
+        data: the run's data module.
+        cache: the features of the frozen epochs.
+    """
+
+    def __init__(self, data: ClassificationData, cache: FeatureCache) -> None:
+        self.data = data  # first: the base class's __init__ sets the trainer, which lives on the data module
+        super().__init__()
+        self.cache = cache
+        self.prepare_data_per_node = data.prepare_data_per_node
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what this class lacks; "data" itself is missing only while __init__ or unpickling runs.
+        if name == "data":
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    @property
+    def trainer(self) -> L.Trainer | None:
+        """The trainer, shared with the wrapped data module (its hooks and ``feature_source`` read it)."""
+        return self.data.trainer
+
+    @trainer.setter
+    def trainer(self, trainer: L.Trainer | None) -> None:
+        self.data.trainer = trainer
+
+    @property
+    def hparams(self) -> AttributeDict | MutableMapping:
+        """The wrapped data module's hyperparameters: loggers and checkpoints record those."""
+        return self.data.hparams
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """The wrapped data module's initial hyperparameters."""
+        return self.data.hparams_initial
+
+    def _features(self, split: str, batch_size: int, train: bool) -> DataLoader | None:
+        """The cache's loader over ``split`` when the current epoch trains on features, else ``None``."""
+        trainer = self.trainer
+        if trainer is None or not self.cache.serves(trainer.current_epoch):
+            return None
+        return self.cache.loader(split, self.data.feature_source(split), trainer, batch_size, train=train)
+
+    def train_dataloader(self) -> DataLoader:
+        features = self._features("train", self.data.batch_size, train=True)
+        return self.data.train_dataloader() if features is None else features
+
+    def val_dataloader(self) -> DataLoader:
+        features = self._features("val", self.data.eval_batch_size, train=False)
+        return self.data.val_dataloader() if features is None else features
+
+    def test_dataloader(self) -> DataLoader:
+        return self.data.test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.data.predict_dataloader()
+
+    def prepare_data(self) -> None:
+        self.data.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.data.setup(stage)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.cache.clear()  # the features' memory goes back once fitting is over
+        self.data.teardown(stage)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
+        return self.data.on_after_batch_transfer(batch, dataloader_idx)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.data.on_exception(exception)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.data.load_state_dict(state_dict)

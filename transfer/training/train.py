@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +30,16 @@ from transfer.models import count_parameters, model_preprocess, resolve_adapt
 from transfer.training.checkpoint_io import AtomicCheckpointIO
 from transfer.training.compute import apply_compute, resolve_precision
 from transfer.training.distributed import weights_in_sync
-from transfer.training.features import FeatureCache
+from transfer.training.features import CachedFeatureData, FeatureCache
 from transfer.training.finetune import StagedFinetuning
 from transfer.training.history import History
 from transfer.training.module import Classifier
+from transfer.training.preflight import check_fresh
 from transfer.training.resume import EpochCheckpoint, RunState
 from transfer.training.stops import GracefulStop
 from transfer.training.tensorboard import TensorBoardExtras, log_hparams
 
 log = logging.getLogger(__name__)
-
-
-def check_fresh(run_dir: Path) -> None:
-    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
-    ckpts = run_dir / "checkpoints"
-    if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
-        raise ConfigError(
-            f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
-            f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
-            f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new directory."
-        )
 
 
 def check_input_size(module: Classifier, size: int) -> None:
@@ -133,12 +124,13 @@ def resolve_input(cfg: DictConfig) -> tuple[str, Preprocess]:
         ``(adapt, preprocess)``: ``model.adapt=auto`` resolved from the input size, and what the data module
         and the classifier are built with.
     """
-    image_size, native_size = cfg.data.get("image_size"), get_class(cfg.data._target_).native_size
+    data_class: type[ClassificationData] = get_class(cfg.data._target_)
+    image_size, native_size = cfg.data.get("image_size"), data_class.native_size
     adapt = resolve_adapt(cfg.model.name, cfg.model.adapt, image_size, native_size)
     return adapt, model_preprocess(cfg.model.name, adapt, image_size, native_size)
 
 
-def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationData, Classifier]:
+def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationData | CachedFeatureData, Classifier]:
     """The data module and the LightningModule of a composed config, checked against each other.
 
     Data flows one way: the model's weights decide the preprocessing (``model.adapt=auto`` resolved from the
@@ -150,16 +142,19 @@ def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationD
         cache_features: honour ``finetune.cache_features`` (the lr range test trains on images only).
 
     Returns:
-        ``(datamodule, module)``, both built with the same preprocessing.
+        ``(datamodule, module)``, both built with the same preprocessing. With ``finetune.cache_features`` the
+        data module is wrapped in a :class:`~transfer.training.features.CachedFeatureData`, which serves the
+        frozen epochs from the feature cache and passes everything else (``classes``, ``describe()``, ...) on.
     """
     adapt, preprocess = resolve_input(cfg)
-    cache = None
+    data = datamodule_from_config(cfg.data, preprocess)
+    datamodule: ClassificationData | CachedFeatureData = data
     if cache_features and cfg.finetune.get("cache_features"):
         cache = FeatureCache(cfg.finetune.unfreeze_at_epoch, views=int(cfg.finetune.get("cache_views", 1)))
-    datamodule = datamodule_from_config(cfg.data, preprocess, feature_cache=cache)
+        datamodule = CachedFeatureData(data, cache)
     module = Classifier(
         model={**_container(cfg.model), "adapt": adapt},
-        class_names=datamodule.classes,
+        class_names=data.classes,
         optimizer=_container(cfg.optimizer),
         scheduler=_container(cfg.scheduler),
         label_smoothing=float(cfg.label_smoothing),
@@ -298,10 +293,10 @@ def _write_rank_zero(path: Path, text: str) -> None:
 def _summary(
     cfg: DictConfig,
     module: Classifier,
-    datamodule: ClassificationData,
+    datamodule: ClassificationData | CachedFeatureData,
     history: History,
     checkpoint: ModelCheckpoint,
-    test: list[dict[str, float]],
+    test: list[Mapping[str, float]],
     train_seconds: float,
 ) -> dict[str, Any]:
     validated = [row for row in history.epochs if "val/acc" in row]
