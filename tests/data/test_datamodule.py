@@ -202,7 +202,7 @@ def test_imagefolder_without_train_folder_says_what_to_do(tmp_path: Path):
 
 
 def test_split_larger_than_dataset_is_a_config_error(tiny_cifar: Path):
-    with pytest.raises(ConfigError, match="data.val_size"):
+    with pytest.raises(ConfigError, match=r"data\.val_size"):
         ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=1000, num_workers=0))
 
 
@@ -226,3 +226,24 @@ def test_partial_evaluation_sees_every_class(tiny_cifar: Path):
     first_test = [dm.test_set[i][1] for i in range(4)]
     first_val = [dm.val_set[i][1] for i in range(3)]
     assert len(set(first_test)) > 1 and len(set(first_val)) > 1
+
+
+def test_set_train_size_resizes_the_batched_training_batches_only(tiny_cifar: Path):
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=6, num_workers=0))
+    assert dm.batched_augment
+    dm.set_train_size(16)
+    assert model_batch(dm, "train").x.shape[-1] == 16
+    assert model_batch(dm, "val").x.shape[-1] == 32  # evaluation keeps the model's size
+    dm.set_train_size(None)
+    assert model_batch(dm, "train").x.shape[-1] == 32
+
+
+def test_batched_augment_says_which_paths_bypass_the_batched_augmentation(tiny_cifar: Path):
+    pil = ready(
+        CIFAR10Data(
+            str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=6, num_workers=0, augment_on="cpu_pil"
+        )
+    )
+    streamed = ready(ImageFolderData(str(tiny_cifar), num_workers=0, preprocess=pre(32), memory_limit_gb=1e-6))
+    in_memory = ready(ImageFolderData(str(tiny_cifar), num_workers=0, preprocess=pre(32)))
+    assert (pil.batched_augment, streamed.batched_augment, in_memory.batched_augment) == (False, False, True)
