@@ -16,6 +16,17 @@ from tests.tiny_models import TINY_ARCHS, registered
 from transfer.conf import CONF_DIR
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu``-marked tests run where CUDA is available (they are not ``slow``, so the default run has them) and
+    are skipped, with the reason shown by ``-rs``, everywhere else."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_cifar(tmp_path: Path) -> Path:
     """A CIFAR-style tree: 3 classes, 12 train and 4 test images each, 32 px."""
