@@ -13,7 +13,9 @@ from torch import nn
 
 from tests.helpers import make_image_folder, run
 from tests.in_process import run_tool
-from transfer.training import distributed
+from transfer.training import distributed, finetune
+from transfer.training.module import Classifier
+from transfer.training.param_groups import build_param_groups
 
 
 def trainer(world_size: int, gather=None) -> SimpleNamespace:
@@ -41,6 +43,32 @@ def test_weights_in_sync_compares_every_ranks_digest():
     assert distributed.weights_in_sync(trainer(2, lambda mine: torch.cat([mine, mine + 1])), module) is False
     assert distributed.weights_in_sync(trainer(1), module) is None
     assert distributed.ddp_registered(trainer(2), module) is None  # not DDP-wrapped: nothing registered
+
+
+@pytest.mark.usefixtures("tiny_models")
+@pytest.mark.parametrize("unfreeze", [0, 1])
+def test_only_a_backbone_unfrozen_after_the_ddp_wrap_is_averaged_by_hand(
+    unfreeze: int, monkeypatch: pytest.MonkeyPatch
+):
+    """With nothing frozen DDP registers every parameter and no gradient is all-reduced by hand; with a late
+    unfreeze exactly the backbone's (frozen when DDP wrapped the model) are, from the unfreeze epoch on."""
+    module = Classifier({"name": "tiny_test_cnn", "pretrained": False}, ["a", "b"], {"lr": 0.1})
+    callback = finetune.StagedFinetuning(unfreeze_at_epoch=unfreeze)
+    run = SimpleNamespace(optimizers=[], lr_scheduler_configs=[], current_epoch=0, world_size=2)
+    callback.setup(run, module, "fit")  # type: ignore[arg-type]
+    groups = build_param_groups(module.model, callback.plan, lr=0.1)
+    run.optimizers = [torch.optim.SGD(groups, lr=0.1)]
+    # DDP registers what requires gradients when it wraps: between the callback's setup and on_fit_start
+    monkeypatch.setattr(finetune, "ddp_registered", lambda t, m: {id(p) for p in m.parameters() if p.requires_grad})
+    averaged: list[list[nn.Parameter]] = []
+    monkeypatch.setattr(finetune, "sync_unregistered_grads", lambda t, params, registered: averaged.append(params))
+    callback.on_fit_start(run, module)  # type: ignore[arg-type]
+    for epoch in range(3):
+        run.current_epoch = epoch
+        callback.on_train_epoch_start(run, module)  # type: ignore[arg-type]
+        callback.on_after_backward(run, module)  # type: ignore[arg-type]
+    backbone = {id(p) for p in module.backbone.parameters()}
+    assert [{id(p) for p in params} for params in averaged] == ([] if unfreeze == 0 else [backbone, backbone])
 
 
 @pytest.mark.slow

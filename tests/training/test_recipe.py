@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import pytest
@@ -131,7 +132,7 @@ def test_progressive_resize_grows_the_training_size_and_leaves_eval_at_full_size
     assert [resize.size_at(e, 32) for e in range(4)] == [16, 24, 32, 32]
 
     class Sizes(L.Callback):
-        seen: list[tuple[str, int]] = []
+        seen: ClassVar[list[tuple[str, int]]] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.seen.append(("train", batch[0].shape[-1]))

@@ -52,8 +52,8 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# step 4: in the unfreeze epoch (resumes from epoch 0, before the backbone joins the optimizer);
-# step 7: just after the unfreeze epoch (resumes with the backbone's param group restored).
+# step 4: in the unfreeze epoch (resumes from epoch 0, the backbone's groups still frozen at lr 0);
+# step 7: just after the unfreeze epoch (resumes with the backbone training and its optimizer state restored).
 @pytest.mark.parametrize("kill_step", [4, 7])
 def test_kill_and_resume_equals_the_uninterrupted_run(
     tiny_cfg, tmp_path: Path, kill_step: int, monkeypatch: pytest.MonkeyPatch
@@ -76,9 +76,11 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     assert a["epoch"] == b["epoch"] == EPOCHS - 1 and a["global_step"] == b["global_step"] == 3 * EPOCHS
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["lr_schedulers"] == b["lr_schedulers"]  # the plateau scheduler saw every epoch's val/loss
-    assert [len(g["params"]) for g in a["optimizer_states"][0]["param_groups"]] == [
-        len(g["params"]) for g in b["optimizer_states"][0]["param_groups"]
+    groups = [
+        [(g["name"], len(g["params"]), g["lr"]) for g in c["optimizer_states"][0]["param_groups"]] for c in (a, b)
     ]
+    assert groups[0] == groups[1]  # one layout, built the same way by every run
+    assert [name for name, _, _ in groups[0]] == ["head", "head.no_decay", "backbone", "backbone.no_decay"]
     history = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("whole", "resumed")]
     assert [r["epoch"] for r in history[1]["epochs"]] == list(range(EPOCHS))  # figures cover the whole run
     assert history[0]["epochs"] == history[1]["epochs"] and len(history[1]["step_loss"]) == 3 * EPOCHS

@@ -1,9 +1,11 @@
 """What staged fine-tuning needs under DDP, and a check that the ranks really trained one model.
 
-DDP registers, when it wraps the model, the parameters that require gradients at that moment; Lightning
-wraps after the finetuning callback's ``setup`` has frozen the backbone, so once the backbone is unfrozen
-its gradients would be computed on every rank but never averaged, and the ranks' backbones would drift
-apart silently. :func:`sync_unregistered_grads` all-reduces exactly those gradients after each backward;
+DDP registers, when it wraps the model, the parameters that require gradients at that moment. With a late
+unfreeze (``finetune.unfreeze_at_epoch`` > 0) Lightning wraps after the finetuning callback's ``setup`` has
+frozen the backbone, so once the backbone trains its gradients would be computed on every rank but never
+averaged, and the ranks' backbones would drift apart silently. :func:`sync_unregistered_grads` all-reduces exactly
+those gradients after each backward; with ``unfreeze_at_epoch=0`` nothing is frozen at the wrap, DDP registers
+every parameter and overlaps their all-reduce with the backward pass, and nothing is left to it.
 :func:`weights_in_sync` compares a digest of every rank's weights at the end of training.
 """
 
@@ -44,7 +46,7 @@ def sync_unregistered_grads(trainer: L.Trainer, params: list[nn.Parameter], regi
     flat = _flatten_dense_tensors(grads)  # one collective instead of one per tensor
     dist.all_reduce(flat)
     flat /= trainer.world_size
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
         g.copy_(synced)
 
 

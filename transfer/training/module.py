@@ -6,6 +6,7 @@ carries class names, preprocessing and the code version, so prediction needs not
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,8 +22,12 @@ from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
 from transfer.data.batch import Batch, as_batch
 from transfer.models import TransferModel, create_model
+from transfer.training.finetune import finetune_plan
 from transfer.training.mix import BatchMix
-from transfer.training.optim import build_optimizer, build_scheduler
+from transfer.training.optim import build_optimizer, build_scheduler, optimizer_lr
+from transfer.training.param_groups import build_param_groups, describe
+
+log = logging.getLogger(__name__)
 
 
 class Scores(NamedTuple):
@@ -63,7 +68,8 @@ class Classifier(L.LightningModule):
         self.preprocess: Preprocess | None = Preprocess.from_dict(preprocess) if preprocess else None
         self.class_names = list(class_names)
         self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
-        mixing = bool(mix) and any(mix.get(k) for k in ("mixup_alpha", "cutmix_alpha"))  # type: ignore[union-attr]
+        mix = mix or {}
+        mixing = any(mix.get(k) for k in ("mixup_alpha", "cutmix_alpha"))
         self.mix = BatchMix(len(self.class_names), **mix) if mixing else None  # alphas 0: plain class targets
         n = len(self.class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
@@ -72,7 +78,7 @@ class Classifier(L.LightningModule):
 
     @property
     def backbone(self) -> nn.Module:
-        """The pretrained part; the finetuning callback freezes and unfreezes it."""
+        """The pretrained part; the finetuning callback freezes it (``requires_grad``) until it trains."""
         return self.model.backbone
 
     @property
@@ -91,7 +97,7 @@ class Classifier(L.LightningModule):
 
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
         # y: class indices, or class probabilities after MixUp/CutMix (cross_entropy takes both)
-        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
 
     def _logits_and_targets(self, batch: Batch, test: bool = False) -> tuple[Tensor, Tensor]:
         batch = as_batch(batch)
@@ -135,16 +141,36 @@ class Classifier(L.LightningModule):
         return Scores(self.predict_logits(x), None)
 
     def configure_optimizers(self) -> Any:
-        # Only what is trainable now: the finetuning callback froze the backbone in setup() and adds it as
-        # its own param group when it unfreezes.
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.hparams.optimizer, [{"params": params, "name": "head"}])
+        # Every group that may ever train, built once (transfer/training/param_groups.py): the finetuning
+        # callback only switches requires_grad, and the scheduler holds a frozen group's lr at 0.
+        plan = finetune_plan(self._trainer)
+        lr = optimizer_lr(self.hparams["optimizer"])
+        groups = build_param_groups(self.model, plan, lr)
+        optimizer = build_optimizer(self.hparams["optimizer"], groups)
         scheduler = build_scheduler(
-            self.hparams.scheduler,
+            self.hparams["scheduler"],
             optimizer,
             total_steps=self.trainer.estimated_stepping_batches if self._trainer else None,
         )
+        if self._trainer is None or self.trainer.is_global_zero:
+            log.info("optimizer: %s", describe(groups, lr))
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint whose optimizer was built over other param groups (other ``finetune``
+        settings, or a version of this code that grouped differently): Lightning would fail on it with a size
+        mismatch, or restore moments into the wrong tensors."""
+        if self._trainer is None or self.trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
+            return
+        saved = [g.get("name") for g in checkpoint["optimizer_states"][0].get("param_groups", [])]
+        lr = optimizer_lr(self.hparams["optimizer"])
+        built = [g["name"] for g in build_param_groups(self.model, finetune_plan(self._trainer), lr)]
+        if saved != built:
+            raise ConfigError(
+                f"resume=: the checkpoint's optimizer has the param groups {saved}, this run builds {built}. "
+                f"Resume with the finetune settings the checkpoint was written with (its run directory's "
+                f"config.yaml), or start a new run."
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["transfer"] = {

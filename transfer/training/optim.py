@@ -1,27 +1,40 @@
 """Optimizer and lr scheduler from the ``optimizer`` and ``scheduler`` config groups.
 
 Both groups are plain Hydra ``_target_`` configs: the optimizer is instantiated as a partial and called with the
-model's param groups, the scheduler likewise with the optimizer. The scheduler group may carry Lightning's own
-keys (``interval``, ``frequency``, ``monitor``) beside its arguments; they are split off here. A per-step
-schedule that needs its length (``total_steps: null``) gets it from the trainer (``estimated_stepping_batches``:
-epochs x batches per epoch, ``limit_train_batches`` and gradient accumulation included), never by hand.
+model's param groups (:mod:`transfer.training.param_groups`), the scheduler likewise with the optimizer. The
+scheduler group may carry Lightning's own keys (``interval``, ``frequency``, ``monitor``) beside its arguments;
+they are split off here. A per-step schedule that needs its length (``total_steps: null``) gets it from the
+trainer (``estimated_stepping_batches``: epochs x batches per epoch, ``limit_train_batches`` and gradient
+accumulation included), never by hand.
+
+Every group is scheduled from the first step, the backbone's too while it is frozen: the scheduler is built over
+all groups and wrapped in a :class:`FreezeGate`, which holds a group's lr at 0 until its ``trains_from`` epoch.
+One mechanism for every schedule (one-cycle, warm-up cosine, cosine, plateau, and none, which becomes a constant
+schedule when some group is frozen): the wrapped scheduler always sees and updates the rates its schedule gives,
+so a group that joins late comes in at the rate the schedule has reached, and a plateau's reductions act on it
+while it waits.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from transfer.core.errors import ConfigError
+from transfer.training.param_groups import frozen_at
 
 # Keys of the scheduler group that Lightning reads; the rest are the scheduler's own arguments.
 _LIGHTNING_KEYS = ("monitor", "interval", "frequency")
+# Scheduler arguments that are rates per param group (OneCycleLR's and CyclicLR's): given as one number they are
+# the head's, and each group gets its own share of it (its ``lr_scale``), as its lr is.
+_PER_GROUP_RATES = ("max_lr", "base_lr")
 
 
 def _partial(cfg: Mapping[str, Any], group: str) -> Any:
@@ -56,24 +69,43 @@ def build_optimizer(cfg: Mapping[str, Any], param_groups: list[dict[str, Any]]) 
         raise ConfigError(f"optimizer {args.get('_target_')} rejected its settings {args}: {err}") from err
 
 
+def optimizer_lr(cfg: Mapping[str, Any]) -> float:
+    """``optimizer.lr``: the head's rate, which every param group's is scaled from.
+
+    Raises:
+        ConfigError: it is missing or not a positive number.
+    """
+    lr = cfg.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError(
+            f"optimizer.lr={lr!r}: set a positive learning rate (e.g. optimizer.lr=1e-3); the head trains at it "
+            f"and the backbone's groups at finetune.backbone_lr_ratio x it."
+        )
+    return float(lr)
+
+
 def build_scheduler(
     cfg: Mapping[str, Any] | None, optimizer: Optimizer, total_steps: float | None = None
 ) -> dict[str, Any] | None:
-    """A Lightning ``lr_scheduler`` config dict, or ``None`` for constant learning rates.
+    """A Lightning ``lr_scheduler`` config dict, or ``None`` for constant learning rates with nothing frozen.
 
     Args:
-        cfg: the ``scheduler`` config: ``_target_`` and its arguments, plus Lightning's ``monitor``,
-            ``interval`` (``epoch`` or ``step``) and ``frequency``. ``total_steps: null`` asks for the run's
-            length in optimizer steps.
-        optimizer: the optimizer to schedule.
+        cfg: the ``scheduler`` config: ``_target_`` (an lr scheduler class) and its arguments, plus Lightning's
+            ``monitor``, ``interval`` (``epoch`` or ``step``) and ``frequency``. ``total_steps: null`` asks for the
+            run's length in optimizer steps.
+        optimizer: the optimizer to schedule, its groups as :func:`~transfer.training.param_groups.build_param_groups`
+            made them (``lr_scale``, ``trains_from``).
         total_steps: the run's optimizer steps (``trainer.estimated_stepping_batches``).
 
     Returns:
-        ``{"scheduler": ..., "interval": ..., ...}`` or ``None``.
+        ``{"scheduler": <a FreezeGate>, "interval": ..., ...}`` or ``None``.
     """
     args = dict(cfg or {})
     if not args.get("_target_"):
-        return None
+        if not any(frozen_at(0, g.get("trains_from", 0)) for g in optimizer.param_groups):
+            return None
+        # Constant rates, but a frozen group's must still read 0 until it trains: the same gate as any schedule.
+        return {"scheduler": gated(LambdaLR)(optimizer, lr_lambda=_constant), "interval": "epoch", "frequency": 1}
     lightning = {k: args.pop(k) for k in _LIGHTNING_KEYS if k in args}
     if "total_steps" in args and args["total_steps"] is None:
         if total_steps is None or not math.isfinite(total_steps):
@@ -82,8 +114,21 @@ def build_scheduler(
                 f"trainer.max_epochs (trainer.max_time alone does not say how many steps there are)."
             )
         args["total_steps"] = int(total_steps)
+    scales = [float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
+    per_group: dict[str, Any] = {}  # passed beside the partial: Hydra would turn lists into ListConfigs
+    for key in _PER_GROUP_RATES:
+        if key in args:
+            rate = args.pop(key)
+            per_group[key] = [rate * scale for scale in scales] if isinstance(rate, (int, float)) else rate
+    factory = _partial(args, "scheduler")
+    cls = getattr(factory, "func", None)
+    if not (isinstance(cls, type) and issubclass(cls, LRScheduler)):
+        raise ConfigError(
+            f"scheduler._target_={args['_target_']!r} is not an lr scheduler class. Name one such as "
+            f"torch.optim.lr_scheduler.OneCycleLR, or pick a file from conf/scheduler/."
+        )
     try:
-        scheduler = _partial(args, "scheduler")(optimizer)
+        scheduler = gated(cls)(optimizer, *factory.args, **factory.keywords, **per_group)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"scheduler {args['_target_']} rejected its settings {args}: {err}") from err
     return {
@@ -94,12 +139,74 @@ def build_scheduler(
     }
 
 
+def _constant(step: int) -> float:
+    return 1.0
+
+
+class FreezeGate(LRScheduler):
+    """Mixed into an lr scheduler class by :func:`gated`: each param group's lr is the schedule's times a
+    multiplier that is 0 while the group is frozen (before its ``trains_from`` epoch) and 1 after.
+
+    The schedule's own rate of each group is kept in the group as ``scheduled_lr`` and put back into ``lr``
+    around every step of the wrapped scheduler, so schedules that read the current lr (cosine's recursive form,
+    a plateau's reductions) never see the gate's zeros. The finetuning callback tells the gate the epoch
+    (:meth:`set_epoch`) at each epoch start; the optimizer state saves both keys, the scheduler state the epoch.
+    """
+
+    gate_epoch: int = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.gate_epoch = 0
+        super().__init__(*args, **kwargs)
+        self._release()  # ReduceLROnPlateau's constructor takes no step, the others' do: settle both alike
+        self._close()
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped scheduler's step on the schedule's own rates, then the gate."""
+        self._release()
+        super().step(*args, **kwargs)
+        self._close()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Open the gate of the groups that train in ``epoch`` (and close it on those that do not)."""
+        self._release()
+        self.gate_epoch = epoch
+        self._close()
+
+    def get_last_lr(self) -> list[Any]:
+        """The rates the optimizer uses now (0 for a frozen group)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _release(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.get("scheduled_lr", group["lr"])
+
+    def _close(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["scheduled_lr"] = group["lr"]
+            if frozen_at(self.gate_epoch, group.get("trains_from", 0)):
+                group["lr"] = 0.0
+
+
+_GATED: dict[type[LRScheduler], type[FreezeGate]] = {}
+
+
+def gated(cls: type[LRScheduler]) -> type[FreezeGate]:
+    """``cls`` with a :class:`FreezeGate`: still an instance of ``cls`` (Lightning's plateau handling and the
+    resume code check ``isinstance``), with the same arguments and state. One class per ``cls``."""
+    if issubclass(cls, FreezeGate):
+        return cls
+    if cls not in _GATED:
+        made = type(f"Gated{cls.__name__}", (FreezeGate, cls), {"__module__": __name__})
+        _GATED[cls] = cast(type[FreezeGate], made)
+    return _GATED[cls]
+
+
 class WarmupCosine(LRScheduler):
     """Linear warm-up from 0 to each group's lr over ``warmup`` of the steps, then cosine decay to
     ``final_ratio`` x lr at ``total_steps``: timm's and most fine-tuning recipes' per-step schedule.
 
-    Every param group follows the same curve from its own peak (``base_lrs``), so a group added later (the
-    backbone at the unfreeze) only needs its peak appended there.
+    Every param group follows the same curve from its own peak (its lr when the schedule starts).
 
     Args:
         optimizer: the optimizer.
@@ -129,6 +236,6 @@ class WarmupCosine(LRScheduler):
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         scale = self.factor(self.last_epoch)
         return [base * scale for base in self.base_lrs]
