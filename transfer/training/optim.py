@@ -114,6 +114,17 @@ def build_scheduler(
                 f"trainer.max_epochs (trainer.max_time alone does not say how many steps there are)."
             )
         args["total_steps"] = int(total_steps)
+    scheduler = _gated_scheduler(args, optimizer)
+    return {
+        "scheduler": scheduler,
+        "interval": lightning.get("interval", "epoch"),
+        "frequency": lightning.get("frequency", 1),
+        **({"monitor": lightning["monitor"]} if "monitor" in lightning else {}),
+    }
+
+
+def _gated_scheduler(args: dict[str, Any], optimizer: Optimizer) -> FreezeGate:
+    """The scheduler ``args`` names (``_target_`` and its own arguments), gated, over ``optimizer``'s groups."""
     scales = [float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
     per_group: dict[str, Any] = {}  # passed beside the partial: Hydra would turn lists into ListConfigs
     for key in _PER_GROUP_RATES:
@@ -128,15 +139,9 @@ def build_scheduler(
             f"torch.optim.lr_scheduler.OneCycleLR, or pick a file from conf/scheduler/."
         )
     try:
-        scheduler = gated(cls)(optimizer, *factory.args, **factory.keywords, **per_group)
+        return gated(cls)(optimizer, *factory.args, **factory.keywords, **per_group)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"scheduler {args['_target_']} rejected its settings {args}: {err}") from err
-    return {
-        "scheduler": scheduler,
-        "interval": lightning.get("interval", "epoch"),
-        "frequency": lightning.get("frequency", 1),
-        **({"monitor": lightning["monitor"]} if "monitor" in lightning else {}),
-    }
 
 
 def _constant(step: int) -> float:
