@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from transfer.models import REGISTRY, Architecture, Split, register
+from transfer.models.pretrained import scratch
 
 
 def _tiny_build() -> nn.Module:
@@ -47,9 +48,11 @@ def _tiny_neck_split(net: nn.Module) -> Split:
     return Split(net[:5], net[5], 6)
 
 
-TINY_CNN = Architecture(name="tiny_test_cnn", family="test", build=_tiny_build, split=_tiny_split, weights=None)
+TINY_CNN = Architecture(
+    name="tiny_test_cnn", family="test", build=_tiny_build, split=_tiny_split, pretrained_cfg=scratch()
+)
 TINY_NECK = Architecture(
-    name="tiny_test_neck", family="test", build=_tiny_neck_build, split=_tiny_neck_split, weights=None
+    name="tiny_test_neck", family="test", build=_tiny_neck_build, split=_tiny_neck_split, pretrained_cfg=scratch()
 )
 TINY_ARCHS = (TINY_CNN, TINY_NECK)
 

@@ -14,7 +14,7 @@ from transfer.models.adapt import resample_kernel
 from transfer.models.weights import fetch
 
 ZOO = sorted(REGISTRY)
-TRANSFORMERS = sorted(n for n in ZOO if REGISTRY[n].default_adapt == "resize")
+TRANSFORMERS = sorted(n for n in ZOO if REGISTRY[n].pretrained_cfg.auto_adapt == "resize")
 # Resize mode at the pretrained size is slow on a CPU for the big CNNs; two cheap ones stay in the default run.
 RESIZE_CNN = [
     pytest.param(n, marks=[] if n in ("resnet18", "efficientnet_lite0") else pytest.mark.slow)
@@ -72,7 +72,7 @@ def hub_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _save_resnet18_into_cache(hub: Path) -> dict[str, torch.Tensor]:
     state = tvm.resnet18(weights=None).state_dict()
-    path = REGISTRY["resnet18"].weights.cache_path()
+    path = REGISTRY["resnet18"].pretrained_cfg.source.cache_path()
     assert path is not None and str(path).startswith(str(hub))
     path.parent.mkdir(parents=True)
     torch.save(state, path)
@@ -81,7 +81,7 @@ def _save_resnet18_into_cache(hub: Path) -> dict[str, torch.Tensor]:
 
 def test_pretrained_weights_come_from_the_torch_hub_cache(hub_dir: Path):
     state = _save_resnet18_into_cache(hub_dir)
-    assert REGISTRY["resnet18"].weights.available_offline()
+    assert REGISTRY["resnet18"].pretrained_cfg.source.available_offline()
     model = create_model("resnet18", 10, pretrained=True, adapt="resize")
     assert torch.equal(model.backbone.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
     assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
@@ -161,7 +161,7 @@ def test_offline_miss_names_the_expected_file_and_the_ways_out(hub_dir: Path):
     with pytest.raises(WeightsUnavailableError) as err:
         create_model("resnet18", 10, pretrained=True)
     text = str(err.value)
-    assert str(REGISTRY["resnet18"].weights.cache_path()) in text
+    assert str(REGISTRY["resnet18"].pretrained_cfg.source.cache_path()) in text
     assert "model.weights=PATH" in text and "model.pretrained=false" in text
 
 
@@ -184,7 +184,7 @@ def test_packaged_efficientnet_lite0_weights_see_a_cat():
     model = create_model("efficientnet_lite0", 10, pretrained=True, adapt="resize").eval()
     meta = model.meta
     assert meta.mean == (0.5, 0.5, 0.5) and meta.interpolation == "bicubic" and meta.input_size == 224
-    imagenet = fetch(REGISTRY["efficientnet_lite0"].weights, "efficientnet_lite0")
+    imagenet = fetch(REGISTRY["efficientnet_lite0"].pretrained_cfg.source, "efficientnet_lite0")
     fc_w, fc_b = imagenet["_fc.weight"], imagenet["_fc.bias"]  # the ImageNet head the factory replaced
     img = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).float()[None] / 255
     img = F.interpolate(img, size=(224, 224), mode="bicubic", antialias=True)

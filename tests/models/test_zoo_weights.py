@@ -34,8 +34,8 @@ def _put_in_hf_cache(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> 
 
 def test_timm_weights_come_from_the_hugging_face_cache(hf_cache: Path):
     state = timm.create_model("deit_small_patch16_224", pretrained=False).state_dict()
-    _put_in_hf_cache(hf_cache, REGISTRY["deit_small"].weights.location, state)
-    assert REGISTRY["deit_small"].weights.available_offline()
+    _put_in_hf_cache(hf_cache, REGISTRY["deit_small"].pretrained_cfg.source.location, state)
+    assert REGISTRY["deit_small"].pretrained_cfg.source.available_offline()
     model = create_model("deit_small", 10, pretrained=True, adapt="resize")
     assert torch.equal(model.backbone.blocks[5].attn.qkv.weight, state["blocks.5.attn.qkv.weight"])
     assert model.head.weight.shape == (10, 384)

@@ -86,7 +86,9 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     """The validation/test/prediction pipeline: deterministic resize (and centre crop for photos), normalise.
 
     With a ``native_size`` (CIFAR-style data), images of another size (new photos at prediction time) are
-    squashed to ``image_size`` like CIFAR's, so a CIFAR-trained model sees what it was trained on.
+    squashed to ``image_size`` like CIFAR's, so a CIFAR-trained model sees what it was trained on. Photos are
+    resized to :attr:`Preprocess.resize_size` (the model's crop fraction) and centre-cropped, as torchvision's
+    ``Weights.transforms()`` and timm's eval transform do.
 
     Args:
         pre: the model's :class:`Preprocess`.
@@ -96,7 +98,6 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     """
     if pre.native_size is not None:
         steps: list[Any] = [T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre), antialias=True)]
-    else:
-        resize = int(round(pre.image_size / pre.crop_pct))
-        steps = [T.Resize(resize, interpolation=_interp(pre)), T.CenterCrop(pre.image_size)]
+    else:  # the pretrained weights' own eval: shorter side to image_size / crop_pct, then the centre crop
+        steps = [T.Resize(pre.resize_size, interpolation=_interp(pre)), T.CenterCrop(pre.image_size)]
     return T.Compose(steps + _normalize(pre))

@@ -15,14 +15,18 @@ from transfer.models.core import (
     resolve_adapt,
     resolve_preprocess,
 )
+from transfer.models.layers import backbone_layers
+from transfer.models.pretrained import PretrainedCfg
 
 __all__ = [
     "REGISTRY",
     "Architecture",
     "ModelMeta",
+    "PretrainedCfg",
     "Split",
     "TransferModel",
     "architecture",
+    "backbone_layers",
     "count_parameters",
     "create_model",
     "model_preprocess",

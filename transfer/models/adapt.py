@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def expect(module: nn.Module, kind: type[ModuleT]) -> ModuleT:
+    """``module`` as a ``kind``, for an adapter that only fits one architecture (anything else is a bug)."""
+    if not isinstance(module, kind):
+        raise TypeError(f"expected a {kind.__name__}, got a {type(module).__name__}")
+    return module
+
+
+def conv_at(net: nn.Module, path: str) -> nn.Conv2d:
+    """The ``nn.Conv2d`` at dotted ``path`` inside ``net``."""
+    return expect(net.get_submodule(path), nn.Conv2d)
+
+
+def swap(net: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule at dotted ``path`` is (``features.0`` works for an ``nn.Sequential``)."""
+    parent, _, name = path.rpartition(".")
+    (net.get_submodule(parent) if parent else net).add_module(name, new)
 
 
 def resample_kernel(weight: Tensor, size: int) -> Tensor:
@@ -45,7 +67,7 @@ def shrink_conv(conv: nn.Conv2d, kernel_size: int = 3, stride: int = 1) -> nn.Co
     )
     with torch.no_grad():
         new.weight.copy_(resample_kernel(conv.weight, kernel_size))
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new
 

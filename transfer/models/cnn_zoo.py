@@ -12,13 +12,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import timm
 from torch import nn
 from torchvision import models as tvm
 
-from transfer.models.adapt import shrink_conv
+from transfer.models.adapt import conv_at, expect, shrink_conv, swap
 from transfer.models.core import Architecture, Split, register
-from transfer.models.sources import timm_info, timm_split, torchvision_info
+from transfer.models.layers import DENSENET, SEQUENTIAL_FEATURES, TOP_LEVEL, timm_layers
+from transfer.models.pretrained import scratch
+from transfer.models.sources import timm_cfg, timm_split, torchvision_cfg
 
 
 def _fc_split(attr: str):
@@ -32,42 +37,43 @@ def _fc_split(attr: str):
 
 def _classifier_neck_split(net: nn.Module) -> Split:
     # AlexNet/VGG: conv features are the backbone; the pretrained fc6/fc7 form the neck and train with the head.
-    neck = nn.Sequential(*list(net.classifier.children())[:-1])
-    width = net.classifier[-1].in_features
-    backbone = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))
-    return Split(backbone, neck, width)
+    layers = list(net.get_submodule("classifier").children())
+    width = expect(layers[-1], nn.Linear).in_features
+    backbone = nn.Sequential(net.get_submodule("features"), net.get_submodule("avgpool"), nn.Flatten(1))
+    return Split(backbone, nn.Sequential(*layers[:-1]), width)
 
 
-def _resnet_native(net: nn.Module) -> None:
-    net.conv1 = shrink_conv(net.conv1, 3, 1)
-    net.maxpool = nn.Identity()
+def _stem_native(conv: str, pool: str) -> Callable[[nn.Module], None]:
+    """A 3x3/s1 stem conv resampled from the pretrained one, and the stem max-pool removed."""
+
+    def adapt(net: nn.Module) -> None:
+        swap(net, conv, shrink_conv(conv_at(net, conv), 3, 1))
+        swap(net, pool, nn.Identity())
+
+    return adapt
 
 
 def _alexnet_native(net: nn.Module) -> None:
-    net.features[0] = shrink_conv(net.features[0], 3, 1)
-    net.features[2] = nn.MaxPool2d(kernel_size=2, stride=2)
+    swap(net, "features.0", shrink_conv(conv_at(net, "features.0"), 3, 1))
+    swap(net, "features.2", nn.MaxPool2d(kernel_size=2, stride=2))
 
 
-def _densenet_native(net: nn.Module) -> None:
-    net.features.conv0 = shrink_conv(net.features.conv0, 3, 1)
-    net.features.pool0 = nn.Identity()
+def _stride_one_native(conv: str, *pools: str) -> Callable[[nn.Module], None]:
+    """The first conv's stride 2 -> 1 and both stem max-pools removed (the valid-padding Inception stems)."""
+
+    def adapt(net: nn.Module) -> None:
+        conv_at(net, conv).stride = (1, 1)
+        for pool in pools:
+            swap(net, pool, nn.Identity())
+
+    return adapt
 
 
-def _googlenet_native(net: nn.Module) -> None:
-    net.conv1.conv = shrink_conv(net.conv1.conv, 3, 1)
-    net.maxpool1 = nn.Identity()
-
-
-def _inception_v3_native(net: nn.Module) -> None:
-    net.Conv2d_1a_3x3.conv.stride = (1, 1)
-    net.maxpool1 = nn.Identity()
-    net.maxpool2 = nn.Identity()
-
-
-def _inception_resnet_native(net: nn.Module) -> None:
-    net.conv2d_1a.conv.stride = (1, 1)
-    net.maxpool_3a = nn.Identity()
-    net.maxpool_5a = nn.Identity()
+_resnet_native = _stem_native("conv1", "maxpool")
+_densenet_native = _stem_native("features.conv0", "features.pool0")
+_googlenet_native = _stem_native("conv1.conv", "maxpool1")
+_inception_v3_native = _stride_one_native("Conv2d_1a_3x3.conv", "maxpool1", "maxpool2")
+_inception_resnet_native = _stride_one_native("conv2d_1a.conv", "maxpool_3a", "maxpool_5a")
 
 
 class LeNet5(nn.Module):
@@ -103,11 +109,11 @@ for _name, _ctor, _weights in (
         Architecture(
             name=_name,
             family="resnet",
-            build=lambda c=_ctor: c(weights=None),
+            build=partial(_ctor, weights=None),
             split=_fc_split("fc"),
             classifier="fc.",
             adapters={"native": _resnet_native},
-            **torchvision_info(_weights),
+            pretrained_cfg=torchvision_cfg(_weights),
         )
     )
 
@@ -118,8 +124,9 @@ register(
         build=lambda: tvm.alexnet(weights=None),
         split=_classifier_neck_split,
         classifier="classifier.6.",
+        layers=SEQUENTIAL_FEATURES,
         adapters={"native": _alexnet_native},
-        **torchvision_info(tvm.AlexNet_Weights.IMAGENET1K_V1),
+        pretrained_cfg=torchvision_cfg(tvm.AlexNet_Weights.IMAGENET1K_V1),
     )
 )
 
@@ -130,7 +137,8 @@ register(
         build=lambda: tvm.vgg16(weights=None),
         split=_classifier_neck_split,
         classifier="classifier.6.",
-        **torchvision_info(tvm.VGG16_Weights.IMAGENET1K_V1),
+        layers=SEQUENTIAL_FEATURES,
+        pretrained_cfg=torchvision_cfg(tvm.VGG16_Weights.IMAGENET1K_V1),
     )
 )
 
@@ -142,7 +150,8 @@ register(
         split=_fc_split("classifier"),
         classifier="classifier.",
         adapters={"native": _densenet_native},
-        **torchvision_info(tvm.DenseNet121_Weights.IMAGENET1K_V1),
+        layers=DENSENET,
+        pretrained_cfg=torchvision_cfg(tvm.DenseNet121_Weights.IMAGENET1K_V1),
     )
 )
 
@@ -156,7 +165,8 @@ register(
         split=_fc_split("fc"),
         classifier="fc.",
         adapters={"native": _googlenet_native},
-        **torchvision_info(tvm.GoogLeNet_Weights.IMAGENET1K_V1),
+        layers=TOP_LEVEL,
+        pretrained_cfg=torchvision_cfg(tvm.GoogLeNet_Weights.IMAGENET1K_V1),
     )
 )
 
@@ -168,7 +178,8 @@ register(
         split=_fc_split("fc"),
         classifier="fc.",
         adapters={"native": _inception_v3_native},
-        **torchvision_info(tvm.Inception_V3_Weights.IMAGENET1K_V1),
+        layers=TOP_LEVEL,
+        pretrained_cfg=torchvision_cfg(tvm.Inception_V3_Weights.IMAGENET1K_V1),
     )
 )
 
@@ -180,7 +191,8 @@ register(
         split=timm_split,
         classifier="classif.",
         adapters={"native": _inception_resnet_native},
-        **timm_info("inception_resnet_v2.tf_in1k"),
+        layers=timm_layers,
+        pretrained_cfg=timm_cfg("inception_resnet_v2.tf_in1k"),
     )
 )
 
@@ -190,10 +202,7 @@ register(
         family="lenet",
         build=LeNet5,
         split=_fc_split("fc"),
-        weights=None,
-        input_size=32,
         # No pretrained weights, so normalise with CIFAR-10's own statistics.
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
+        pretrained_cfg=scratch(32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
     )
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -19,16 +19,15 @@ from torch import Tensor, nn
 
 from transfer.core.errors import ConfigError
 from transfer.core.preprocess import Preprocess
-from transfer.models.weights import LoadReport, WeightSource, fetch, load_file, load_into
+from transfer.models.pretrained import PretrainedCfg
+from transfer.models.weights import LoadReport, fetch, load_file, load_into
 
 log = logging.getLogger(__name__)
 
 ADAPT_MODES = ("native", "resize")
-# model.adapt=auto: the adapted (stride-reduced) stem below this input size, the unmodified network from it on.
-# Measured on CIFAR-10 with EfficientNet-Lite0 (README "Results"): the unmodified network at 64 px beat the
-# adapted stem at 32 px at about the same compute per image, and at 128 px an adapted stem costs 4x the
-# unmodified network for photos that the pretrained strides were made for.
-AUTO_NATIVE_BELOW = 64
+# A family's layer split (transfer.models.layers): given the backbone and its parameter names in module order, one
+# layer key per name (``None``: the same layer as the name before it).
+LayerRule = Callable[[nn.Module, list[str]], list[Hashable | None]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class ModelMeta:
         mean: per-channel normalisation mean of the pretrained weights.
         std: per-channel normalisation std of the pretrained weights.
         interpolation: resize interpolation the weights were trained with.
+        crop_pct: the pretrained eval centre crop's share of the resized side (``input_size / resize_size``).
         weight_source: where the weights came from (``random`` when not pretrained).
         adapt: ``native`` (small inputs, adapted stem) or ``resize`` (inputs resized to ``input_size``).
         num_features: width of the backbone's output, i.e. the head's input.
@@ -55,6 +55,7 @@ class ModelMeta:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    crop_pct: float
     weight_source: str
     adapt: str
     num_features: int
@@ -89,33 +90,24 @@ class Architecture:
         family: architecture family.
         build: returns the ImageNet-shaped network with random weights.
         split: takes the built network, removes its classifier and returns a :class:`Split`.
-        weights: where the ImageNet weights live.
+        pretrained_cfg: the weights' source, input, crop and normalisation, and the ``adapt=auto`` rule.
         classifier: name prefix of the ImageNet classifier's tensors, which a weight file may lack
             (e.g. self-supervised checkpoints) because the head is replaced anyway.
-        input_size: pretrained resolution.
-        mean: normalisation mean.
-        std: normalisation std.
-        interpolation: resize interpolation.
         adapters: per ``adapt`` mode, an in-place change of the (already pretrained) network.
         convert: maps a foreign checkpoint layout (e.g. MoCo v3's) onto this architecture's names.
-        default_adapt: what ``model.adapt`` should be for 32 px inputs (the listing recommends it).
-        small_input_size: see :class:`ModelMeta`; set where it was measured to beat the adapted stem.
+        layers: how the backbone splits into layers for layer-wise lr decay, where its parameter names alone do
+            not tell (``None``: the numbered-block rule, :func:`transfer.models.layers.numbered`).
     """
 
     name: str
     family: str
     build: Callable[[], nn.Module]
     split: Callable[[nn.Module], Split]
-    weights: WeightSource | None
+    pretrained_cfg: PretrainedCfg
     classifier: str = ""
-    input_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
     adapters: dict[str, Callable[[nn.Module], None]] = field(default_factory=dict)
     convert: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
-    default_adapt: str = "native"
-    small_input_size: int | None = None
+    layers: LayerRule | None = None
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -193,7 +185,7 @@ class TransferModel(nn.Module):
 
 
 def resolve_adapt(name: str, adapt: str, image_size: int | None, native_size: int | None = None) -> str:
-    """Turn ``model.adapt=auto`` into ``native`` or ``resize``.
+    """Turn ``model.adapt=auto`` into ``native`` or ``resize``, by the model's own rule.
 
     Args:
         name: registry name.
@@ -202,17 +194,16 @@ def resolve_adapt(name: str, adapt: str, image_size: int | None, native_size: in
         native_size: the data's own side (32 for CIFAR-10), ``None`` for photos of any size.
 
     Returns:
-        ``native`` when the model will be fed fewer than :data:`AUTO_NATIVE_BELOW` px (its small-input size, the
-        data's own or the pretrained size, in that order, when ``image_size`` is ``None``) and its stem can be
-        adapted; ``resize`` (the unmodified network) otherwise.
+        What :meth:`PretrainedCfg.resolve_auto` says: for CNNs ``native`` when the model will be fed fewer than
+        :data:`~transfer.models.pretrained.AUTO_NATIVE_BELOW` px (``image_size``, else its small-input size, the
+        data's own or the pretrained size, in that order), ``resize`` (the unmodified network) otherwise; for
+        transformers always ``resize``.
+        An unknown name gives ``native`` (:func:`create_model` then names the known ones).
     """
     if adapt != "auto":
         return adapt
     arch = REGISTRY.get(name)
-    if arch is None or arch.default_adapt != "native":
-        return arch.default_adapt if arch is not None else "native"
-    size = image_size or ((arch.small_input_size or native_size) if native_size else arch.input_size)
-    return "native" if size < AUTO_NATIVE_BELOW else "resize"
+    return arch.pretrained_cfg.resolve_auto(image_size, native_size) if arch is not None else "native"
 
 
 def architecture(name: str) -> Architecture:
@@ -241,15 +232,16 @@ def model_preprocess(
         native_size: the data's own side (32 for CIFAR-10), ``None`` for photos of any size.
 
     Returns:
-        The :class:`~transfer.data.transforms.Preprocess` (size, mean/std, interpolation).
+        The :class:`~transfer.core.preprocess.Preprocess` (size, mean/std, interpolation, the weights' crop).
     """
-    arch = architecture(name)
+    cfg = architecture(name).pretrained_cfg
     spec = SimpleNamespace(
-        input_size=arch.input_size,
-        mean=arch.mean,
-        std=arch.std,
-        interpolation=arch.interpolation,
-        small_input_size=arch.small_input_size,
+        input_size=cfg.input_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+        crop_pct=cfg.crop_pct,
+        small_input_size=cfg.small_input_size,
         adapt=resolve_adapt(name, adapt, image_size, native_size),
     )
     return resolve_preprocess(spec, image_size, native_size)
@@ -260,7 +252,7 @@ def create_model(
     num_classes: int,
     pretrained: bool = True,
     weights: str | None = None,
-    adapt: str = "native",
+    adapt: str = "auto",
     drop_rate: float = 0.0,
     freeze_convs: int = 0,
 ) -> TransferModel:
@@ -272,8 +264,8 @@ def create_model(
         pretrained: load ImageNet weights (cache, package or download).
         weights: a local state-dict file to load instead; implies ``pretrained``.
         adapt: ``native`` to adapt the stem to small (32 px) inputs, ``resize`` to keep the architecture
-            and resize inputs to its pretrained size, ``auto`` for the family's default (see
-            :func:`resolve_adapt`, which a run calls with its input size first).
+            and resize inputs to its pretrained size, ``auto`` for the model's rule at its pretrained size (a run
+            calls :func:`resolve_adapt` with its input size first and passes the result).
         drop_rate: dropout before the head's linear layer.
         freeze_convs: keep the backbone's first ``freeze_convs`` conv layers frozen for the whole run
             (VGG16's recipe: generic low-level filters need no tuning and it halves the trainable convs).
@@ -288,7 +280,7 @@ def create_model(
     arch = architecture(name)
     adapt = resolve_adapt(name, adapt, None)
     if adapt not in ADAPT_MODES:
-        raise ConfigError(f"model.adapt={adapt!r} is not one of {ADAPT_MODES + ('auto',)}.")
+        raise ConfigError(f"model.adapt={adapt!r} is not one of {(*ADAPT_MODES, 'auto')}.")
     net = arch.build()
     source = "random"
     if weights or pretrained:
@@ -301,17 +293,19 @@ def create_model(
     head: nn.Module = nn.Linear(num_features, num_classes)
     if drop_rate > 0:
         head = nn.Sequential(nn.Dropout(drop_rate), head)
+    cfg = arch.pretrained_cfg
     meta = ModelMeta(
         name=name,
         family=arch.family,
-        input_size=arch.input_size,
-        mean=arch.mean,
-        std=arch.std,
-        interpolation=arch.interpolation,
+        input_size=cfg.input_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+        crop_pct=cfg.crop_pct,
         weight_source=source,
         adapt=adapt,
         num_features=num_features,
-        small_input_size=arch.small_input_size,
+        small_input_size=cfg.small_input_size,
     )
     return TransferModel(backbone, head, meta, neck=neck, fixed=_first_convs(backbone, freeze_convs))
 
@@ -324,16 +318,17 @@ def _first_convs(backbone: nn.Module, count: int) -> list[str]:
 def _load_pretrained(arch: Architecture, net: nn.Module, weights: str | None) -> LoadReport:
     if weights:
         state, origin = load_file(weights), str(weights)
-    elif arch.weights is None:
+    elif arch.pretrained_cfg.source is None:
         raise ConfigError(
             f"Model {arch.name} has no pretrained weights; pass model.pretrained=false "
             f"or a file with model.weights=PATH."
         )
     else:
-        state, origin = fetch(arch.weights, arch.name), arch.weights.describe()
+        source = arch.pretrained_cfg.source
+        state, origin = fetch(source, arch.name), source.describe()
     if arch.convert is not None:
         state = arch.convert(state)
-    return load_into(net, state, arch.weights, origin=origin, optional=arch.classifier)
+    return load_into(net, state, arch.pretrained_cfg.source, origin=origin, optional=arch.classifier)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -345,7 +340,7 @@ def resolve_preprocess(meta: Any, image_size: int | None, native_size: int | Non
     """Decide the model's input size and normalisation.
 
     Args:
-        meta: a :class:`~transfer.models.ModelMeta` (mean, std, interpolation, input_size, adapt).
+        meta: a :class:`~transfer.models.ModelMeta` (mean, std, interpolation, crop_pct, input_size, adapt).
         image_size: ``data.image_size``; ``None`` picks the default below.
         native_size: the dataset's own size (32 for CIFAR-10), or ``None`` for photos of any size.
 
@@ -363,4 +358,11 @@ def resolve_preprocess(meta: Any, image_size: int | None, native_size: int | Non
             image_size = meta.input_size
     if int(image_size) < 8:
         raise ConfigError(f"data.image_size={image_size} is too small; use 32 (CIFAR's own size) or more.")
-    return Preprocess(int(image_size), tuple(meta.mean), tuple(meta.std), meta.interpolation, native_size=native_size)
+    return Preprocess(
+        int(image_size),
+        tuple(meta.mean),
+        tuple(meta.std),
+        meta.interpolation,
+        crop_pct=float(meta.crop_pct),
+        native_size=native_size,
+    )

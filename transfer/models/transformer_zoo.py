@@ -15,53 +15,64 @@ runs them on 32 px directly:
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
+from timm.models.beit import Beit
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision import models as tvm
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
-from transfer.models.adapt import resample_kernel
+from transfer.models.adapt import conv_at, expect, resample_kernel, swap
 from transfer.models.core import Architecture, Split, register
-from transfer.models.sources import timm_info, timm_split, torchvision_info
+from transfer.models.layers import SWIN, TORCHVISION_VIT, timm_layers
+from transfer.models.pretrained import scratch
+from transfer.models.sources import timm_cfg, timm_split, torchvision_cfg
 from transfer.models.weights import WeightSource
 
 NATIVE_SIZE, NATIVE_PATCH = 32, 4
 
 
 def _tv_vit_split(net: nn.Module) -> Split:
-    width = net.heads[-1].in_features
-    net.heads = nn.Identity()  # the forward then returns the final class-token embedding
+    width = expect(list(net.get_submodule("heads").children())[-1], nn.Linear).in_features
+    swap(net, "heads", nn.Identity())  # the forward then returns the final class-token embedding
     return Split(net, None, width)
 
 
 def _tv_vit_native(net: nn.Module) -> None:
-    old = net.conv_proj
+    vit = expect(net, tvm.VisionTransformer)
+    old = conv_at(vit, "conv_proj")
     new = nn.Conv2d(old.in_channels, old.out_channels, NATIVE_PATCH, stride=NATIVE_PATCH)
     grid = NATIVE_SIZE // NATIVE_PATCH
     with torch.no_grad():
         new.weight.copy_(resample_kernel(old.weight, NATIVE_PATCH))
-        new.bias.copy_(old.bias)
+        if old.bias is not None and new.bias is not None:
+            new.bias.copy_(old.bias)
         # torchvision's layout is timm's: (1, 1 + g*g, D) with the class token first.
-        net.encoder.pos_embedding = nn.Parameter(
-            resample_abs_pos_embed(net.encoder.pos_embedding, [grid, grid], num_prefix_tokens=1)
+        vit.encoder.pos_embedding = nn.Parameter(
+            resample_abs_pos_embed(vit.encoder.pos_embedding, [grid, grid], num_prefix_tokens=1)
         )
-    net.conv_proj = new
-    net.image_size, net.patch_size, net.seq_length = NATIVE_SIZE, NATIVE_PATCH, grid * grid + 1
+    vit.conv_proj = new
+    vit.image_size, vit.patch_size, vit.seq_length = NATIVE_SIZE, NATIVE_PATCH, grid * grid + 1
 
 
 def _swin_split(net: nn.Module) -> Split:
-    width = net.head.in_features
-    net.head = nn.Identity()
+    width = expect(net.get_submodule("head"), nn.Linear).in_features
+    swap(net, "head", nn.Identity())
     return Split(net, None, width)
 
 
 def _swin_native(net: nn.Module) -> None:
     size = NATIVE_SIZE // 4  # the 4x4 patch embedding is kept
-    for stage in net.features[1::2]:  # features: patch embed, stage, merge, stage, merge, ...
+    features = expect(net.get_submodule("features"), nn.Sequential)
+    for stage in features[1::2]:  # features: patch embed, stage, merge, stage, merge, ...
         window = max(d for d in range(1, 8) if size % d == 0)
-        for block in stage:
-            attn = block.attn
+        for block in stage.children():
+            attn = expect(block.get_submodule("attn"), ShiftedWindowAttention)
             shifted = any(attn.shift_size)
             attn.window_size = [window, window]
             attn.shift_size = [window // 2 if shifted and window < size else 0] * 2
@@ -77,7 +88,9 @@ def _swin_native(net: nn.Module) -> None:
 
 
 def _timm_native(net: nn.Module) -> None:
-    net.set_input_size(img_size=NATIVE_SIZE, patch_size=NATIVE_PATCH)
+    if not isinstance(net, (VisionTransformer, Beit)):
+        raise TypeError(f"expected a timm VisionTransformer or Beit, got a {type(net).__name__}")
+    net.set_input_size(img_size=(NATIVE_SIZE, NATIVE_SIZE), patch_size=(NATIVE_PATCH, NATIVE_PATCH))
 
 
 def _moco_convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -90,7 +103,8 @@ def _moco_convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in encoder.items() if not k.startswith("head.")}
 
 
-_TRANSFORMER = dict(default_adapt="resize")
+# Transformers keep their pretrained geometry: auto always feeds the unmodified network, inputs resized.
+RESIZE = "resize"
 
 register(
     Architecture(
@@ -100,8 +114,8 @@ register(
         split=_tv_vit_split,
         classifier="heads.",
         adapters={"native": _tv_vit_native},
-        **torchvision_info(tvm.ViT_B_16_Weights.IMAGENET1K_V1),
-        **_TRANSFORMER,
+        pretrained_cfg=torchvision_cfg(tvm.ViT_B_16_Weights.IMAGENET1K_V1, auto_adapt=RESIZE),
+        layers=TORCHVISION_VIT,
     )
 )
 
@@ -113,12 +127,12 @@ for _name, _ctor, _weights in (
         Architecture(
             name=_name,
             family="swin",
-            build=lambda c=_ctor: c(weights=None),
+            build=partial(_ctor, weights=None),
             split=_swin_split,
             classifier="head.",
             adapters={"native": _swin_native},
-            **torchvision_info(_weights),
-            **_TRANSFORMER,
+            pretrained_cfg=torchvision_cfg(_weights, auto_adapt=RESIZE),
+            layers=SWIN,
         )
     )
 
@@ -131,14 +145,22 @@ for _name, _tag in (
         Architecture(
             name=_name,
             family=_name.split("_")[0],
-            build=lambda t=_tag: timm.create_model(t.split(".")[0], pretrained=False),
+            build=partial(timm.create_model, _tag.split(".")[0], pretrained=False),
             split=timm_split,
             classifier="head.",
             adapters={"native": _timm_native},
-            **timm_info(_tag),
-            **_TRANSFORMER,
+            pretrained_cfg=timm_cfg(_tag, auto_adapt=RESIZE),
+            layers=timm_layers,
         )
     )
+
+# Neither library describes the MoCo v3 checkpoint; its repository's linear-probe eval (main_lincls.py) is the
+# standard ImageNet one: Resize(256), CenterCrop(224), ImageNet mean/std, bilinear, which are timm's defaults.
+_MOCO_CFG = dataclasses.replace(
+    scratch(224),
+    source=WeightSource("url", "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
+    auto_adapt=RESIZE,
+)
 
 register(
     Architecture(
@@ -146,10 +168,10 @@ register(
         family="vit",
         build=lambda: timm.create_model("vit_base_patch16_224", pretrained=False),
         split=timm_split,
-        weights=WeightSource("url", "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"),
+        pretrained_cfg=_MOCO_CFG,
         classifier="head.",
         convert=_moco_convert,
         adapters={"native": _timm_native},
-        **_TRANSFORMER,
+        layers=timm_layers,
     )
 )

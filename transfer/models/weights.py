@@ -251,10 +251,12 @@ def load_into(
 
 
 def _match_by_order(target: StateDict, state: StateDict, origin: str) -> StateDict:
-    shapes_fit = len(target) == len(state) and all(a.shape == b.shape for a, b in zip(target.values(), state.values()))
+    shapes_fit = len(target) == len(state) and all(
+        a.shape == b.shape for a, b in zip(target.values(), state.values(), strict=False)
+    )
     if not shapes_fit:
         raise WeightsUnavailableError(
             f"Weight file {origin} has {len(state)} tensors whose names and order do not match the "
             f"{len(target)} of this architecture. Pass the file that belongs to this model, {_FALLBACK_HINT}."
         )
-    return dict(zip(target, state.values()))
+    return dict(zip(target, state.values(), strict=True))
