@@ -12,10 +12,48 @@ from transfer.conf import CONF_DIR
 from transfer.models import REGISTRY, create_model, resolve_adapt
 
 MODEL_FILES = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+# What every model file composed to before they shared conf/model/_base/defaults.yaml: the base's values, and per
+# model the ones that differ. `python -m transfer.run model=<name>` must compose exactly this.
+BASE = {"pretrained": True, "weights": None, "adapt": "auto", "drop_rate": 0.0, "freeze_convs": 0}
+DIFFERS = {
+    **{f"efficientnet_b{i}": {"drop_rate": d} for i, d in enumerate((0.2, 0.2, 0.25, 0.25, 0.3, 0.3, 0.35, 0.35))},
+    **{f"efficientnet_lite{i}": {"drop_rate": 0.2} for i in range(3)},
+    **{name: {"drop_rate": 0.2} for name in ("googlenet", "inception_resnet_v2", "mobilenet_v2")},
+    **{name: {"drop_rate": 0.2} for name in ("mobilenet_v3_large", "mobilenet_v3_small")},
+    "inception_v3": {"drop_rate": 0.5},
+    "lenet5": {"pretrained": False},
+    "vgg16": {"freeze_convs": 10},
+}
 
 
 def test_every_registered_model_has_a_config_and_back():
     assert set(MODEL_FILES) == set(REGISTRY)
+
+
+def test_the_shared_model_base_is_not_offered_as_a_model():
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        options = GlobalHydra.instance().config_loader().get_group_options("model")
+    assert sorted(options) == MODEL_FILES
+
+
+def test_every_model_file_composes_as_before(compose_cfg):
+    for name in MODEL_FILES:
+        assert OmegaConf.to_container(compose_cfg(f"model={name}").model) == {
+            "name": name,
+            **BASE,
+            **DIFFERS.get(name, {}),
+        }, name
+
+
+def test_the_factory_defaults_are_the_config_defaults():
+    """One source of defaults: calling create_model without a setting means what the config means."""
+    base = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "_base" / "defaults.yaml"))
+    assert isinstance(base, dict) and base.pop("name") == "???" and base == BASE
+    defaults = {k: p.default for k, p in inspect.signature(create_model).parameters.items() if k in base}
+    assert defaults == base
 
 
 @pytest.mark.parametrize("name", MODEL_FILES)
@@ -23,8 +61,10 @@ def test_model_configs_match_the_factory(compose_cfg, name: str):
     cfg = compose_cfg(f"model={name}")
     accepted = set(inspect.signature(create_model).parameters) - {"num_classes"}
     assert set(cfg.model) <= accepted and cfg.model.name == name
-    # auto at CIFAR's 32 px is what the listing recommends, except where a small-input size was measured to win
-    expected = "resize" if REGISTRY[name].small_input_size else REGISTRY[name].default_adapt
+    # auto at CIFAR's 32 px: the adapted stem, except for transformers (their pretrained geometry) and where a
+    # small-input size was measured to beat it (the unmodified network on upsampled images)
+    pretrained = REGISTRY[name].pretrained_cfg
+    expected = "resize" if pretrained.auto_adapt == "resize" or pretrained.small_input_size else "native"
     assert cfg.model.adapt == "auto" and resolve_adapt(name, cfg.model.adapt, None, native_size=32) == expected
 
 
@@ -126,5 +166,5 @@ def test_logger_group_builds_every_logger_into_the_run_directory(compose_cfg, tm
     assert [type(lg) for lg in loggers] == [TensorBoardLogger, CSVLogger]
     assert all(Path(lg.log_dir).parent == tmp_path for lg in loggers)
     assert build_loggers(compose_cfg("~logger.tensorboard"), tmp_path) == []
-    with pytest.raises(ConfigError, match="logger.broken"):
+    with pytest.raises(ConfigError, match=r"logger\.broken"):
         build_loggers(compose_cfg("+logger.broken._target_=no.such.Logger"), tmp_path)
