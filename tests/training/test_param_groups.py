@@ -124,3 +124,18 @@ def test_the_plan_line_names_one_backbone_rate_once_and_a_layered_range_as_a_ran
     assert "backbone 4 layers, lr 0.0625 (deepest) .. 0.5 (top), trains from the start" in layered
     probe = describe(build_param_groups(Model(), GroupPlan(None), lr=1.0), lr=1.0)
     assert "backbone frozen throughout" in probe
+
+
+@pytest.mark.parametrize("name", ["vit_b_16", "densenet121", "inception_v3", "swin_t", "resnet18"])
+def test_layer_decay_splits_every_family_into_its_blocks(name: str):
+    """The families whose block names carry no number (ViT encoder_layer_N, denseblockN, Mixed_5b, Swin stages)
+    get one lr per block through the model's own split, deepest block at the top lr."""
+    from transfer.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, num_classes=3, pretrained=False, adapt="resize")
+    groups = [g for g in build_param_groups(model, GroupPlan(0, 0.5, 0.8), lr=1.0) if g["name"].startswith("backbone")]
+    decayed = [g for g in groups if not g["name"].endswith("no_decay")]
+    assert len(decayed) == len(model.layer_split()) > 2
+    lrs = [g["lr"] for g in decayed]
+    assert lrs == sorted(lrs) and lrs[-1] == pytest.approx(0.5) and lrs[0] == pytest.approx(0.5 * 0.8 ** (len(lrs) - 1))

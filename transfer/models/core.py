@@ -183,6 +183,12 @@ class TransferModel(nn.Module):
         fixed = set(self.fixed)
         return [(n, p) for n, p in self.backbone.named_parameters() if n not in fixed]
 
+    def layer_split(self) -> list[list[tuple[str, nn.Parameter]]]:
+        """The trainable backbone in layers, stem first, by the family's rule (layer-wise lr decay's groups)."""
+        from transfer.models.layers import backbone_layers  # layers.py builds on this module
+
+        return backbone_layers(self)
+
 
 def resolve_adapt(name: str, adapt: str, image_size: int | None, native_size: int | None = None) -> str:
     """Turn ``model.adapt=auto`` into ``native`` or ``resize``, by the model's own rule.
