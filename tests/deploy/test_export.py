@@ -87,9 +87,9 @@ def test_onnx_export_passes_parity_on_the_runs_images_and_predicts_like_the_chec
         assert pred.returncode == 0, pred.stderr[-2000:]
         results[name] = json.loads((tmp_path / name / "predictions.json").read_text())
     assert [r["label"] for r in results["onnx"]] == [r["label"] for r in results["ckpt"]]
-    for a, b in zip(results["onnx"], results["ckpt"]):
+    for a, b in zip(results["onnx"], results["ckpt"], strict=True):
         assert [c for c, _ in a["topk"]] == [c for c, _ in b["topk"]]
-        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["topk"], b["topk"]))
+        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["topk"], b["topk"], strict=True))
 
 
 def test_torchscript_export_and_synthetic_images_when_the_run_has_no_data(tmp_path):

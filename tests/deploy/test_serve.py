@@ -94,9 +94,9 @@ def test_the_api_batches_and_answers_the_checkpoints_topk(tmp_path: Path):
     answers = [api.encode_response(out) for out in api.unbatch(api.predict(api.batch(inputs)))]
     expected = predict(load_classifier(str(tmp_path / "run")), images, topk=2)
     assert [a["batched_with"] for a in answers] == [3, 3, 3]  # one forward pass served the three requests
-    for answer, want in zip(answers, expected):
+    for answer, want in zip(answers, expected, strict=True):
         assert [t["class"] for t in answer["topk"]] == [c for c, _ in want["topk"]] and answer["label"] == want["label"]
-        assert all(abs(t["prob"] - p) < 1e-5 for t, (_, p) in zip(answer["topk"], want["topk"]))
+        assert all(abs(t["prob"] - p) < 1e-5 for t, (_, p) in zip(answer["topk"], want["topk"], strict=True))
 
 
 # The real server: a child process that takes ~15 s to start, so these run with -m slow; the tests above cover
@@ -124,7 +124,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
 
 @SERVER
 def test_health_and_info(server):
-    url, run_dir, _ = server
+    url, _, _ = server
     assert httpx.get(f"{url}/health").text.strip('"') == "ok"
     info = httpx.get(f"{url}/info").json()["model"]
     assert info["classes"] == list(CLASSES) and info["image_size"] == 32 and info["max_batch_size"] == 8
@@ -147,7 +147,7 @@ def test_upload_and_base64_give_the_checkpoints_topk(server):
     assert [t["class"] for t in as_json.json()["topk"]] == [t["class"] for t in answer["topk"]]
     expected = predict(Classifier.from_checkpoint(run_dir / "checkpoints" / "last.ckpt"), [image], topk=2)[0]
     assert [t["class"] for t in answer["topk"]] == [c for c, _ in expected["topk"]]
-    assert all(abs(t["prob"] - p) < 1e-5 for t, (_, p) in zip(answer["topk"], expected["topk"]))
+    assert all(abs(t["prob"] - p) < 1e-5 for t, (_, p) in zip(answer["topk"], expected["topk"], strict=True))
 
 
 @SERVER

@@ -185,8 +185,10 @@ def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
     module = Classifier(lite0, dm.classes, ADAM, preprocess=dm.hparams["preprocess"])
     apply_compute(module.model, channels_last=True)
     dm.setup("fit")
-    keep = dm.train_set.indices  # sorted by class: take a random subset, not the first classes
-    dm.train_set.indices = keep[np.random.default_rng(0).permutation(len(keep))[: args.images]]
+    train_set = dm.train_set
+    assert train_set is not None  # setup("fit") made it
+    keep = train_set.indices  # sorted by class: take a random subset, not the first classes
+    train_set.indices = keep[np.random.default_rng(0).permutation(len(keep))[: args.images]]
     epochs = EpochTimer()
     callbacks: list[L.Callback] = [StagedFinetuning(unfreeze_at_epoch=None, bn=args.bn), epochs]
     trainer = L.Trainer(

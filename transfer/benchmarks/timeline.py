@@ -52,7 +52,7 @@ class TestTimeline(L.Callback):
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit time, undeclared
         test_acc = accuracy(pl_module, datamodule, datamodule.test_dataloader())  # type: ignore[arg-type]
         self.eval_seconds += time.perf_counter() - start
         print(

@@ -1,4 +1,5 @@
-"""The source material's two figures, drawn off-screen (Agg) so nothing ever waits on a window."""
+"""Every figure the tools write (loss curves, image grids, confusion matrices, residual statistics), drawn
+off-screen (Agg) so nothing ever waits on a window."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def plot_epoch_curves(
     """Accuracy and loss per epoch, train vs validation, with the unfreeze epoch marked."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = [int(row["epoch"]) + 1 for row in epochs]
-    for ax, metric in zip(axes, ("acc", "loss")):
+    for ax, metric in zip(axes, ("acc", "loss"), strict=True):
         for split in ("train", "val"):
             ys = [row.get(f"{split}/{metric}", float("nan")) for row in epochs]
             ax.plot(x, ys, marker="o", ms=3, label="validation" if split == "val" else split)
@@ -78,7 +79,8 @@ def image_grid(
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, title, truth in zip(axes.flat, images[:n], titles[:n], truths[:n]):
+    # strict=False: the grid may have more cells than images
+    for ax, img, title, truth in zip(axes.flat, images[:n], titles[:n], truths[:n], strict=False):
         if isinstance(img, (str, Path)):
             with Image.open(img) as im:
                 img = np.asarray(im.convert("RGB"))
@@ -102,7 +104,7 @@ def confusion_matrix_figure_object(matrix: np.ndarray, classes: Sequence[str], t
                 ax.text(
                     j,
                     i,
-                    int(matrix[i, j]),
+                    str(int(matrix[i, j])),
                     ha="center",
                     va="center",
                     fontsize=7,
@@ -138,7 +140,8 @@ def residual_figure(stats_by_weights: dict[str, list[Any]], path: Path, title: s
         axes[0].plot(x, [s.rel_norm for s in stats], marker="o", ms=3, label=label)
         axes[1].plot(x, [s.cos for s in stats], marker="o", ms=3, label=label)
         axes[2].plot(x, [s.grad_residual / max(s.grad_shortcut, 1e-12) for s in stats], marker="o", ms=3, label=label)
-    for ax, ylabel in zip(axes, ("||F(x)|| / ||x||", "cos(F(x), x)", "||grad via F|| / ||grad via shortcut||")):
+    ylabels = ("||F(x)|| / ||x||", "cos(F(x), x)", "||grad via F|| / ||grad via shortcut||")
+    for ax, ylabel in zip(axes, ylabels, strict=True):
         ax.set(xlabel="residual block", ylabel=ylabel)
         ax.legend(fontsize=8)
     axes[2].set_yscale("log")

@@ -27,7 +27,7 @@ def code_version() -> dict[str, Any]:
     from transfer import __version__
 
     status = _git("status", "--porcelain", "--untracked-files=no")
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)

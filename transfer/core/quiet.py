@@ -8,7 +8,8 @@ Those are dropped here, each by its exact message, so every other warning, in pa
 settings (e.g. ``log_every_n_steps`` longer than an epoch, a checkpoint directory that is not empty), still shows.
 
 :func:`quiet` runs when ``transfer`` is imported (``transfer/__init__.py``), so every entry point and library use
-(``python -m transfer.<tool>``, :func:`transfer.training.train.train`, notebooks) gets it before Lightning builds a Trainer.
+(``python -m transfer.<tool>``, :func:`transfer.training.train.train`, notebooks) gets it before Lightning builds a
+Trainer.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ NOISE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # Lightning's worker heuristic does not know that in-memory datasets are loaded with num_workers=0 on purpose
     # (one indexing copy per batch; worker processes would only add IPC).
     (r"The '\w+' does not have many workers", UserWarning, r"lightning\."),
-    # Seen on every bf16/16-mixed GPU run (H200 check): the summary's size estimate, not the training, is affected.
+    # Raised on every bf16/16-mixed GPU run: only the summary's size estimate, not the training, is affected.
     (r"Precision \S+ is not supported by the model summary", UserWarning, r"lightning\."),
 )
 

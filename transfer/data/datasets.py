@@ -283,9 +283,9 @@ def stratified_split(targets: Sequence[int], count: int, seed: int) -> tuple[np.
         ``keep`` (sorted) and ``held_out`` in a seeded random order, so that evaluating only the first
         batches (``trainer.limit_val_batches``) still sees every class rather than the first one or two.
     """
-    targets = np.asarray(targets)
-    classes, sizes = np.unique(targets, return_counts=True)
-    quota = sizes * count / len(targets)
+    labels = np.asarray(targets)
+    classes, sizes = np.unique(labels, return_counts=True)
+    quota = sizes * count / len(labels)
     take = np.minimum(np.floor(quota).astype(int), sizes - 1)
     for i in np.argsort(-(quota - take)):
         if take.sum() >= count:
@@ -295,10 +295,10 @@ def stratified_split(targets: Sequence[int], count: int, seed: int) -> tuple[np.
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
     for cls, n in zip(classes, take, strict=True):
-        members = np.flatnonzero(targets == cls)
+        members = np.flatnonzero(labels == cls)
         held.append(rng.permutation(members)[:n])
     held_out = rng.permutation(np.concatenate(held)) if held else np.array([], dtype=int)
-    keep = np.setdiff1d(np.arange(len(targets)), held_out)
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
     return keep, held_out
 
 

@@ -83,7 +83,7 @@ def read_rgb(path: Path, size: int | None = None) -> Image.Image:
         img.load()
         rgb = to_rgb(img)
     if size is not None and rgb.size != (size, size):
-        rgb = ImageOps.fit(rgb, (size, size), Image.BILINEAR)
+        rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR)
     return rgb
 
 

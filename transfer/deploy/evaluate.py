@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -33,10 +33,11 @@ from torchmetrics.functional.classification import (
 
 from transfer.core.errors import ConfigError
 from transfer.core.plots import confusion_matrix_figure, image_grid
+from transfer.core.preprocess import Preprocess
 from transfer.data import ClassificationData, datamodule_from_config
 from transfer.deploy.load import find_checkpoint, run_dir_of
 from transfer.training.compute import pick_device
-from transfer.training.module import Classifier
+from transfer.training.module import Classifier, Scores
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,19 @@ def collect(
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            precision=precision,
-        )  # type: ignore[arg-type]
+            precision=precision,  # type: ignore[arg-type]  # any string: Lightning validates it, caught below
+        )
     except (RuntimeError, ValueError, MisconfigurationException) as err:  # RuntimeError: torch.device's
         raise ConfigError(
             f"device={device} precision={precision} cannot be used here ({str(err)[:200]}). Use "
             f"device=auto|cpu|cuda and precision=32-true|bf16-mixed|16-mixed (mixed ones on a "
             f"GPU)."
         ) from err
-    scores = trainer.predict(module, datamodule=datamodule)
-    return (
-        torch.cat([s.logits.float().cpu() for s in scores]),  # type: ignore[union-attr]
-        torch.cat([s.target.cpu() for s in scores]),
-    )  # type: ignore[union-attr]
+    scores = cast(list[Scores], trainer.predict(module, datamodule=datamodule))  # predict_step's, one per batch
+    targets = [s.target.cpu() for s in scores if s.target is not None]
+    if len(targets) != len(scores):
+        raise ConfigError(f"The {datamodule.predict_split} split has no labels to score against; use split=test|val.")
+    return torch.cat([s.logits.float().cpu() for s in scores]), torch.cat(targets)
 
 
 def _accelerator(device: torch.device) -> tuple[str, Any]:
@@ -145,11 +146,11 @@ def report_markdown(metrics: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _raw_image(dataset: Any, i: int, module: Classifier) -> np.ndarray:
+def _raw_image(dataset: Any, i: int, pre: Preprocess) -> np.ndarray:
     x, _ = dataset[i]
     if x.dtype == torch.uint8:  # the in-memory path stores the image itself
         return x.permute(1, 2, 0).numpy()
-    return (module.preprocess.denormalize(x).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    return (pre.denormalize(x).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
 def data_config(cfg: DictConfig, ckpt: Path, overrides: Sequence[str] = ()) -> DictConfig:
@@ -170,7 +171,8 @@ def data_config(cfg: DictConfig, ckpt: Path, overrides: Sequence[str] = ()) -> D
     if any(o.key_or_group == "data" for o in parsed):
         return cfg.data  # the user chose another data group: the run's is not wanted
     run_config = run_dir_of(ckpt) / "config.yaml"
-    node = OmegaConf.load(run_config).get("data") if run_config.is_file() else None
+    recorded = OmegaConf.load(run_config) if run_config.is_file() else None
+    node = recorded.get("data") if isinstance(recorded, DictConfig) else None
     if not isinstance(node, DictConfig):
         log.info("%s has no run data config: evaluating on the data config composed here", run_config)
         return cfg.data
@@ -211,8 +213,10 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
     """
     ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
     module = Classifier.from_checkpoint(ckpt)
+    if module.preprocess is None:
+        raise ConfigError(f"{ckpt} has no preprocessing record; it was not written by transfer.run.")
     if cfg.get("tta") is not None:  # null keeps what the run tested with
-        module.hparams.tta = bool(cfg.tta)
+        module.hparams["tta"] = bool(cfg.tta)
     # the checkpoint's preprocessing, exactly as the run used it: nothing is resolved again here
     node = data_config(cfg, ckpt, overrides)
     datamodule = datamodule_from_config(node, module.preprocess, predict_split=str(cfg.split))
@@ -234,7 +238,7 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
     names = module.class_names
     dataset = getattr(datamodule, f"{cfg.split}_set")
     image_grid(
-        [_raw_image(dataset, i, module) for i in worst],
+        [_raw_image(dataset, i, module.preprocess) for i in worst],
         [f"{names[int(probs[i].argmax())]} {float(probs[i].max()):.2f}" for i in worst],
         [names[int(targets[i])] for i in worst],
         out / "top_losses.png",

@@ -77,7 +77,7 @@ def export_model(module: Classifier, fmt: str, path: Path, opset: int = 17) -> N
         opset: ONNX opset.
     """
     net = module.model.float().cpu().eval()
-    size = module.preprocess.image_size
+    size = _preprocess(module).image_size
     example = torch.zeros(2, 3, size, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
@@ -175,7 +175,7 @@ def parity_batch(spec: str, run_dir: Path | None, pre: Preprocess, count: int) -
         chosen = _spread(files, count)
         source = f"{len(chosen)} real images from {Path(chosen[0]).parent.parent}"
         return torch.stack([transform(Image.open(f).convert("RGB")) for f in chosen]), source
-    images = synthetic_images(count, pre.native_size or int(round(pre.image_size / pre.crop_pct)))
+    images = synthetic_images(count, pre.native_size or round(pre.image_size / pre.crop_pct))
     return torch.stack([transform(im) for im in images]), f"{count} synthetic images (seeded noise and gradients)"
 
 
@@ -211,9 +211,16 @@ def check_parity(
     )
 
 
+def _preprocess(module: Classifier) -> Preprocess:
+    """The module's preprocessing record, which every export needs (its input size, the sidecar's transform)."""
+    if module.preprocess is None:
+        raise ConfigError("The checkpoint has no preprocessing record; it was not written by transfer.run.")
+    return module.preprocess
+
+
 def describe(module: Classifier, fmt: str, path: Path, ckpt: Path, opset: int, parity: Parity) -> dict[str, Any]:
     """The sidecar JSON: everything needed to feed the exported model and read its output."""
-    pre = module.preprocess
+    pre = _preprocess(module)
     size = pre.image_size
     return {
         "format": fmt,

@@ -2,8 +2,8 @@
 
 An export (``python -m transfer.export``) writes ``<name>.onnx`` and, beside it, ``<name>.onnx.json`` with the
 class names and preprocessing. :class:`OnnxClassifier` reads both and behaves like a
-:class:`~transfer.training.module.Classifier` where :func:`transfer.deploy.predict.predict` needs it to: ``class_names``,
-``preprocess``, ``to``/``eval`` and a call that maps a normalised ``(N, 3, H, W)`` batch to logits.
+:class:`~transfer.training.module.Classifier` where :func:`transfer.deploy.predict.predict` needs it to:
+``class_names``, ``preprocess``, ``to``/``eval`` and a call that maps a normalised ``(N, 3, H, W)`` batch to logits.
 """
 
 from __future__ import annotations

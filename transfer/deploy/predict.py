@@ -135,14 +135,19 @@ def pretrained_imagenet(name: str, weights: str | None = None) -> ImageNetClassi
     """
     arch = architecture(name)
     use_ckpt = "to predict with a model you trained, pass ckpt=<checkpoint or run dir> instead of model="
-    if arch.weights is None and not weights:
+    source = arch.pretrained_cfg.source
+    if source is None and not weights:
         raise ConfigError(f"model={name} has no pretrained weights, so it has no ImageNet classifier; {use_ckpt}.")
     net = arch.build()
     try:
-        state = load_file(weights) if weights else fetch(arch.weights, name)  # type: ignore[arg-type]
+        if weights:
+            state = load_file(weights)
+        else:
+            assert source is not None  # refused above otherwise
+            state = fetch(source, name)
         if arch.convert is not None:
             state = arch.convert(state)
-        load_into(net, state, arch.weights, origin=str(weights or name))  # no optional tensors: the head too
+        load_into(net, state, source, origin=str(weights or name))  # no optional tensors: the head too
     except WeightsUnavailableError as err:
         raise ConfigError(
             f"model={name} cannot predict ImageNet classes here: its pretrained weights could not be loaded "

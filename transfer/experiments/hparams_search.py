@@ -19,7 +19,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from transfer.core.errors import ConfigError
 from transfer.experiments.report import SweepReport, write_report
@@ -34,7 +34,7 @@ def _optuna() -> Any:
     return optuna
 
 
-def study_settings(config: DictConfig, resolve: bool = True) -> tuple[str, str, int] | None:
+def study_settings(config: DictConfig | ListConfig, resolve: bool = True) -> tuple[str, str, int] | None:
     """``(storage URL, study name, n_trials)`` of an Optuna sweep with storage, else ``None``.
 
     Args:
@@ -43,6 +43,8 @@ def study_settings(config: DictConfig, resolve: bool = True) -> tuple[str, str, 
     """
     node = OmegaConf.select(config, "hydra.sweeper", default=None)
     sweeper = OmegaConf.to_container(node, resolve=resolve) if node is not None else {}
+    if not isinstance(sweeper, dict):
+        return None
     if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
         return None
     return str(sweeper["storage"]), str(sweeper["study_name"]), int(sweeper["n_trials"])
@@ -132,7 +134,7 @@ def study_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
     cols = ["trial", "state", "value", "seconds", *params]
     lines += ["", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines + ["", "![trial history](trial_history.png)", ""])
+    return "\n".join([*lines, "", "![trial history](trial_history.png)", ""])
 
 
 def write_study_report(sweep: Path, storage: str, name: str) -> Path | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.tuner import Tuner
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from transfer.core.errors import ConfigError
@@ -34,7 +35,9 @@ def lr_range_test(cfg: DictConfig, out_dir: Path) -> dict[str, float | None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     # The range test replaces the run's scheduler with its own exponential one; a per-step schedule would fight it.
-    cfg = OmegaConf.merge(cfg, {"scheduler": None})
+    merged = OmegaConf.merge(cfg, {"scheduler": None})
+    assert isinstance(merged, DictConfig)  # a DictConfig merged with a mapping stays one
+    cfg = merged
     datamodule, module = build(cfg, cache_features=False)
     trainer = build_trainer(cfg, out_dir, finetune_callbacks(cfg))
     args = cfg.lr_find
@@ -50,7 +53,8 @@ def lr_range_test(cfg: DictConfig, out_dir: Path) -> dict[str, float | None]:
         raise ConfigError("The lr range test did not run (Lightning returned no result); check trainer.fast_dev_run.")
     suggestion = finder.suggestion()
     figure = finder.plot(suggest=suggestion is not None)
-    figure.savefig(out_dir / "lr_find.png", dpi=120)
+    if isinstance(figure, Figure):  # finder.plot draws a new Figure when given no axes
+        figure.savefig(out_dir / "lr_find.png", dpi=120)
     result = {"suggested_lr": suggestion, "configured_lr": float(cfg.optimizer.lr)}
     (out_dir / "lr_find.json").write_text(
         json.dumps({**result, "lr": finder.results["lr"], "loss": finder.results["loss"]}, indent=1)

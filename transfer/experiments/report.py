@@ -2,8 +2,9 @@
 
 Reads each job's ``summary.json`` and ``history.json`` and writes ``report.md``, ``report.csv`` (a row per
 job) and ``val_acc.png`` / ``val_loss.png`` (every job's validation curve on one plot). Jobs that differ only
-in ``seed`` are also summarised as mean ± std. Jobs that failed (``failed.json``, see :mod:`transfer.experiments.sweep`) or
-left no result (killed) are listed with their reason, and a sweep with any of them exits non-zero.
+in ``seed`` are also summarised as mean ± std. Jobs that failed (``failed.json``, see
+:mod:`transfer.experiments.sweep`) or left no result (killed) are listed with their reason, and a sweep with any
+of them exits non-zero.
 
 Job directories are named by their number alone (``hydra.sweep.subdir`` in ``conf/config.yaml``), so one can be
 passed to ``ckpt=`` as it is; what a job ran with is its overrides, which Hydra records in the job's

@@ -6,7 +6,7 @@ changes). Per block, over a batch of real images, this measures
 * ``rel_norm`` = ||F(x)|| / ||S(x)||: how much the block changes its input (small: close to identity);
 * ``cos`` = cos(F(x), S(x)): whether the block adds to or cancels what it receives;
 * from one backward pass, the gradient reaching ``x`` through the shortcut, ||S'(x)^T g||, and through the
-  residual branch, ||F'(x)^T g|| (``g`` the gradient at the sum): the "1 + dF/dx" of the source material. The
+  residual branch, ||F'(x)^T g|| (``g`` the gradient at the sum): the two terms of d(x + F(x))/dx = 1 + dF/dx. The
   shortcut term is why gradients survive depth.
 
 ``plain=True`` removes the shortcuts (``H(x) = F(x)``) to train the same depth without them.
@@ -36,22 +36,23 @@ from transfer.models import create_model
 from transfer.training.module import Classifier
 from transfer.training.train import resolve_input
 
-Branch = Callable[[nn.Module, Tensor], Tensor]
+Branch = Callable[[Any, Tensor], Tensor]  # a block of the type FAMILIES files it under
 
 
-def _basic(b: nn.Module, x: Tensor) -> Tensor:
+def _basic(b: resnet.BasicBlock, x: Tensor) -> Tensor:
     return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
 
 
-def _bottleneck(b: nn.Module, x: Tensor) -> Tensor:
+def _bottleneck(b: resnet.Bottleneck, x: Tensor) -> Tensor:
     return b.bn3(b.conv3(b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))))
 
 
-def _timm_branch(b: nn.Module, x: Tensor) -> Tensor:
+def _timm_branch(b: timm_blocks.InvertedResidual | timm_blocks.DepthwiseSeparableConv, x: Tensor) -> Tensor:
     # timm's blocks add their skip inside forward when has_skip is set; run that forward without it to get F.
     b.has_skip = False
     try:
-        return type(b).forward(b, x)
+        block_class: type[nn.Module] = type(b)  # the class's forward: the instance's is replaced while measuring
+        return block_class.forward(b, x)
     finally:
         b.has_skip = True
 
@@ -167,7 +168,7 @@ def as_rows(stats: list[BlockStats], weights: str) -> list[dict[str, Any]]:
 
 def train_plain_vs_residual(
     make_model: Callable[[], nn.Module], batches: list[tuple[Tensor, Tensor]], steps: int, lr: float = 1e-3
-) -> dict[str, dict[str, list[float]]]:
+) -> dict[str, dict[str, list[Any]]]:
     """Train two identically initialised copies, with and without shortcuts, on the same batches.
 
     Args:
@@ -180,7 +181,7 @@ def train_plain_vs_residual(
         Per variant: ``loss`` per step and ``grad_norm`` per residual block (mean over steps of the norm of the
         gradient of the block's parameters), in forward order.
     """
-    out: dict[str, dict[str, list[float]]] = {}
+    out: dict[str, dict[str, list[Any]]] = {}
     for variant in ("residual", "plain"):
         model = make_model().train()
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -209,7 +210,7 @@ def _weight_sets(cfg: Any, num_classes: int, adapt: str) -> dict[str, nn.Module]
     """random, pretrained (when available) and the fine-tuned checkpoint (when given) versions of the model."""
     args = {"name": cfg.model.name, "num_classes": num_classes, "adapt": adapt}
     torch.manual_seed(cfg.seed)
-    sets = {"random": create_model(pretrained=False, **args)}
+    sets: dict[str, nn.Module] = {"random": create_model(pretrained=False, **args)}
     if cfg.model.pretrained or cfg.model.weights:  # model.pretrained=false: random (and checkpoint) only
         try:
             sets["pretrained"] = create_model(pretrained=True, weights=cfg.model.weights, **args)

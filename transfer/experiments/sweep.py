@@ -16,11 +16,11 @@ import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from transfer.core.errors import TransferError
 
@@ -44,7 +44,7 @@ def record_failure(job_dir: Path, err: BaseException) -> dict[str, Any]:
         "reason": one_line(err),
         "error": type(err).__name__,
         "job": job_dir.name,
-        "job_num": OmegaConf.select(hydra, "job.num", default=None),
+        "job_num": OmegaConf.select(cast(DictConfig, hydra), "job.num", default=None),  # a DictConfig at run time
         "overrides": list(hydra.overrides.task),
     }
     job_dir.mkdir(parents=True, exist_ok=True)
