@@ -287,7 +287,7 @@ class CIFAR10Data(ClassificationData):
     """
 
     native_size = 32
-    # The source material's augmentation, used when no augment= is passed. A run always passes data.augment:
+    # The classic CIFAR recipe's augmentation, used when no augment= is passed. A run always passes data.augment:
     # conf/data/cifar10.yaml keeps only crop and flip, and the source recipe is set again, these same values, by
     # conf/experiment/seed_resnet18.yaml (which conf/experiment/seed_alexnet.yaml builds on).
     default_augment: ClassVar[dict[str, Any]] = {

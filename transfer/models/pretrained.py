@@ -16,9 +16,9 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 from transfer.models.weights import WeightSource
 
 # model.adapt=auto for a network whose stem can be adapted: the adapted (stride-reduced) stem below this input size,
-# the unmodified network from it on. Measured on CIFAR-10 with EfficientNet-Lite0 (README "Results"): the
-# unmodified network at 64 px beat the adapted stem at 32 px at about the same compute per image, and at 128 px an
-# adapted stem costs 4x the unmodified network for photos that the pretrained strides were made for.
+# the unmodified network from it on. Chosen by the 64 px vs 32 px proxy in docs/recipe.md (the unmodified network
+# at 64 px tied the adapted stem at 32 px at about the same compute per image and keeps the pretrained stem), and
+# because at 128 px and above an adapted stem costs 4x the compute for photos the pretrained strides were made for.
 AUTO_NATIVE_BELOW = 64
 # How model.adapt=auto resolves: by the input size (see AUTO_NATIVE_BELOW), or always the unmodified network
 # (transformers, whose patch and position geometry a 32 px input does not fit without resampling).

@@ -1,19 +1,11 @@
 """How a run uses its device: memory format, compilation, and the precision ``auto`` stands for.
 
-Defaults, measured on this project's 2-core AVX-512 CPU (training steps of 64 images at 32 px, img/s):
-
-=====================  ==========  ===============  ===============  =====================
-model                  fp32 NCHW   fp32 NHWC        bf16 NCHW        bf16 NHWC
-=====================  ==========  ===============  ===============  =====================
-resnet18 (seed's)      390         512 (1.31x)      440              585 (1.50x)
-resnet18 adapt=native  55          57               107 (1.95x)      106
-efficientnet_lite0     149         268 (1.80x)      131              154
-=====================  ==========  ===============  ===============  =====================
-
-So channels-last is on everywhere (it never lost). bf16 autocast on the CPU doubles plain convnets but slows
-depthwise ones, so ``precision=auto`` keeps the CPU at fp32 and the README says when to pass
-``trainer.precision=bf16-mixed``. On a GPU ``auto`` is bf16 autocast where the card supports it (Ampere and
-newer: no loss scaling to go wrong) and fp16 with a loss scaler before that.
+Channels-last (NHWC) is on by default: oneDNN's and cuDNN's convolution kernels are fastest in that layout, and in
+side-by-side training-step timings of ResNet-18 and EfficientNet-Lite0 on a CPU it was never the slower layout
+(the figures are in ``docs/speed-and-scale.md``). bf16 autocast on a CPU speeds up plain convnets but slows the
+depthwise convolutions of the mobile families, so ``precision=auto`` keeps a CPU at fp32 (pass
+``trainer.precision=bf16-mixed`` for a ResNet). On a GPU ``auto`` is bf16 autocast where the card supports it
+(Ampere and newer: no loss scaling to go wrong) and fp16 with a loss scaler before that.
 """
 
 from __future__ import annotations
