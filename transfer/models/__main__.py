@@ -15,6 +15,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_DIR, CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.models import REGISTRY, Architecture, model_preprocess, resolve_adapt
 
 SMALL = 32  # CIFAR's own side: what auto does when the data is fed at it
@@ -73,6 +74,7 @@ def rows(cifar10: tuple[int | None, int | None] | None = None) -> list[dict[str,
     return out
 
 
+@checked_command_line("transfer.models", CONF_PATH, "tools/models")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/models")
 def main(cfg: DictConfig) -> None:
     """Print the table (``cfg`` holds no settings; Hydra gives the tool the common ``--help``)."""
