@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import ConfigError, report_errors
 from transfer.data.folders import collect_images
 from transfer.deploy.load import load_classifier
 from transfer.deploy.predict import (
     USAGE,
     Predictor,
+    failed_images,
     predict,
     pretrained_imagenet,
     print_table,
@@ -28,10 +30,15 @@ from transfer.deploy.predict import (
 )
 
 
+@checked_command_line("transfer.predict", CONF_PATH, "tools/predict", ("images",))  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/predict")
 @report_errors
 def main(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Command-line entry: predict, write the results, print a table."""
+    """Command-line entry: predict, write the results, print a table.
+
+    Every readable image is predicted and written; when some could not be read the command ends with one
+    paragraph naming them and exit status 2, unless ``skip_corrupt=true``.
+    """
     if not (cfg.ckpt or cfg.model) or OmegaConf.is_missing(cfg, "images") or not cfg.images:
         raise ConfigError(f"Pass ckpt= (or model=) and images=. Usage: {USAGE}.")
     module: Predictor
@@ -39,20 +46,28 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
         module = load_classifier(cfg.ckpt)
     else:
         module = pretrained_imagenet(str(cfg.model.name), cfg.model.get("weights"))
-    results = predict(module, collect_images(str(cfg.images)), int(cfg.topk), int(cfg.batch_size), str(cfg.device))
+    images = OmegaConf.to_container(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)
+    files = collect_images([str(i) for i in images] if isinstance(images, list) else images)
+    max_mp = cfg.get("max_megapixels")
+    max_pixels = None if max_mp is None else int(float(max_mp) * 1e6)
+    results = predict(module, files, int(cfg.topk), int(cfg.batch_size), str(cfg.device), max_pixels)
     out = Path(cfg.out or f"outputs/predictions/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}").expanduser()
     write_results(results, out)
-    if cfg.grid:
+    read = [r for r in results if not r["error"]]
+    if cfg.grid and read:
         from transfer.core.plots import image_grid
 
         image_grid(
-            [r["image"] for r in results],
-            [f"{r['label']} {r['prob']:.2f}" for r in results],
-            [r["true"] for r in results],
+            [r["image"] for r in read],
+            [f"{r['label']} {r['prob']:.2f}" for r in read],
+            [r["true"] for r in read],
             out / "predictions.png",
         )
     print_table(results)
-    print(f"\n{len(results)} images; results in {out}")
+    print(f"\n{len(read)} of {len(results)} images predicted; results in {out}")
+    failed = failed_images(results)
+    if failed is not None and not cfg.get("skip_corrupt", False):
+        raise failed
     return results
 
 

@@ -234,3 +234,28 @@ def test_evaluate_refuses_an_unknown_precision_in_one_paragraph(finished_run, tm
     )
     assert ev.returncode == 2 and "precision=nonsense cannot be used" in ev.stderr and "Traceback" not in ev.stderr
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("{d}/000[0-3].png", ["0000.png", "0001.png", "0002.png", "0003.png"]),
+        ("{d}/0001.png,{d}/0004.png", ["0001.png", "0004.png"]),
+        ("[{d}/0002.png,{d}/0005.png]", ["0002.png", "0005.png"]),
+    ],
+)
+def test_images_takes_a_pattern_a_comma_list_or_a_list(tmp_path: Path, spec: str, expected: list[str]):
+    import numpy as np
+    from PIL import Image
+
+    from tests.deploy.test_untrusted_inputs import tiny_checkpoint
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i:04d}.png")
+    ckpt = tiny_checkpoint(tmp_path / "c.ckpt")
+    proc = cli("transfer.predict", f"ckpt={ckpt}", f"images={spec.format(d=folder)}", f"out={tmp_path / 'p'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert [Path(r["image"]).name for r in results] == expected

@@ -21,6 +21,10 @@ BACKGROUND = (255, 255, 255)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+class TooManyPixelsError(ValueError):
+    """An image whose header declares more pixels than allowed: refused before its pixels are decoded."""
+
+
 def is_image_file(path: Path) -> bool:
     """An image by its extension, excluding hidden files (macOS ``._name.jpg`` resource forks are not images)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
@@ -68,18 +72,26 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> I
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def read_rgb(path: Path, size: int | None = None) -> Image.Image:
+def read_rgb(path: Path, size: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Open ``path`` as upright 8-bit RGB, fully decoded (a truncated file raises here, not later).
 
     Args:
         path: an image file.
         size: bring it to ``size x size`` the way the eval transform does: shorter side to ``size``, centre
             square kept (any aspect ratio, down to 1 px, works).
+        max_pixels: refuse (:class:`TooManyPixelsError`) an image whose header declares more pixels, before
+            decoding them: a 20000 x 20000 PNG is a few kB on disk and 1.2 GB in memory. ``None``: no cap
+            beyond Pillow's own decompression-bomb limit.
 
     Returns:
         The RGB image.
     """
     with Image.open(path) as img:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise TooManyPixelsError(
+                f"{img.width}x{img.height} is {img.width * img.height / 1e6:.0f} MP, over the "
+                f"{max_pixels / 1e6:g} MP cap"
+            )
         img.load()
         rgb = to_rgb(img)
     if size is not None and rgb.size != (size, size):
@@ -87,12 +99,18 @@ def read_rgb(path: Path, size: int | None = None) -> Image.Image:
     return rgb
 
 
-def decode_error(path: Path) -> str | None:
+def failure_reason(err: BaseException) -> str:
+    """A decoding failure as one short line: ``Type: first line of the message``."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:120] if text else 'unreadable'}"
+
+
+def decode_error(path: Path, max_pixels: int | None = None) -> str | None:
     """Why ``path`` cannot be used as an image (the decoder's one-line message), or ``None`` when it can."""
     try:
-        read_rgb(path)
+        read_rgb(path, max_pixels=max_pixels)
     except Exception as err:
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'unreadable'}"
+        return failure_reason(err)
     return None
 
 

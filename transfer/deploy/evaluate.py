@@ -32,6 +32,7 @@ from torchmetrics.functional.classification import (
 )
 
 from transfer.core.errors import ConfigError
+from transfer.core.escape import markdown
 from transfer.core.plots import confusion_matrix_figure, image_grid
 from transfer.core.preprocess import Preprocess
 from transfer.data import ClassificationData, datamodule_from_config
@@ -131,7 +132,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
 def report_markdown(metrics: dict[str, Any], title: str) -> str:
     """The classification report as a Markdown table."""
     lines = [
-        f"# {title}",
+        f"# {markdown(title)}",
         "",
         f"accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images, "
         f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}",
@@ -140,7 +141,7 @@ def report_markdown(metrics: dict[str, Any], title: str) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        f"| {markdown(c)} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
         for c, m in metrics["per_class"].items()
     ]
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from transfer.core.checkpoint_meta import check_class_names, check_preprocess, refuse
 from transfer.core.errors import ConfigError
 from transfer.core.preprocess import Preprocess
 
@@ -44,12 +45,19 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
             f"{path} is missing: an exported model needs the JSON that transfer.export writes beside "
             f"it (class names and preprocessing). Export again with python -m transfer.export ckpt=..."
         )
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise refuse(path, "the file", f"cannot be read as JSON ({type(err).__name__}: {str(err)[:120]})") from err
+    if not isinstance(info, dict):
+        raise refuse(path, "the file", "is not a JSON object")
+    return info
 
 
-def preprocess_from_dict(pre: dict[str, Any]) -> Preprocess:
-    """A :class:`Preprocess` from its JSON form (lists back to tuples)."""
-    return Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+def preprocess_from_dict(pre: Any, where: str | Path = "the export's JSON") -> Preprocess:
+    """A :class:`Preprocess` from its JSON form (lists back to tuples), every value bounded
+    (:func:`~transfer.core.checkpoint_meta.check_preprocess`)."""
+    return check_preprocess(pre, where)
 
 
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
@@ -84,8 +92,9 @@ class OnnxClassifier:
         if not self.path.is_file():
             raise ConfigError(f"No ONNX model at {self.path}: pass ckpt= an .onnx file written by transfer.export.")
         info = read_sidecar(self.path)
-        self.class_names: list[str] = list(info["class_names"])
-        self.preprocess: Preprocess = preprocess_from_dict(info["preprocess"])
+        sidecar = sidecar_path(self.path)
+        self.class_names: list[str] = check_class_names(info.get("class_names"), sidecar)
+        self.preprocess: Preprocess = preprocess_from_dict(info.get("preprocess"), sidecar)
         self.session = ort_session(self.path, threads)
         self.input_name: str = self.session.get_inputs()[0].name
 

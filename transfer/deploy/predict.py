@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from transfer.core.errors import ConfigError, WeightsUnavailableError
+from transfer.core.errors import ConfigError, CorruptImagesError, WeightsUnavailableError
+from transfer.core.escape import csv_row
 from transfer.core.preprocess import Preprocess
+from transfer.data.decode import failure_reason, read_rgb
 from transfer.data.transforms import eval_transform
 from transfer.models import architecture, model_preprocess
 from transfer.models.weights import fetch, load_file, load_into
@@ -40,11 +41,18 @@ USAGE = (
     "[topk=5] [grid=true] [out=DIR] [device=auto]; or model=<name> instead of ckpt= for that model's "
     "pretrained ImageNet classifier"
 )
+# An image's header is checked against this before its pixels are decoded (the max_megapixels setting).
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 @torch.no_grad()
 def predict(
-    module: Predictor, files: list[Path], topk: int = 5, batch_size: int = 64, device: str = "auto"
+    module: Predictor,
+    files: list[Path],
+    topk: int = 5,
+    batch_size: int = 64,
+    device: str = "auto",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[dict[str, Any]]:
     """Classify image files with a trained module.
 
@@ -58,10 +66,13 @@ def predict(
         topk: how many classes to report per image.
         batch_size: images per forward pass.
         device: ``auto``, ``cpu``, ``cuda``...
+        max_pixels: an image whose header declares more pixels is not decoded (``None``: no cap of ours).
 
     Returns:
-        One dict per image: ``image``, ``label`` (top-1), ``prob``, ``topk`` (list of [class, prob]) and
-        ``true`` (the parent folder's name when it is one of the classes, else ``None``).
+        One dict per image, in the order of ``files``: ``image``, ``label`` (top-1), ``prob``, ``topk`` (list of
+        [class, prob]), ``true`` (the parent folder's name when it is one of the classes, else ``None``) and
+        ``error``: ``None``, or why the file could not be read (then ``label`` and ``prob`` are ``None`` and
+        ``topk`` is empty). One unreadable file never stops the others.
     """
     pre = module.preprocess
     if pre is None:
@@ -74,21 +85,35 @@ def predict(
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in chunk]).to(dev)
-        probs = module(batch).softmax(dim=-1).cpu()
-        values, indices = probs.topk(k, dim=-1)
-        for f, v, i in zip(chunk, values, indices, strict=True):
-            top = [[names[j], round(float(p), 6)] for p, j in zip(v, i, strict=True)]
+        decoded = [_decode(f, transform, max_pixels) for f in chunk]
+        good = [x for x in decoded if isinstance(x, Tensor)]
+        tops: list[list[list[Any]]] = []
+        if good:
+            values, indices = module(torch.stack(good).to(dev)).softmax(dim=-1).cpu().topk(k, dim=-1)
+            for v, i in zip(values, indices, strict=True):
+                tops.append([[names[j], round(float(p), 6)] for p, j in zip(v, i, strict=True)])
+        scored = iter(tops)
+        for f, x in zip(chunk, decoded, strict=True):
+            top = next(scored) if isinstance(x, Tensor) else []
             results.append(
                 {
                     "image": str(f),
-                    "label": top[0][0],
-                    "prob": top[0][1],
+                    "label": top[0][0] if top else None,
+                    "prob": top[0][1] if top else None,
                     "topk": top,
                     "true": f.parent.name if f.parent.name in names else None,
+                    "error": None if isinstance(x, Tensor) else x,
                 }
             )
     return results
+
+
+def _decode(path: Path, transform: Any, max_pixels: int | None) -> Tensor | str:
+    """The model's input for one file, or why it cannot be read (as training data is read: any mode, EXIF)."""
+    try:
+        return transform(read_rgb(path, max_pixels=max_pixels))
+    except Exception as err:  # truncated, not an image, too large, unsupported mode: that file only
+        return failure_reason(err)
 
 
 class ImageNetClassifier(nn.Module):
@@ -180,21 +205,57 @@ Predictor: TypeAlias = "Classifier | ImageNetClassifier | OnnxClassifier"
 
 
 def write_results(results: list[dict[str, Any]], out: Path) -> None:
-    """``predictions.json`` and ``predictions.csv`` (one row per image, top-k flattened)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions.json").write_text(json.dumps(results, indent=1))
-    k = len(results[0]["topk"])
-    with open(out / "predictions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "true"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "prob")])
-        for r in results:
-            writer.writerow([r["image"], r["true"] or ""] + [x for pair in r["topk"] for x in pair])
+    """``predictions.json`` and ``predictions.csv`` (one row per image, top-k flattened, then ``error``).
+
+    Cells a spreadsheet would evaluate (a class or file named ``=...``) are escaped
+    (:func:`~transfer.core.escape.csv_cell`).
+
+    Raises:
+        ConfigError: ``out`` cannot be written (full disk, read-only, a path through a file).
+    """
+    k = max(len(r["topk"]) for r in results)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "predictions.json").write_text(json.dumps(results, indent=1))
+        with open(out / "predictions.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            header = ["image", "true"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "prob")] + ["error"]
+            writer.writerow(header)
+            for r in results:
+                cells = [x for pair in r["topk"] for x in pair] + [""] * (2 * (k - len(r["topk"])))
+                writer.writerow(csv_row([r["image"], r["true"] or "", *cells, r["error"] or ""]))
+    except OSError as err:
+        raise ConfigError(
+            f"The predictions cannot be written into out={out} ({type(err).__name__}: {err.strerror or err}). "
+            f"Free space there, make it writable, or pass out=<another folder>."
+        ) from err
+
+
+def failed_images(results: list[dict[str, Any]]) -> CorruptImagesError | None:
+    """The error a prediction ends with when some images could not be read (``None`` when all were)."""
+    bad = [r for r in results if r["error"]]
+    if not bad:
+        return None
+    shown = "; ".join(f"{r['image']} ({r['error']})" for r in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return CorruptImagesError(
+        f"{len(bad)} of {len(results)} image(s) could not be read: {shown}{more}. The others were predicted; "
+        f"the CSV/JSON list every image, the failed ones with their error. Replace or remove those files, raise "
+        f"max_megapixels= for a large one, or pass skip_corrupt=true to exit with status 0 anyway."
+    )
 
 
 def print_table(results: list[dict[str, Any]], limit: int = 50) -> None:
-    """A readable table of the first ``limit`` predictions."""
-    width = min(60, max(len(Path(r["image"]).name) for r in results))
+    """A readable table of the first ``limit`` predictions (an unreadable image: its error), under a header row."""
+    width = min(60, max(len("image"), *(len(Path(r["image"]).name) for r in results)))
+    known = any(r["true"] is not None for r in results[:limit])
+    print(
+        f"{'image':<{width}}  {'prediction':<14} {'prob':<5}  [next classes, prob]" + ("  true label" if known else "")
+    )
     for r in results[:limit]:
+        if r["error"]:
+            print(f"{Path(r['image']).name[:width]:<{width}}  not read: {r['error']}")
+            continue
         others = ", ".join(f"{c} {p:.2f}" for c, p in r["topk"][1:3])
         mark = "" if r["true"] is None else (" ok" if r["true"] == r["label"] else f" (true: {r['true']})")
         print(f"{Path(r['image']).name[:width]:<{width}}  {r['label']:<14} {r['prob']:.3f}  [{others}]{mark}")

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from transfer.core.checkpoint_meta import check_class_names, check_hparams, check_preprocess, refuse
 from transfer.core.errors import ConfigError
 from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
 from transfer.data.batch import Batch, as_batch
-from transfer.models import TransferModel, create_model
+from transfer.models import REGISTRY, TransferModel, create_model
 from transfer.training.finetune import finetune_plan
 from transfer.training.mix import BatchMix
 from transfer.training.optim import build_optimizer, build_scheduler, optimizer_lr
@@ -184,25 +185,57 @@ class Classifier(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
         """Rebuild a trained classifier from its checkpoint alone (no config, no weight download).
 
+        The file is input like any other: it is read with ``weights_only`` (a checkpoint handed to predict or
+        evaluate must not be able to run code), and its metadata is bounded
+        (:mod:`transfer.core.checkpoint_meta`) before anything is built from it. The module is built from the
+        checked hyper-parameters here rather than by ``load_from_checkpoint``, which would read the file a second
+        time and act on any ``_instantiator`` entry it finds there.
+
         Args:
             path: a ``.ckpt`` written by a run.
             map_location: device for the tensors.
 
         Returns:
             The module in eval mode, with ``preprocess`` restored.
+
+        Raises:
+            ConfigError: the file is no readable transfer checkpoint, or a field is out of bounds.
         """
-        # weights_only: a checkpoint handed to predict/evaluate must not be able to run code either.
+        ckpt = _read_checkpoint(path, map_location)
+        hparams = check_hparams(ckpt.get("hyper_parameters"), path, REGISTRY)
+        info = ckpt.get("transfer") or {}
+        if not isinstance(info, dict):
+            raise refuse(path, "transfer", "is not a record of class names and preprocessing")
+        if info.get("class_names") is not None:
+            check_class_names(info["class_names"], path, "transfer.class_names")
+        restored = check_preprocess(info["preprocess"], path, "transfer.preprocess") if info.get("preprocess") else None
+        hparams["model"] = {**hparams["model"], "pretrained": False, "weights": None}
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-            model_args = {**ckpt["hyper_parameters"]["model"], "pretrained": False, "weights": None}
-        except (pickle.UnpicklingError, KeyError, TypeError, RuntimeError) as err:
+            module = cls(**hparams)
+            module.load_state_dict(ckpt["state_dict"])
+        except (TypeError, ValueError, RuntimeError, KeyError) as err:  # arguments or tensors that do not fit
             raise ConfigError(
-                f"{path} is not a checkpoint written by transfer.run, or holds pickled objects that "
-                f"could run code ({type(err).__name__}: {str(err)[:120]}). Pass a .ckpt from a run's "
-                f"checkpoints/ folder."
+                f"{path}: the model its hyper_parameters describe cannot hold its state_dict ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]}). Pass a .ckpt from a run's checkpoints/ folder."
             ) from err
-        module = cls.load_from_checkpoint(path, map_location=map_location, model=model_args, weights_only=True)
-        info = ckpt.get("transfer", {})
-        if module.preprocess is None and info.get("preprocess"):  # a checkpoint from before hparams carried it
-            module.preprocess = Preprocess.from_dict(info["preprocess"])
-        return module.eval()
+        if module.preprocess is None and restored is not None:  # a checkpoint from before hparams carried it
+            module.preprocess = restored
+        return module.to(map_location).eval()
+
+
+def _read_checkpoint(path: str | Path, map_location: str | torch.device) -> dict[str, Any]:
+    """The checkpoint's contents, read with ``weights_only``; anything else is a :class:`ConfigError`."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise ConfigError(
+            f"{path} is not a checkpoint written by transfer.run, is damaged, or holds pickled objects that "
+            f"could run code ({type(err).__name__}: {' '.join(str(err).split())[:120]}). Pass a .ckpt from a "
+            f"run's checkpoints/ folder."
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ConfigError(
+            f"{path} is not a checkpoint written by transfer.run (no hyper_parameters/state_dict entry). Pass a "
+            f".ckpt from a run's checkpoints/ folder."
+        )
+    return ckpt
