@@ -1,0 +1,177 @@
+"""budget=<duration>: parsing, the plan's arithmetic, the preflight's refusals, and real tiny runs planned to a budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.helpers import TINY
+from tests.in_process import run_tool
+from transfer.core.errors import ConfigError
+from transfer.training.budget import (
+    MAX_VALIDATIONS,
+    budgeted_config,
+    count_validations,
+    make_plan,
+    output_margin,
+    parse_duration,
+    validation_interval,
+)
+from transfer.training.preflight import validate
+
+TINY_MODEL = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false"]
+LR = 1e-3
+FLOOR = LR / 25 / 1e4  # conf/scheduler/onecycle.yaml: OneCycleLR's defaults, div_factor 25, final_div_factor 1e4
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("15m", 900), ("2h", 7200), ("1h30m", 5400), ("1h2m3s", 3723), ("1.5m", 90), ("45", 45), (20, 20)],
+)
+def test_durations_parse_to_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["15x", "abc", "", "m", "1m30", "-5", 0, -3, True, "h30m"])
+def test_anything_else_is_one_paragraph_naming_the_setting(bad):
+    with pytest.raises(ConfigError, match=r"budget=.*15m.*budget=null") as err:
+        parse_duration(bad)
+    assert "\n" not in str(err.value)
+    assert parse_duration(None) is None
+
+
+def test_the_steps_fill_what_the_budget_leaves_after_time_spent_evaluation_and_the_margin():
+    # no evaluation cost: (100 s - 10 s spent - margin) / 0.5 s per step, after the 20 probe steps
+    plan = make_plan(100, 10, 0.5, 0.0, steps_done=20, steps_per_epoch=50, val_images=0, test_images=0)
+    assert plan.planned_steps == 20 + math.floor((100 - 10 - output_margin(100)) / 0.5)
+    # with evaluation: every planned second adds up to the budget, and one more step would not fit
+    args = {"steps_done": 20, "steps_per_epoch": 700, "val_images": 5000, "test_images": 20000}
+    plan = make_plan(600, 60, 0.1, 0.001, **args)
+    new_steps = plan.planned_steps - 20
+    assert plan.validations == count_validations(20, plan.planned_steps, plan.val_every_steps)
+    assert plan.eval_s == pytest.approx(plan.validations * 5.0 + 20.0)
+    used = 60 + new_steps * 0.1 + plan.eval_s + plan.margin_s
+    assert 600 - 0.1 < used <= 600
+    assert plan.epochs == pytest.approx(plan.planned_steps / 700)
+    slower = make_plan(600, 60, 0.2, 0.001, **args)
+    assert slower.planned_steps - 20 < new_steps  # half the speed: fewer steps in the same budget
+    later = make_plan(600, 300, 0.1, 0.001, **args)  # resumed with 300 s already spent
+    assert later.planned_steps < plan.planned_steps
+
+
+def test_validations_come_every_epoch_in_a_few_epoch_run_and_at_most_a_few_times_otherwise():
+    assert validation_interval(300, 100) == 100  # 3 epochs: each epoch
+    assert validation_interval(10_000, 100) == 2500  # 100 epochs: MAX_VALIDATIONS of them
+    every = validation_interval(10_000, 100)
+    assert count_validations(0, 10_000, every) == MAX_VALIDATIONS
+    assert count_validations(20, 250, 100) == 3  # steps 100 and 200, and one at the last step
+
+
+def test_a_budget_too_small_for_one_step_names_the_minimum_and_the_minimum_fits():
+    args = {"steps_done": 20, "steps_per_epoch": 10, "val_images": 100, "test_images": 100}
+    with pytest.raises(ConfigError, match=r"budget=10s leaves no time to train.*at least (\d+) s") as err:
+        make_plan(10, 9.0, 0.5, 0.01, **args)
+    assert "\n" not in str(err.value)
+    minimum = int(re.search(r"at least (\d+) s", str(err.value)).group(1))
+    assert make_plan(minimum, 9.0, 0.5, 0.01, **args).planned_steps >= 21
+    with pytest.raises(ConfigError):
+        make_plan(minimum - 1, 9.0, 0.5, 0.01, **args)
+
+
+def test_preflight_refuses_plateau_and_a_bad_duration_before_anything_is_built(compose_cfg):
+    with pytest.raises(ConfigError, match=r"scheduler=ReduceLROnPlateau.*per epoch.*onecycle") as err:
+        validate(compose_cfg("budget=2m", "scheduler=plateau"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"budget='2 weeks'"):
+        validate(compose_cfg("budget='2 weeks'"))
+    with pytest.raises(ConfigError, match="cache_features"):
+        validate(compose_cfg("budget=2m", "finetune.cache_features=true"))
+    validate(compose_cfg("budget=1h30m", "scheduler=cosine"))
+    validate(compose_cfg("budget=null", "scheduler=plateau"))
+
+
+def test_a_budget_makes_the_trainer_open_ended_and_every_per_step_schedule_per_step(compose_cfg):
+    cfg = compose_cfg("budget=90s", "scheduler=cosine")
+    run = budgeted_config(cfg)
+    assert run.trainer.max_epochs == -1 and run.trainer.check_val_every_n_epoch is None
+    assert run.scheduler.interval == "step" and run.scheduler.T_max == run.trainer.max_steps
+    assert cfg.trainer.max_epochs == 2 and cfg.scheduler.interval == "epoch"  # the composed config is untouched
+    plain = compose_cfg()
+    assert budgeted_config(plain) is plain
+
+
+def test_the_command_refuses_a_bad_budget_with_exit_status_2(tiny_cifar: Path, tmp_path: Path):
+    out = run_tool("transfer.run", f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'run'}", "budget=soon")
+    assert out.returncode == 2 and "budget='soon'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _trained_steps(run_dir: Path) -> int:
+    return int(torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"])
+
+
+@pytest.mark.slow  # a real run that takes its whole 15 s budget
+def test_a_tiny_run_ends_near_its_budget_with_the_lr_at_the_schedules_floor(tiny_models, tiny_cifar, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*TINY_MODEL, f"data.root={tiny_cifar}", f"hydra.run.dir={run_dir}", *TINY, "budget=15s"]
+    out = run_tool("transfer.run", *overrides, f"optimizer.lr={LR}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    budget = _summary(run_dir)["budget"]
+    assert budget["budget_s"] == 15 and 0.7 * 15 <= budget["wall_s"] <= 1.3 * 15  # a shared machine: +-30%
+    assert budget["planned_steps"] == _trained_steps(run_dir) > 20  # exactly the planned steps, past the probe
+    assert budget["epochs"] == pytest.approx(budget["planned_steps"] / 3, rel=1e-3)  # 3 steps per epoch
+    assert budget["seconds_per_step"] > 0 and budget["eval_seconds_per_image"] > 0
+    assert 0 < budget["spent_before_training_s"] < budget["wall_s"] and budget["image_size"] == 32
+    assert budget["lr_end"]["head"] == pytest.approx(FLOOR, rel=1e-6)
+    assert re.search(r"budget 15 s, actual [\d.]+ s \([+-][\d.]+%\)$", out.stdout.strip())
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing of the run's own gets to run after it."""
+
+
+class KillAfterFirstValidation(L.Callback):
+    """Kill the run at the first step after its first validation since the probe (and last.ckpt) ran."""
+
+    def __init__(self) -> None:
+        self.validations = 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.validations += not trainer.sanity_checking
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.validations >= 2:
+            raise Killed
+
+
+@pytest.mark.slow  # two real runs that share one 15 s budget
+def test_a_resumed_run_replans_what_is_left_of_the_budget(tiny_models, compose_cfg, tiny_cifar, tmp_path, monkeypatch):
+    import transfer.training.train as T
+
+    def cfg(*extra: str):
+        return compose_cfg(*TINY_MODEL, f"data.root={tiny_cifar}", *TINY, "budget=15s", f"optimizer.lr={LR}", *extra)
+
+    configured = T._configured_callbacks
+    monkeypatch.setattr(T, "_configured_callbacks", lambda c: [*configured(c), KillAfterFirstValidation()])
+    with pytest.raises(Killed):
+        T.train(cfg(), tmp_path / "killed")
+    monkeypatch.setattr(T, "_configured_callbacks", configured)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    stopped_at = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+
+    summary = T.train(cfg(f"resume={last}"), tmp_path / "resumed")
+    budget = summary["budget"]
+    assert 0 < budget["resumed_spent_s"] < budget["wall_s"]  # the first run's time counts against the budget
+    assert 0.7 * 15 <= budget["wall_s"] <= 1.3 * 15
+    assert budget["planned_steps"] == _trained_steps(tmp_path / "resumed") > stopped_at + 20  # re-planned, probed
+    assert budget["lr_end"]["head"] == pytest.approx(FLOOR, rel=1e-6)

@@ -1,0 +1,479 @@
+"""``budget=<duration>``: a run that plans itself to end at a wall-clock budget.
+
+A schedule planned to end exactly at the budget beats an off-the-shelf one cut short (budgeted training, Li, Yumer
+and Ramanan, ICLR 2020): ``trainer.max_time`` stops a one-cycle run before it anneals, a budget makes the lr reach
+its floor as the time runs out. :func:`budgeted_config` turns the configured trainer and schedule into an open-ended
+run (no epoch limit, a provisional length); :class:`BudgetPlanner` then
+
+1. times the first :data:`PROBE_STEPS` training steps, the first :data:`WARMUP_STEPS` of them left out
+   (``torch.compile``, cuDNN's autotuning and the loader workers' start land there; the probe steps train on the
+   schedule's start), then one validation run right after them, checkpoint writing included (seconds per
+   evaluated image: the validations and the test to come are planned from it);
+2. plans (:func:`make_plan`, pure arithmetic): the optimizer steps that fit into what is left of the budget after
+   the time already spent since the process started, the planned validations and the final test (split sizes x
+   the measured time per image) and a fixed margin for writing the outputs (:func:`output_margin`);
+3. applies the plan: ``fit_loop.max_steps``, a validation every epoch when epochs are long or every k steps
+   otherwise (at most :data:`MAX_VALIDATIONS`, and always one at the last step), and the schedule rebuilt at the
+   current step over the planned length (a public constructor call with ``last_epoch``; no private field of
+   any scheduler is written).
+
+Under DDP rank 0 measures and plans and every rank follows its plan (``trainer.strategy.broadcast``). The
+checkpoint carries the wall time spent so far, so ``resume=`` re-plans what is left of the budget from the step it
+resumes at.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from transfer.core.errors import ConfigError
+from transfer.data.batch import as_batch
+from transfer.training.optim import FreezeGate, build_scheduler
+
+log = logging.getLogger(__name__)
+
+PROBE_STEPS = 20  # timed training steps before the plan (the warm-up steps below included)
+WARMUP_STEPS = 3  # the first steps' times are left out of the probe: compilation, autotuning, worker start
+MAX_VALIDATIONS = 4  # validations in a run (one more when the last step falls between two of them)
+# Until the plan, the run is open-ended: no epoch limit, and a schedule this long (its start is what the probe
+# steps train on; it is rebuilt over the planned length once the probe has run).
+PROVISIONAL_STEPS = 10**7
+# Writing outputs (checkpoint load for the test, summary, figures) gets a fixed margin, not a measured one:
+# 1.5 s plus 1% of the budget (epoch boundaries the probe did not see land in it too).
+MARGIN_FIXED_S, MARGIN_FRACTION = 1.5, 0.01
+_LENGTH_KEYS = ("total_steps", "T_max")  # the length argument of the per-step schedules the project has
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds of a ``budget=`` value: ``90s``, ``15m``, ``2h``, ``1h30m`` or a plain number of seconds.
+
+    Args:
+        value: the setting (``None``: no budget).
+
+    Returns:
+        The seconds, or ``None`` for ``None``.
+
+    Raises:
+        ConfigError: anything else, or a duration that is not positive.
+    """
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        match = _DURATION.fullmatch(text)
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and match:
+            hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+            seconds = 3600 * hours + 60 * minutes + secs
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(
+            f"budget={value!r} is not a wall-clock budget: write a positive duration such as budget=90s, "
+            f"budget=15m, budget=2h or budget=1h30m (a plain number is seconds), or budget=null to train "
+            f"trainer.max_epochs epochs."
+        )
+    return seconds
+
+
+def length_key(scheduler: dict[str, Any] | None) -> str | None:
+    """The scheduler argument that is its length in steps (``total_steps``, ``T_max``), if it has one."""
+    return next((key for key in _LENGTH_KEYS if key in (scheduler or {})), None)
+
+
+def budget_problems(cfg: DictConfig) -> list[str]:
+    """What makes ``budget=`` unusable with the rest of ``cfg``, as phrases for the preflight's one paragraph."""
+    try:
+        budget = parse_duration(OmegaConf.select(cfg, "budget", default=None))
+    except ConfigError as err:
+        return [str(err).rstrip(".")]
+    if budget is None:
+        return []
+    found = []
+    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None
+    target = str((scheduler or {}).get("_target_", ""))
+    if "Plateau" in target or (scheduler or {}).get("monitor"):
+        found.append(
+            f"budget={cfg.budget} needs a per-step schedule it can plan to end at the budget, and "
+            f"scheduler={target.rsplit('.', 1)[-1]} steps per epoch on a validation metric: use scheduler=onecycle, "
+            f"warmup_cosine, cosine or none with a budget"
+        )
+    elif scheduler and target and length_key(scheduler) is None:
+        found.append(
+            f"budget={cfg.budget} plans the schedule's length, and scheduler {target} has none of the arguments "
+            f"{', '.join(_LENGTH_KEYS)}: use scheduler=onecycle, warmup_cosine, cosine or none with a budget"
+        )
+    if OmegaConf.select(cfg, "finetune.cache_features"):
+        found.append(
+            f"budget={cfg.budget} times the first training steps, and finetune.cache_features=true makes the "
+            f"frozen epochs' steps far faster than the rest: drop finetune.cache_features with a budget"
+        )
+    return found
+
+
+def budgeted_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` as a budgeted run is built from it: ``cfg`` itself without a budget.
+
+    With one, a copy whose trainer runs open-ended until the plan (no epoch limit, :data:`PROVISIONAL_STEPS`,
+    validation by steps and none before the probe's) and whose schedule runs per step over a provisional length.
+    """
+    if parse_duration(cfg.get("budget")) is None:
+        return cfg
+    run = copy.deepcopy(cfg)
+    with open_dict(run):
+        trainer = run.trainer
+        trainer.max_epochs, trainer.max_steps = -1, PROVISIONAL_STEPS
+        trainer.check_val_every_n_epoch, trainer.val_check_interval = None, PROVISIONAL_STEPS
+        if run.get("scheduler"):
+            scheduler: dict[str, Any] = OmegaConf.to_container(run.scheduler, resolve=True)  # type: ignore[assignment]
+            run.scheduler = {**scheduler, str(length_key(scheduler)): PROVISIONAL_STEPS, "interval": "step"}
+    return run
+
+
+def output_margin(budget_s: float) -> float:
+    """The fixed time kept for writing outputs: :data:`MARGIN_FIXED_S` plus :data:`MARGIN_FRACTION` of the budget."""
+    return MARGIN_FIXED_S + MARGIN_FRACTION * budget_s
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A budgeted run's plan (all times in seconds).
+
+    Attributes:
+        budget_s: the budget.
+        planned_steps: optimizer steps of the whole run (those trained before the plan included).
+        steps_done: optimizer steps trained when it was planned (the probe, and those of a resumed checkpoint).
+        val_every_steps: a validation every this many steps (and one at the last step).
+        validations: validations still to come when it was planned.
+        seconds_per_step: measured time per optimizer step.
+        eval_seconds_per_image: measured time per evaluated image.
+        steps_per_epoch: optimizer steps per epoch.
+        spent_s: wall time spent when it was planned (from the process start; earlier runs' time on resume).
+        eval_s: planned time for the validations and the test.
+        margin_s: the margin kept for writing outputs.
+    """
+
+    budget_s: float
+    planned_steps: int
+    steps_done: int
+    val_every_steps: int
+    validations: int
+    seconds_per_step: float
+    eval_seconds_per_image: float
+    steps_per_epoch: float
+    spent_s: float
+    eval_s: float
+    margin_s: float
+
+    @property
+    def epochs(self) -> float:
+        """The planned length in epochs (the last one may end early)."""
+        return self.planned_steps / self.steps_per_epoch
+
+
+def validation_interval(steps: int, steps_per_epoch: float) -> int:
+    """Steps between validations: every epoch when the run has at most :data:`MAX_VALIDATIONS` epochs, else
+    spread so that there are at most that many."""
+    if steps <= MAX_VALIDATIONS * steps_per_epoch:
+        return max(1, round(steps_per_epoch))
+    return max(1, math.ceil(steps / MAX_VALIDATIONS))
+
+
+def count_validations(done: int, total: int, every: int) -> int:
+    """Validations after step ``done`` up to ``total``: each multiple of ``every``, and one at ``total``."""
+    return total // every - done // every + (0 if total % every == 0 else 1)
+
+
+def make_plan(
+    budget_s: float,
+    spent_s: float,
+    seconds_per_step: float,
+    eval_seconds_per_image: float,
+    *,
+    steps_done: int,
+    steps_per_epoch: float,
+    val_images: int,
+    test_images: int,
+) -> Plan:
+    """Size the rest of a run to the budget: ``(budget - spent - validations - test - margin) / seconds per step``.
+
+    Args:
+        budget_s: the budget.
+        spent_s: wall time already spent (start-up, data, model, the probe; earlier runs' on resume).
+        seconds_per_step: measured time per optimizer step.
+        eval_seconds_per_image: measured time per evaluated image.
+        steps_done: optimizer steps already trained.
+        steps_per_epoch: optimizer steps per epoch.
+        val_images: images one validation evaluates (on this rank).
+        test_images: image evaluations of the final test (on this rank; twice the images with flip TTA).
+
+    Returns:
+        The plan.
+
+    Raises:
+        ConfigError: the budget cannot fit even one more step and a validation; the message names the minimum.
+    """
+    margin = output_margin(budget_s)
+    val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
+    available = budget_s - spent_s - test_s - margin
+    validations, steps, every = MAX_VALIDATIONS + 1, 0, 1
+    for _ in range(4):  # validations and steps depend on each other: a few rounds settle them
+        steps = math.floor((available - validations * val_s) / seconds_per_step)
+        every = validation_interval(max(steps, 1), steps_per_epoch)
+        settled = count_validations(steps_done, steps_done + max(steps, 1), every)
+        if settled == validations:
+            break
+        validations = settled
+    if steps < 1:
+        minimum = (spent_s + seconds_per_step + val_s + test_s + MARGIN_FIXED_S) / (1 - MARGIN_FRACTION)
+        raise ConfigError(
+            f"budget={budget_s:g}s leaves no time to train: by this run's own measurements it needs at least "
+            f"{math.ceil(minimum)} s to train one more step ({spent_s:.1f} s already spent on start-up, data, the "
+            f"model and {steps_done} steps; {seconds_per_step:.3g} s per step; {val_s:.2f} s per validation of "
+            f"{val_images} images; {test_s:.2f} s for the test; {margin:.1f} s kept for writing outputs). Pass "
+            f"budget={math.ceil(minimum)}s or more, or budget=null to train trainer.max_epochs epochs."
+        )
+    return Plan(
+        budget_s=budget_s,
+        planned_steps=steps_done + steps,
+        steps_done=steps_done,
+        val_every_steps=every,
+        validations=validations,
+        seconds_per_step=seconds_per_step,
+        eval_seconds_per_image=eval_seconds_per_image,
+        steps_per_epoch=steps_per_epoch,
+        spent_s=spent_s,
+        eval_s=validations * val_s + test_s,
+        margin_s=margin,
+    )
+
+
+def resize_schedule(trainer: L.Trainer, scheduler: dict[str, Any] | None, total_steps: int) -> None:
+    """Rebuild the run's schedule over ``total_steps``, at the step it has reached, in place of the provisional one.
+
+    The scheduler is constructed again through its public constructor with ``last_epoch`` set, so it continues
+    from the current step on the new length (the project's per-step schedules compute their rate from the step:
+    one-cycle and warm-up cosine in closed form, cosine from its closed form on the first step after a restart).
+    """
+    key = length_key(scheduler)
+    if scheduler is None or key is None or not trainer.lr_scheduler_configs:
+        return  # constant rates (scheduler=none): nothing to resize
+    config = trainer.lr_scheduler_configs[0]
+    old = config.scheduler
+    # built with last_epoch = reached - 1, its own first step brings it to the step the old one had reached
+    built = build_scheduler({**scheduler, key: total_steps, "last_epoch": old.last_epoch - 1}, trainer.optimizers[0])
+    if built is None:
+        return
+    new = built["scheduler"]
+    if isinstance(old, FreezeGate):
+        new.set_epoch(old.gate_epoch)
+    config.scheduler = new
+
+
+def _now(trainer: L.Trainer) -> float:
+    """The wall clock once the device has finished the queued work (a GPU runs ahead of the host)."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def _images(size: int, limit: int | float, batch_size: int, world_size: int) -> int:
+    """Images of a split one rank evaluates under ``limit_*_batches`` (a fraction or a batch count)."""
+    per_rank = math.ceil(size / world_size)
+    if isinstance(limit, float):
+        return math.ceil(per_rank * limit)
+    return min(per_rank, int(limit) * batch_size)
+
+
+class BudgetPlanner(L.Callback):
+    """Measure the run, plan it to end at the budget and apply the plan (see the module docstring).
+
+    Args:
+        budget_s: the budget in seconds.
+        started: when the budget's clock started (``time.time()`` of the process start).
+        scheduler: the ``scheduler`` config of the run as :func:`budgeted_config` made it (``None``: constant rates).
+        test_passes: forward passes per test image (2 with flip TTA).
+        probe_steps: training steps timed before the plan.
+    """
+
+    def __init__(
+        self,
+        budget_s: float,
+        started: float,
+        scheduler: dict[str, Any] | None = None,
+        test_passes: int = 1,
+        probe_steps: int = PROBE_STEPS,
+    ) -> None:
+        self.budget_s, self.started, self.scheduler = budget_s, started, scheduler
+        self.test_passes, self.probe_steps = test_passes, max(2, probe_steps)
+        self.prior_s = 0.0  # wall time earlier runs spent on this one (resume=)
+        self.plan: Plan | None = None
+        self.spent_before_training_s: float | None = None
+        self.image_size: int | None = None
+        self.lr_end: dict[str, float] = {}
+        self._probe_start: tuple[float, int] | None = None
+        self._probe_end: tuple[float, int, int] | None = None  # time, step and batch images at the probe's end
+        self._validation_start: float | None = None
+        self._start_step = 0
+        self._stage: str | None = None
+
+    def elapsed(self) -> float:
+        """Budget spent so far: this process's wall time since ``started`` and that of the runs it resumes."""
+        return self.prior_s + time.time() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spent_s": self.elapsed(), "budget_s": self.budget_s, "plan": asdict(self.plan) if self.plan else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._stage in (None, "fit"):  # not when the test restores the best checkpoint
+            self.prior_s = float(state_dict.get("spent_s", 0.0))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stage = stage
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._probe_end is not None and self.plan is None and not trainer.sanity_checking:
+            self._validation_start = _now(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step, self.spent_before_training_s = trainer.global_step, self.elapsed()
+        preprocess = getattr(pl_module, "preprocess", None)
+        self.image_size = preprocess.image_size if preprocess is not None else None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.plan is not None:
+            if trainer.global_step >= self.plan.planned_steps:
+                trainer.should_stop = True  # Lightning validates at a step that stops the run: the final model's
+            return
+        done = trainer.global_step - self._start_step
+        if self._probe_start is None and done >= min(WARMUP_STEPS, self.probe_steps // 2):
+            self._probe_start = (_now(trainer), trainer.global_step)
+        elif self._probe_start is not None and self._probe_end is None and done >= self.probe_steps:
+            self._probe_end = (_now(trainer), trainer.global_step, len(as_batch(batch).y))
+            if sum(trainer.num_val_batches) > 0:
+                # validate at this very batch: the time of a whole validation is the eval cost the plan needs
+                trainer.val_check_batch = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+            else:
+                self._plan(trainer)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._probe_end is not None and self.plan is None:
+            self._plan(trainer)  # the probe's validation (and its checkpoint writing) has just run
+        if self.plan is not None and trainer.global_step == self.plan.planned_steps - 1:
+            self._record_lr(trainer)  # the rates the last step trains at (a one-cycle's floor)
+
+    def _record_lr(self, trainer: L.Trainer) -> None:
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+        self.lr_end = {str(g.get("name", f"pg{i + 1}")): float(g["lr"]) for i, g in enumerate(groups)}
+
+    def _plan(self, trainer: L.Trainer) -> None:
+        """Rank 0 plans from its measurements; every rank applies that plan (or raises its error)."""
+        planned: Plan | str | None = None
+        if trainer.is_global_zero:
+            try:
+                planned = self._measured_plan(trainer)
+            except ConfigError as err:
+                planned = str(err)
+        planned = trainer.strategy.broadcast(planned, src=0)
+        if not isinstance(planned, Plan):
+            raise ConfigError(str(planned))
+        self.plan = planned
+        trainer.fit_loop.epoch_loop.max_steps = planned.planned_steps
+        batches = planned.val_every_steps * trainer.accumulate_grad_batches
+        trainer.val_check_interval, trainer.val_check_batch = batches, batches
+        resize_schedule(trainer, self.scheduler, planned.planned_steps)
+        if trainer.is_global_zero:
+            log.info("%s", describe_plan(planned))
+
+    def _measured_plan(self, trainer: L.Trainer) -> Plan:
+        assert self._probe_start is not None and self._probe_end is not None
+        (start, start_step), (end, end_step, batch_images) = self._probe_start, self._probe_end
+        step_s = (end - start) / max(1, end_step - start_step)
+        val_images, test_images = self._split_images(trainer)
+        now = _now(trainer)
+        if self._validation_start is not None and val_images:
+            eval_s = (now - self._validation_start) / val_images
+        else:  # nothing validated to time: a training step's time per image bounds it from above
+            eval_s = step_s / max(1, batch_images * trainer.accumulate_grad_batches)
+        return make_plan(
+            self.budget_s,
+            self.prior_s + now - self.started,
+            step_s,
+            eval_s,
+            steps_done=trainer.global_step,
+            steps_per_epoch=max(1.0, trainer.num_training_batches / trainer.accumulate_grad_batches),
+            val_images=val_images,
+            test_images=test_images * self.test_passes,
+        )
+
+    def _split_images(self, trainer: L.Trainer) -> tuple[int, int]:
+        """Images one validation and the test evaluate on this rank."""
+        data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit time, undeclared
+        sizes = data.describe() if hasattr(data, "describe") else {}
+        batch = int(getattr(data, "eval_batch_size", 1))
+        world = trainer.world_size
+        val = _images(int(sizes.get("val_size", 0)), trainer.limit_val_batches or 0, batch, world)
+        test = _images(int(sizes.get("test_size", 0)), trainer.limit_test_batches or 0, batch, world)
+        return val, test
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        """What ``summary.json`` records of the budget: the plan, the rates of the last step, and the wall time
+        (``wall_s``: this process's, given, plus what the runs it resumes spent)."""
+        plan = self.plan
+        return {
+            "budget_s": self.budget_s,
+            "planned_steps": plan.planned_steps if plan else None,
+            "epochs": round(plan.epochs, 3) if plan else None,
+            "seconds_per_step": round(plan.seconds_per_step, 5) if plan else None,
+            "eval_seconds_per_image": round(plan.eval_seconds_per_image, 7) if plan else None,
+            "spent_before_training_s": _rounded(self.spent_before_training_s),
+            "image_size": self.image_size,
+            "validations": plan.validations if plan else None,
+            "val_every_steps": plan.val_every_steps if plan else None,
+            "planned_eval_s": round(plan.eval_s, 2) if plan else None,
+            "margin_s": round(plan.margin_s, 2) if plan else None,
+            "resumed_spent_s": round(self.prior_s, 2),
+            "lr_end": self.lr_end,
+            "wall_s": round(self.prior_s + wall_s, 2),  # the budget's clock: a resumed run's earlier time too
+        }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def describe_plan(plan: Plan) -> str:
+    """One line for the log: the plan and what it is made of."""
+    return (
+        f"budget {plan.budget_s:g} s: {plan.planned_steps} steps ({plan.epochs:.2f} epochs) at "
+        f"{plan.seconds_per_step:.4g} s/step, {plan.validations} validations (every {plan.val_every_steps} steps) "
+        f"and the test planned at {plan.eval_s:.1f} s, {plan.spent_s:.1f} s spent so far, {plan.margin_s:.1f} s kept "
+        f"for the outputs"
+    )
+
+
+def budget_planner(cfg: DictConfig, started: float) -> BudgetPlanner | None:
+    """The planner of a run built from :func:`budgeted_config`'s ``cfg``; ``None`` without a budget."""
+    budget = parse_duration(cfg.get("budget"))
+    if budget is None:
+        return None
+    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None
+    return BudgetPlanner(budget, started, scheduler, test_passes=2 if cfg.get("tta") else 1)  # type: ignore[arg-type]
