@@ -8,6 +8,7 @@ import pytest
 from tests.helpers import TINY, make_image_folder
 from tests.in_process import run_tool
 from transfer.benchmarks.__main__ import ensure_data, markdown, run_json, table
+from transfer.benchmarks.budget_race import budget_race, budget_table, parse_budgets
 from transfer.benchmarks.race import TIMELINE, accuracy_at, race_table, run_timeline, time_to
 from transfer.core.errors import ConfigError
 
@@ -161,3 +162,39 @@ def test_plain_loop_and_the_framework_print_one_timeline_row_per_epoch(tmp_path:
         # accuracy over the 12 test images (a whole number of them), times that grow from epoch to epoch
         assert all(abs(r["test_acc"] * 12 - round(r["test_acc"] * 12)) < 1e-4 for r in out["rows"])
         assert 0 < out["rows"][0]["seconds"] < out["rows"][1]["seconds"]
+
+
+def test_budgets_are_positive_minutes_and_the_table_gives_both_sides_per_budget(tmp_path: Path):
+    assert parse_budgets([2, 4, 8, 15]) == [2, 4, 8, 15] and parse_budgets(0.5) == [0.5]
+    for bad in ([], [2, -1], ["2m"], True):
+        with pytest.raises(ConfigError, match=r"budgets=.*minutes"):
+            parse_budgets(bad)
+    side = {"wall_s": 123.0, "test_acc": 0.8512}
+    text = budget_table([{"data": "cifar10", "minutes": 2, "ours": side, "plain": {**side, "test_acc": None}}])
+    assert "| cifar10 | 2 min | 85.12% | 2.05 min | failed | 2.05 min |" in text.splitlines()[2]
+    refused = run_tool(
+        "transfer.benchmarks.__main__",
+        f"data_root={make_image_folder(tmp_path / 'cifar', {'train': 1})}",
+        "skip_speed=true",
+        "time_to_accuracy=true",
+        "clothing_root=null",
+        "budgets=[2,0]",
+    )
+    assert refused.returncode == 2 and "budgets=" in refused.stderr and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow  # two child processes with 1 min budgets (start-up and imports count against them)
+def test_the_race_at_a_budget_runs_both_sides_to_it_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    root = make_image_folder(tmp_path / "data", {"train": 8, "test": 4})
+    monkeypatch.chdir(tmp_path)
+    ours_extra = ["model=lenet5", *TINY]
+    result = budget_race(root, None, [1], ours_extra, ["--batch-size", "8", "--size", "32"])
+    (row,) = result["results"]
+    for side in ("ours", "plain"):
+        run = row[side]
+        assert run["exit_code"] == 0, run["stderr"]
+        # accuracy over the 12 test images, within a generous tolerance of the 60 s budget (a shared machine)
+        assert abs(run["test_acc"] * 12 - round(run["test_acc"] * 12)) < 1e-4 and 40 < run["wall_s"] < 80
+        assert run["plan"]["planned_steps"] > 20
+    assert row["ours"]["plan"]["budget_s"] == row["plain"]["plan"]["budget_s"] == 60
+    assert len(list((tmp_path / "outputs" / "benchmarks").glob("race-budgets-*.md"))) == 1

@@ -29,15 +29,15 @@ class KillAt(L.Callback):
 
 @pytest.fixture
 def tiny_cfg(tiny_models, compose_cfg, tiny_cifar: Path):
-    def make(*extra: str):
+    def make(*extra: str, scheduler: str = "plateau"):
         return compose_cfg(
             "model=resnet18",
             "model.name=tiny_test_cnn",
             "model.pretrained=false",
             "~callbacks.ema",
             "optimizer=adam",
-            "scheduler=plateau",
-            "scheduler.patience=0",
+            f"scheduler={scheduler}",
+            *(["scheduler.patience=0"] if scheduler == "plateau" else []),
             f"data.root={tiny_cifar}",
             *[a for a in TINY if not a.startswith("trainer.max_epochs")],
             f"trainer.max_epochs={EPOCHS}",
@@ -82,7 +82,8 @@ def test_kill_and_resume_equals_the_uninterrupted_run(
     assert groups[0] == groups[1]  # one layout, built the same way by every run
     assert [name for name, _, _ in groups[0]] == ["head", "head.no_decay", "backbone", "backbone.no_decay"]
     history = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("whole", "resumed")]
-    assert [r["epoch"] for r in history[1]["epochs"]] == list(range(EPOCHS))  # figures cover the whole run
+    epochs = [[r["epoch"] for r in h["epochs"]] for h in history]
+    assert len(epochs[1]) == EPOCHS and epochs[1] == epochs[0]  # the figures cover the whole run
     assert history[0]["epochs"] == history[1]["epochs"] and len(history[1]["step_loss"]) == 3 * EPOCHS
     for key in ("epochs_run", "best_epoch", "best_val_acc", "test_acc"):
         assert whole[key] == resumed[key], key
@@ -108,7 +109,8 @@ def test_last_ckpt_follows_every_epoch_not_only_new_bests(tiny_cfg, tmp_path: Pa
     import transfer.training.train as T
 
     summary = T.train(tiny_cfg("optimizer.lr=1e-9"), tmp_path / "run")  # accuracy never improves after epoch 0
-    assert summary["best_epoch"] == 0
+    first = json.loads((tmp_path / "run" / "history.json").read_text())["epochs"][0]["epoch"]
+    assert summary["best_epoch"] == first
     assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["epoch"] == EPOCHS - 1
     assert Path(summary["last_checkpoint"]).name == "last.ckpt"
 
@@ -178,4 +180,131 @@ def test_mid_epoch_checkpoints_every_n_steps_resume_at_that_step(tiny_cfg, tmp_p
     # Lightning skips on_train_epoch_start in the epoch it resumes inside, so the lr monitor logs nothing for it;
     # the history row still has both groups' rates.
     rows = json.loads((tmp_path / "again" / "history.json").read_text())["epochs"]
-    assert rows[3]["epoch"] == 3 and {"lr/head", "lr/backbone"} <= rows[3].keys()
+    assert len(rows) == EPOCHS and {"lr/head", "lr/backbone"} <= rows[3].keys()
+
+
+class StopAt(L.Callback):
+    """A SIGTERM's stop at step ``step`` (what GracefulStop sees after a real one): interrupted.ckpt is saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            from transfer.core.exit_status import Stopped
+
+            raise Stopped(15)
+
+
+def same_weights(a: Path, b: Path) -> tuple[int, float]:
+    """(how many tensors differ, the largest absolute difference) between two checkpoints' weights."""
+    x, y = load(a)["state_dict"], load(b)["state_dict"]
+    assert x.keys() == y.keys()
+    differ = [k for k in x if not torch.equal(x[k], y[k])]
+    return len(differ), max((float((x[k].double() - y[k].double()).abs().max()) for k in differ), default=0.0)
+
+
+# 4: inside the unfreeze epoch (epoch 1, after its first step); 8: inside epoch 2, the backbone training.
+@pytest.mark.parametrize("stop_step", [4, 8])
+@pytest.mark.parametrize("kind", ["mid-epoch", "interrupted"])
+def test_resume_inside_an_epoch_ends_with_the_uninterrupted_runs_weights(
+    tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, stop_step: int
+):
+    import transfer.training.train as T
+    from transfer.core.exit_status import Stopped
+
+    extra = ["callbacks.mid_epoch_checkpoint.every_n_steps=1", "mix.mixup_alpha=0.4"]  # MixUp draws too
+    T.train(tiny_cfg(*extra), tmp_path / "whole")
+    configured = T._configured_callbacks
+    stopper = KillAt(stop_step) if kind == "mid-epoch" else StopAt(stop_step)
+    monkeypatch.setattr(T, "_configured_callbacks", lambda cfg: [*configured(cfg), stopper])
+    with pytest.raises(Killed if kind == "mid-epoch" else Stopped):
+        T.train(tiny_cfg(*extra), tmp_path / "stopped")
+    monkeypatch.setattr(T, "_configured_callbacks", configured)
+    saved = tmp_path / "stopped" / "checkpoints" / f"{kind}.ckpt"
+    assert load(saved)["global_step"] == stop_step and stop_step % 3 != 0  # inside an epoch
+    original = {p: p.read_bytes() for p in (tmp_path / "stopped").rglob("*") if p.is_file()}
+    T.train(tiny_cfg(*extra, f"resume={saved}"), tmp_path / "resumed")
+    assert {p: p.read_bytes() for p in (tmp_path / "stopped").rglob("*") if p.is_file()} == original
+    a, b = (tmp_path / d / "checkpoints" / "last.ckpt" for d in ("whole", "resumed"))
+    assert load(b)["global_step"] == 3 * EPOCHS
+    assert same_weights(a, b) == (0, 0.0)
+
+
+def test_resume_with_more_epochs_replans_the_one_cycle_schedule(
+    tiny_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    import transfer.training.train as T
+
+    T.train(tiny_cfg("trainer.max_epochs=2", scheduler="onecycle"), tmp_path / "short")
+    last = tmp_path / "short" / "checkpoints" / "last.ckpt"
+    assert load(last)["lr_schedulers"][0]["total_steps"] == 6
+    with caplog.at_level("INFO"):
+        summary = T.train(
+            tiny_cfg("trainer.max_epochs=4", "optimizer.lr=0.5", f"resume={last}", scheduler="onecycle"),
+            tmp_path / "longer",
+        )
+    assert summary["epochs_run"] == 4
+    end = load(tmp_path / "longer" / "checkpoints" / "last.ckpt")
+    assert end["global_step"] == 12 and end["lr_schedulers"][0]["total_steps"] == 12
+    assert end["lr_schedulers"][0]["last_epoch"] == 12  # continued from step 6 to the new end
+    head = next(g for g in end["optimizer_states"][0]["param_groups"] if g["name"] == "head")
+    assert head["max_lr"] == pytest.approx(0.5)  # optimizer.lr=0.5 took effect (max_lr: ${optimizer.lr})
+    assert "the lr schedule was re-planned" in caplog.text and "continues from step 6 of 12" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"scheduler": "cosine"}, "scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingLR"),
+        ({"optimizer": "sgd"}, "optimizer._target_=torch.optim.SGD"),
+    ],
+)
+def test_resume_refuses_another_optimizer_or_scheduler_class(tiny_cfg, tmp_path: Path, override: dict, named: str):
+    import transfer.training.train as T
+    from transfer.core.errors import ConfigError
+    from transfer.run import prepare
+
+    T.train(tiny_cfg("trainer.max_epochs=1"), tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    with pytest.raises(ConfigError) as info:
+        resume = f"resume={tmp_path / 'run'}"
+        prepare(
+            tiny_cfg(
+                resume,
+                *[f"optimizer={v}" for v in override.values() if "optimizer" in override],
+                **{k: v for k, v in override.items() if k == "scheduler"},
+            )
+        )
+    text = str(info.value)
+    assert f"this run sets {named}" in text and "\n" not in text and "model.weights=" in text
+    assert {p: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").iterdir()} == before
+
+
+def test_resume_changes_are_listed_and_the_checkpoints_settings_named(tiny_cfg, tmp_path: Path, caplog):
+    import transfer.training.train as T
+    from transfer.run import prepare
+
+    T.train(tiny_cfg("trainer.max_epochs=1"), tmp_path / "run")
+    cfg = tiny_cfg("optimizer.lr=0.5", f"resume={tmp_path / 'run'}")
+    with caplog.at_level("INFO"):
+        prepare(cfg)
+    assert cfg.resume == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert "optimizer.lr: 0.001 -> 0.5" in caplog.text and "trainer.max_epochs: 1 -> 4" in caplog.text
+    assert "from the checkpoint: the weights, the optimizer state" in caplog.text
+
+
+def test_resume_of_a_directory_takes_its_newest_checkpoint(tmp_path: Path):
+    import os
+
+    from transfer.training.preflight import resume_path
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "mid-epoch.ckpt").write_bytes(b"x")
+    assert resume_path(tmp_path) == ckpts / "mid-epoch.ckpt"  # no last.ckpt: still resumable
+    now = (ckpts / "mid-epoch.ckpt").stat().st_mtime_ns
+    for later, name in ((2, "interrupted.ckpt"), (1, "last.ckpt")):  # a stop inside the epoch after last.ckpt
+        (ckpts / name).write_bytes(b"x")
+        os.utime(ckpts / name, ns=(now + later * 10**9, now + later * 10**9))
+    assert resume_path(tmp_path) == ckpts / "interrupted.ckpt"

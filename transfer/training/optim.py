@@ -25,7 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 from transfer.core.errors import ConfigError
 from transfer.training.param_groups import frozen_at
@@ -244,3 +244,94 @@ class WarmupCosine(LRScheduler):
     def get_lr(self) -> list[float | Tensor]:
         scale = self.factor(self.last_epoch)
         return [base * scale for base in self.base_lrs]
+
+
+def replan(
+    optimizer: Optimizer,
+    configs: list[Any],
+    settings: Mapping[str, Any],
+    saved: Mapping[str, Any],
+    total_steps: float | None,
+) -> str | None:
+    """Make a resumed run's restored optimizer and lr schedule follow this run's settings.
+
+    Lightning restores the optimizer's param groups (their ``lr`` and other settings) and the scheduler's state
+    (its length and peak rates) from the checkpoint, over whatever this run configured. Here, when the optimizer
+    or scheduler settings or the run's length differ from the checkpoint's, the groups take this run's settings
+    (each group's rate is ``optimizer.lr`` x its ``lr_scale``; the optimizer's moments are kept) and every
+    schedule is rebuilt from this run's config and advanced to the step it had reached, so it continues from
+    there towards the new end. A plateau schedule keeps its reductions: its rates are rescaled by the new lr's
+    ratio to the old.
+
+    Args:
+        optimizer: the restored optimizer.
+        configs: the trainer's ``lr_scheduler_configs`` (their ``scheduler`` is replaced).
+        settings: this run's ``{"optimizer": ..., "scheduler": ...}`` config groups.
+        saved: the checkpoint's groups, the same keys.
+        total_steps: this run's optimizer steps (``trainer.estimated_stepping_batches``).
+
+    Returns:
+        What was re-planned, for the log, or ``None`` when the checkpoint's settings are this run's.
+    """
+    total = int(total_steps) if total_steps is not None and math.isfinite(total_steps) else None
+    lengths = {getattr(c.scheduler, "total_steps", None) for c in configs} - {None}
+    longer = total is not None and any(n != total for n in lengths)
+    same = all(saved.get(k) == settings.get(k) for k in ("optimizer", "scheduler"))
+    if same and not longer:
+        return None
+    old_lr, lr = optimizer_lr(saved.get("optimizer") or settings["optimizer"]), optimizer_lr(settings["optimizer"])
+    for config in configs:
+        scheduler = config.scheduler
+        if isinstance(scheduler, ReduceLROnPlateau):
+            _set_group_settings(optimizer, settings["optimizer"], None)
+            _rescale(optimizer, lr / old_lr)
+        else:
+            _set_group_settings(optimizer, settings["optimizer"], lr)
+            config.scheduler = _advanced(scheduler, settings.get("scheduler"), optimizer, total)
+    if not configs:
+        _set_group_settings(optimizer, settings["optimizer"], lr)
+    position = max((int(getattr(c.scheduler, "last_epoch", 0)) for c in configs), default=0)
+    return f"continues from step {position}" + (f" of {total}" if lengths and total is not None else "")
+
+
+def _set_group_settings(optimizer: Optimizer, cfg: Mapping[str, Any], lr: float | None) -> None:
+    """Each group at ``lr`` x its ``lr_scale`` (``None``: rates kept) and this run's other optimizer settings
+    (no-decay groups keep a weight decay of 0)."""
+    for group in optimizer.param_groups:
+        if lr is not None:
+            group["lr"] = group["scheduled_lr"] = lr * float(group.get("lr_scale", 1.0))
+            for key in ("initial_lr", "max_lr", "min_lr"):  # a new schedule starts from the new rates
+                group.pop(key, None)
+        for key, value in cfg.items():
+            if key in ("_target_", "lr") or key not in group or (key == "weight_decay" and group[key] == 0):
+                continue
+            group[key] = tuple(value) if isinstance(value, list) else value
+
+
+def _rescale(optimizer: Optimizer, ratio: float) -> None:
+    for group in optimizer.param_groups:
+        group["scheduled_lr"] = group.get("scheduled_lr", group["lr"]) * ratio
+        group["lr"] = group["lr"] * ratio
+
+
+def _advanced(old: Any, cfg: Mapping[str, Any] | None, optimizer: Optimizer, total: int | None) -> Any:
+    """A schedule built from ``cfg`` and stepped as many times as ``old`` was (its ``last_epoch``)."""
+    import warnings
+
+    built = build_scheduler(cfg, optimizer, total)
+    if built is None:
+        return old
+    scheduler = built["scheduler"]
+    position = int(getattr(old, "last_epoch", 0))
+    if total is not None and position >= total and getattr(scheduler, "total_steps", None) is not None:
+        raise ConfigError(
+            f"resume=: the checkpoint is at step {position} but this run's schedule has only {total} steps; "
+            f"raise trainer.max_epochs to continue it."
+        )
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": a replay, not training
+        warnings.simplefilter("ignore")
+        for _ in range(position):
+            scheduler.step()
+    if isinstance(scheduler, FreezeGate):
+        scheduler.set_epoch(int(getattr(old, "gate_epoch", 0)))
+    return scheduler

@@ -121,17 +121,23 @@ def validate(cfg: DictConfig) -> None:
 
 
 def resume_path(resume: str | Path) -> Path:
-    """The checkpoint ``resume=`` names: a ``.ckpt`` file, or a run directory (its ``checkpoints/last.ckpt``)."""
+    """The checkpoint ``resume=`` names: a ``.ckpt`` file, or a run directory.
+
+    In a run directory (or its ``checkpoints/`` folder) the newest of :data:`RESUMABLE` is taken:
+    ``interrupted.ckpt`` (a stop) and ``mid-epoch.ckpt`` are later than ``last.ckpt`` (the last finished epoch)
+    when the run was stopped inside an epoch.
+    """
     path = Path(resume).expanduser()
     if path.is_dir():
-        candidates = [path / "checkpoints" / "last.ckpt", path / "last.ckpt"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
+        candidates = [folder / name for folder in (path / "checkpoints", path) for name in RESUMABLE]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
             raise ConfigError(
-                f"resume={resume} is a directory without checkpoints/last.ckpt; pass a run directory "
-                f"written by transfer.run or a .ckpt file"
+                f"resume={resume} is a directory without checkpoints/last.ckpt, interrupted.ckpt or mid-epoch.ckpt; "
+                f"pass a run directory written by transfer.run or a .ckpt file"
             )
-        return found
+        # newest first; on equal times the order of RESUMABLE (an epoch boundary before a stop inside one)
+        return max(found, key=lambda c: (c.stat().st_mtime_ns, -candidates.index(c)))
     if not path.is_file():
         raise ConfigError(
             f"resume={resume} does not exist; pass a run directory or a .ckpt file from its checkpoints/ folder"
@@ -139,8 +145,14 @@ def resume_path(resume: str | Path) -> Path:
     return path
 
 
-def check_checkpoint(path: Path, classes: list[str] | None = None, model: str | None = None) -> None:
+def check_checkpoint(
+    path: Path, classes: list[str] | None = None, model: str | None = None, cfg: DictConfig | None = None
+) -> list[str]:
     """Refuse a ``resume=`` file that is not a training checkpoint of this data, before anything runs.
+# What resume=<run dir> looks for in its checkpoints/ folder: the newest of these wins.
+RESUMABLE = ("last.ckpt", "interrupted.ckpt", "mid-epoch.ckpt")
+
+
 
     The file is read with ``weights_only=True`` (whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: it is
     passed explicitly), so a pickle that would run code is rejected, not executed.
@@ -170,6 +182,11 @@ def check_checkpoint(path: Path, classes: list[str] | None = None, model: str | 
         )
     trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
     if model is not None and trained is not None and trained != model:
+        cfg: the composed config, compared with the checkpoint's settings (:func:`resume_changes`); ``None``
+            skips that.
+
+    Returns:
+        What :func:`resume_changes` found: one phrase per setting this run changes (each takes effect).
         raise ConfigError(
             f"resume={path} was trained with model={trained} but this run builds model={model}. "
             f"Pass model={trained} (and the rest of that run's settings) to resume it."
@@ -210,6 +227,61 @@ def check_fresh(run_dir: Path) -> None:
 class Preflight(Callback):
     """Hydra callback: :func:`validate` (and the run directory's freshness) before Hydra writes anything."""
 
+    return resume_changes(path, ckpt, cfg) if cfg is not None else []
+
+
+def _class_of(node: Any) -> str | None:
+    return node.get("_target_") if isinstance(node, dict) else None
+
+
+def _saved_state(ckpt: dict, callback: str) -> dict:
+    """A callback's state in ``ckpt`` (Lightning keys it by the class name, with arguments in braces)."""
+    states = ckpt.get("callbacks") or {}
+    return next((v for k, v in states.items() if str(k).split("{")[0] == callback and isinstance(v, dict)), {})
+
+
+def resume_changes(path: Path, ckpt: dict, cfg: DictConfig) -> list[str]:
+    """The settings a resumed run changes from its checkpoint's: each one either takes effect or is refused.
+
+    Refused (:class:`~transfer.core.errors.ConfigError`): another optimizer or scheduler class (their saved state
+    belongs to the class) and another ``finetune.unfreeze_at_epoch`` (the param groups' schedule is in the
+    optimizer state). Taking effect (returned, one phrase each): the optimizer's settings (``lr``, weight decay,
+    ...), the scheduler's arguments and ``trainer.max_epochs``; the run re-plans its lr schedule from the step it
+    resumes at (:func:`transfer.training.optim.replan`). Callbacks are always this run's.
+    """
+    saved = ckpt.get("hyper_parameters") or {}
+    now: dict[str, Any] = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+        for key in ("optimizer", "scheduler")
+    }
+    for key in ("optimizer", "scheduler"):
+        if key in saved and _class_of(saved[key]) != _class_of(now[key]):
+            raise ConfigError(
+                f"resume={path} was trained with {key}._target_={_class_of(saved[key])} but this run sets "
+                f"{key}._target_={_class_of(now[key])}: the checkpoint's {key} state belongs to its class and "
+                f"cannot continue in another. Pass the {key} of that run to resume it, or start a new run with "
+                f"model.weights={path} to fine-tune from its weights with the new {key}."
+            )
+    unfreeze = _saved_state(ckpt, "StagedFinetuning").get("unfreeze_at_epoch", _ABSENT)
+    configured = OmegaConf.select(cfg, "finetune.unfreeze_at_epoch", default=_ABSENT)
+    if unfreeze is not _ABSENT and configured is not _ABSENT and unfreeze != configured:
+        raise ConfigError(
+            f"resume={path} was trained with finetune.unfreeze_at_epoch={unfreeze} but this run sets "
+            f"{configured}: when each param group trains is part of the checkpoint's optimizer state. Pass "
+            f"finetune.unfreeze_at_epoch={unfreeze} to resume it, or start a new run with model.weights={path}."
+        )
+    changes = []
+    for key in ("optimizer", "scheduler"):
+        old, new = saved.get(key) or {}, now[key] or {}
+        changes += [
+            f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
+    epochs = _saved_state(ckpt, "RunState").get("max_epochs")
+    if epochs is not None and epochs != OmegaConf.select(cfg, "trainer.max_epochs"):
+        changes.append(f"trainer.max_epochs: {epochs} -> {OmegaConf.select(cfg, 'trainer.max_epochs')}")
+    return changes
     @report_errors
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         validate(config)

@@ -1,16 +1,20 @@
 """What a checkpoint needs beyond Lightning's own state for a resumed run to continue exactly.
 
 Lightning restores weights, optimizer, schedulers, loop progress and each callback's ``state_dict``. It does
-not save the random number generators (shuffling and augmentation draw from the global ones), and it skips the
-``ReduceLROnPlateau`` step of the epoch a checkpoint was written in (checkpoints are written during validation,
-before that step; on resume the metric it needs is gone). :class:`RunState` adds both, and the
-:class:`~transfer.training.history.History` behind the run's figures and summary, so that a resumed run's outputs cover
-the whole run. :class:`EpochCheckpoint` keeps ``last.ckpt`` at the last finished epoch, and
-:class:`MidEpochCheckpoint` adds saves inside long epochs.
+not save the random number generators (augmentation and MixUp/CutMix draw from the global ones, on the device
+for the batched augmentation), it restarts an epoch it resumes inside from the loader's first batch, and it
+skips the ``ReduceLROnPlateau`` step of the epoch a checkpoint was written in (checkpoints are written during
+validation, before that step; on resume the metric it needs is gone). :class:`RunState` adds all three (each
+rank's RNG streams; the loader's place through :class:`~transfer.data.loader.ResumableLoader`), and the
+:class:`~transfer.training.history.History` behind the run's figures and summary, so that a resumed run's outputs
+cover the whole run; and it re-plans the lr schedule where the resumed run's settings differ
+(:func:`~transfer.training.optim.replan`). :class:`EpochCheckpoint` keeps ``last.ckpt`` at the last finished epoch,
+and :class:`MidEpochCheckpoint` adds saves inside long epochs.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import time
@@ -22,16 +26,22 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from transfer.training.history import History
+from transfer.data.loader import ResumableLoader
 
+from transfer.training.optim import replan
+
+log = logging.getLogger(__name__)
 _HISTORY_FIELDS = ("step_loss", "epochs", "train_images", "train_batch_seconds")
 
 
 class RunState(L.Callback):
-    """Checkpoint the RNG streams, the pending plateau-scheduler step and the run's :class:`History`.
+    """Checkpoint the RNG streams (each rank's), the pending plateau-scheduler step, the run's length and its
+    :class:`History`; on resume, put them back, continue the training loader at its place in the epoch and
+    re-plan the lr schedule where this run's settings differ from the checkpoint's.
 
     Args:
         history: the run's history callback, saved and restored with the checkpoint.
@@ -41,28 +51,55 @@ class RunState(L.Callback):
         self.history = history
         self._restored: dict[str, Any] | None = None
 
+        self._saved_settings: dict[str, Any] = {}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._between_batches = rng_states()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._between_batches = rng_states()
+
+    def _rng_for_checkpoint(self) -> dict[str, Any]:
+        """The streams as they were after the last trained batch.
+
+        A stop raised before a step (``on_train_batch_start``: a pending signal) comes after Lightning moved
+        that batch to the device, where the batched augmentation already drew its parameters; the checkpoint
+        resumes before that batch, so it gets the streams from before it (kept at every batch end).
+        """
+        trainer = self._trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current if trainer is not None else None
+        if progress is not None and progress.ready > _processed(progress) and self._between_batches is not None:
+            return self._between_batches
+        return rng_states()
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         return {
-            "rng": rng_states(),
+        rng = self._rng_for_checkpoint()
+            "rng": rng,
+            "rng_per_rank": _gathered(trainer, rng) if trainer is not None else [],
             "history": {k: getattr(self.history, k) for k in _HISTORY_FIELDS},
             "pending_plateau": _pending_plateau(trainer) if trainer is not None else [],
         }
+            "max_epochs": trainer.max_epochs if trainer is not None else None,
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage not in (None, "fit"):
             return  # a test from the best checkpoint: nothing of the training state applies
-        # The RNG streams now, during Lightning's restore: the training loader draws its shuffling seed when
-        # the fit loop sets up its data, before any hook of the first resumed epoch.
-        if state_dict.get("rng"):
-            set_rng_states(state_dict["rng"])
         self._restored = state_dict
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._stage in (None, "fit"):  # the settings the checkpoint was trained with, for replan
+            saved = checkpoint.get("hyper_parameters") or {}
+            self._saved_settings = {k: saved.get(k) for k in ("optimizer", "scheduler") if k in saved}
+
         self._trainer, self._stage = trainer, stage
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After Lightning's restore: put the history and the owed plateau step back."""
+        """After Lightning's restore: the history, the owed plateau step, the schedule, the loader's place and the
+        RNG streams, in that order (nothing may draw random numbers after the streams are put back)."""
         state, self._restored = self._restored, None
         if not state:
             return
@@ -73,9 +110,70 @@ class RunState(L.Callback):
         for index, value in state.get("pending_plateau", []):
             configs[index].scheduler.step(value)
 
+        self._replan(trainer, pl_module)
+        _continue_loader(trainer)
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == trainer.world_size:
+            set_rng_states(per_rank[trainer.global_rank])
+        elif state.get("rng"):
+            if trainer.world_size > 1:
+                log.warning("resume: the checkpoint holds rank 0's RNG streams only; every rank continues from them")
+            set_rng_states(state["rng"])
+
+    def _replan(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved_settings or not trainer.optimizers:
+            return
+        settings = {k: pl_module.hparams.get(k) for k in ("optimizer", "scheduler")}
+        done = replan(
+            trainer.optimizers[0],
+            trainer.lr_scheduler_configs,
+            settings,
+            self._saved_settings,
+            trainer.estimated_stepping_batches,
+        )
+        if done:
+            rank_zero_info(f"resume: the lr schedule was re-planned for this run's settings; it {done}")
     _trainer: L.Trainer | None = None
     _stage: str | None = None
 
+    _between_batches: dict[str, Any] | None = None
+
+
+def _gathered(trainer: L.Trainer, states: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``states`` (rank order); every rank calls it, as every rank builds the checkpoint."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [states]
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, states)
+    return gathered
+
+
+def _continue_loader(trainer: L.Trainer) -> None:
+    """Restart the training loader's iterator at the epoch's order and the first batch not yet trained on.
+
+    Lightning made the iterator (and fetched its first batch) before this hook, from the epoch's first batch;
+    its own count of the batches done (``batch_progress``, restored) says how many to skip.
+    """
+    loop = trainer.fit_loop
+    loaders = [dl for dl in (loop._combined_loader.flattened if loop._combined_loader else [])]
+    fetcher = loop._data_fetcher
+    if fetcher is None or not loaders or not all(isinstance(dl, ResumableLoader) for dl in loaders):
+        return
+    # What Lightning will count as done when its epoch loop resets (a restart inside the epoch: the batches
+    # processed; an epoch that had finished: none) and the epoch it will give the samplers.
+    processed = _processed(loop.epoch_loop.batch_progress.current)
+    inside = loop.epoch_loop.restarting and processed < trainer.num_training_batches
+    done, epoch = (processed if inside else 0), _processed(loop.epoch_progress.current)
+    for loader in loaders:
+        loader.start_at(epoch, done)
+    iter(fetcher)
+    if done:
+        rank_zero_info(f"resume: epoch {epoch} continues at its batch {done}")
+
+
+def _processed(tracker: Any) -> int:
+    """A progress tracker's ``processed`` count (Lightning types ``current`` as a tracker without it)."""
+    return int(getattr(tracker, "processed", tracker.completed))
 
 def _pending_plateau(trainer: L.Trainer) -> list[tuple[int, float]]:
     """``(scheduler index, metric)`` for each plateau scheduler whose step of this epoch is still to come.
@@ -84,8 +182,9 @@ def _pending_plateau(trainer: L.Trainer) -> list[tuple[int, float]]:
     the plateau schedulers their step with the metric they monitor.
     """
     loop = trainer.fit_loop.epoch_loop
-    if not loop.batch_progress.is_last_batch:
-        return []
+    current = loop.batch_progress.current
+    if not loop.batch_progress.is_last_batch or _processed(current) < current.ready:
+        return []  # inside the epoch (a stop before its last step included): its scheduler step is to come
     pending = []
     for index, config in enumerate(trainer.lr_scheduler_configs):
         if isinstance(config.scheduler, ReduceLROnPlateau) and config.interval == "epoch" and config.monitor:

@@ -1,0 +1,160 @@
+"""Stops in every phase: a real SIGTERM/SIGINT sent to this process from inside a run (a callback or a patched
+function) stops it with one line, exit status 128 + the signal, and whatever had finished written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from tests.helpers import TINY
+from tests.in_process import run_tool
+from transfer.core.exit_status import Stopped, stop_on_signals
+
+TINY_MODEL = [
+    "model=resnet18",
+    "model.name=tiny_test_cnn",
+    "model.pretrained=false",
+    "~callbacks.ema",
+    *TINY,
+]
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def stop_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("stopped by ")]
+
+
+class SignalAt(L.Callback):
+    """Send ``signum`` to this process the first time(s) Lightning calls ``hook`` (``times`` signals)."""
+
+    def __init__(self, hook: str, signum: int = signal.SIGTERM, times: int = 1) -> None:
+        self.hook, self.signum, self.times, self.sent = hook, signum, times, 0
+
+        def send(*args: Any, **kwargs: Any) -> None:
+            trainer = args[0]
+            if self.sent == 0 and not trainer.sanity_checking:
+                for _ in range(self.times):
+                    self.sent += 1
+                    os.kill(os.getpid(), self.signum)
+
+        setattr(self, hook, send)
+
+
+def run_with(monkeypatch: pytest.MonkeyPatch, callback: L.Callback | None, *args: str):
+    import transfer.training.train as T
+
+    configured = T._configured_callbacks
+    if callback is not None:
+        monkeypatch.setattr(T, "_configured_callbacks", lambda cfg: [*configured(cfg), callback])
+    return run_tool("transfer.run", *TINY_MODEL, *args)
+
+
+def files(path: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("hook", ["on_test_start", "on_test_batch_start"])
+def test_sigterm_while_testing_writes_the_trained_runs_outputs_untested(
+    tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hook: str
+):
+    proc = run_with(monkeypatch, SignalAt(hook), f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    lines = stop_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM while testing"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tested"] is False and summary["test_acc"] is None and summary["epochs_run"] == 2
+    assert (tmp_path / "run" / "history.json").is_file() and (tmp_path / "run" / "curves_per_epoch.png").is_file()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not (ckpts / "interrupted.ckpt").exists()  # training had finished: nothing to resume
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_sigint_during_validation_saves_a_resumable_checkpoint(
+    tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    proc = run_with(
+        monkeypatch,
+        SignalAt("on_validation_batch_start", signal.SIGINT),
+        f"data.root={tiny_cifar}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    saved = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    lines = [line for line in proc.stderr.splitlines() if "Resume with:" in line]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT") and f"resume={saved}" in lines[0]
+    assert torch.load(saved, weights_only=True)["global_step"] == 3  # epoch 0 trained, stopped validating it
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_signal_inside_a_training_step_waits_for_the_batch_boundary(
+    tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    proc = run_with(
+        monkeypatch, SignalAt("on_before_optimizer_step"), f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    saved = torch.load(tmp_path / "r" / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    assert saved["global_step"] == 1  # the step the signal arrived in was finished, not cut in half
+    assert len(stop_lines(proc.stderr)) == 1
+
+
+def test_sigterm_while_caching_features_stops_with_one_line(
+    tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from transfer.training.features import FeatureCache
+
+    compute = FeatureCache._compute
+
+    def interrupted(self, *args: Any, **kwargs: Any):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "_compute", interrupted)
+    run_dir = tmp_path / "run"
+    proc = run_with(
+        monkeypatch, None, f"data.root={tiny_cifar}", f"hydra.run.dir={run_dir}", "finetune.cache_features=true"
+    )
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    lines = stop_lines(proc.stderr)
+    assert len(lines) == 1 and "before the first training step" in lines[0], proc.stderr[-2000:]
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "checkpoints" / "interrupted.ckpt").exists()
+
+
+def test_a_second_signal_while_writing_outputs_is_not_swallowed(
+    tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import transfer.training.train as T
+
+    figures = T._figures
+
+    def slow_figures(*args: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the second signal: the first stopped the test phase
+        figures(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_figures", slow_figures)
+    run_dir = tmp_path / "run"
+    proc = run_with(monkeypatch, SignalAt("on_test_start"), f"data.root={tiny_cifar}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    lines = stop_lines(proc.stderr)
+    assert len(lines) == 1 and "while writing the outputs" in lines[0], proc.stderr[-2000:]
+    assert (run_dir / "summary.json").is_file() and not (run_dir / "curves_per_epoch.png").exists()
+
+
+def test_stop_on_signals_raises_at_once_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped) as info, stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**6):  # the handler runs between bytecodes of the main thread
+            pass
+    assert info.value.status == 143 and signal.getsignal(signal.SIGTERM) is before
