@@ -40,8 +40,8 @@ from transfer.core.provenance import state_digest
 from transfer.data import Batch, ClassificationData, FeatureSource
 from transfer.data.cifar import cache_dir
 from transfer.data.datasets import ArrayImages, FileImages, TensorImages, files_digest, keep_batch
-from transfer.training.finetune import frozen_at
 from transfer.data.loader import ResumableLoader
+from transfer.training.finetune import frozen_at
 from transfer.training.module import Classifier
 
 log = logging.getLogger(__name__)

@@ -120,6 +120,10 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+# What resume=<run dir> looks for in its checkpoints/ folder: the newest of these wins.
+RESUMABLE = ("last.ckpt", "interrupted.ckpt", "mid-epoch.ckpt")
+
+
 def resume_path(resume: str | Path) -> Path:
     """The checkpoint ``resume=`` names: a ``.ckpt`` file, or a run directory.
 
@@ -149,10 +153,6 @@ def check_checkpoint(
     path: Path, classes: list[str] | None = None, model: str | None = None, cfg: DictConfig | None = None
 ) -> list[str]:
     """Refuse a ``resume=`` file that is not a training checkpoint of this data, before anything runs.
-# What resume=<run dir> looks for in its checkpoints/ folder: the newest of these wins.
-RESUMABLE = ("last.ckpt", "interrupted.ckpt", "mid-epoch.ckpt")
-
-
 
     The file is read with ``weights_only=True`` (whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: it is
     passed explicitly), so a pickle that would run code is rejected, not executed.
@@ -161,6 +161,11 @@ RESUMABLE = ("last.ckpt", "interrupted.ckpt", "mid-epoch.ckpt")
         path: the checkpoint.
         classes: the data's class names, to compare with the checkpoint's; ``None`` skips that check.
         model: the configured ``model.name``, likewise.
+        cfg: the composed config, compared with the checkpoint's settings (:func:`resume_changes`); ``None``
+            skips that.
+
+    Returns:
+        What :func:`resume_changes` found: one phrase per setting this run changes (each takes effect).
     """
     import pickle
 
@@ -182,11 +187,6 @@ RESUMABLE = ("last.ckpt", "interrupted.ckpt", "mid-epoch.ckpt")
         )
     trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("name")
     if model is not None and trained is not None and trained != model:
-        cfg: the composed config, compared with the checkpoint's settings (:func:`resume_changes`); ``None``
-            skips that.
-
-    Returns:
-        What :func:`resume_changes` found: one phrase per setting this run changes (each takes effect).
         raise ConfigError(
             f"resume={path} was trained with model={trained} but this run builds model={model}. "
             f"Pass model={trained} (and the rest of that run's settings) to resume it."
@@ -199,34 +199,6 @@ RESUMABLE = ("last.ckpt", "interrupted.ckpt", "mid-epoch.ckpt")
             f"{', ...' if len(classes) > 6 else ''}). Resume with the data.root (and data=...) of that run, or "
             f"start a new run with model.weights= to fine-tune from it."
         )
-
-
-def check_launcher(cfg: DictConfig) -> None:
-    """A SLURM launcher needs ``sbatch``: say so in one paragraph instead of submitit's traceback."""
-    target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
-    if "submitit" in target and "Slurm" in target and shutil.which("sbatch") is None:
-        raise ConfigError(
-            "hydra/launcher=slurm submits every job with sbatch, which is not on this machine's PATH (not a SLURM "
-            "login node?). Run the sweep on the cluster, or drop hydra/launcher=slurm to run the jobs here one "
-            "after another."
-        )
-
-
-def check_fresh(run_dir: Path) -> None:
-    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
-    ckpts = run_dir / "checkpoints"
-    if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
-        raise ConfigError(
-            f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
-            f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
-            f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new "
-            f"directory."
-        )
-
-
-class Preflight(Callback):
-    """Hydra callback: :func:`validate` (and the run directory's freshness) before Hydra writes anything."""
-
     return resume_changes(path, ckpt, cfg) if cfg is not None else []
 
 
@@ -282,6 +254,34 @@ def resume_changes(path: Path, ckpt: dict, cfg: DictConfig) -> list[str]:
     if epochs is not None and epochs != OmegaConf.select(cfg, "trainer.max_epochs"):
         changes.append(f"trainer.max_epochs: {epochs} -> {OmegaConf.select(cfg, 'trainer.max_epochs')}")
     return changes
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """A SLURM launcher needs ``sbatch``: say so in one paragraph instead of submitit's traceback."""
+    target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
+    if "submitit" in target and "Slurm" in target and shutil.which("sbatch") is None:
+        raise ConfigError(
+            "hydra/launcher=slurm submits every job with sbatch, which is not on this machine's PATH (not a SLURM "
+            "login node?). Run the sweep on the cluster, or drop hydra/launcher=slurm to run the jobs here one "
+            "after another."
+        )
+
+
+def check_fresh(run_dir: Path) -> None:
+    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
+    ckpts = run_dir / "checkpoints"
+    if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
+        raise ConfigError(
+            f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
+            f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
+            f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new "
+            f"directory."
+        )
+
+
+class Preflight(Callback):
+    """Hydra callback: :func:`validate` (and the run directory's freshness) before Hydra writes anything."""
+
     @report_errors
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         validate(config)

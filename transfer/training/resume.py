@@ -29,12 +29,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from transfer.training.history import History
 from transfer.data.loader import ResumableLoader
-
+from transfer.training.history import History
 from transfer.training.optim import replan
 
 log = logging.getLogger(__name__)
+
 _HISTORY_FIELDS = ("step_loss", "epochs", "train_images", "train_batch_seconds")
 
 
@@ -50,7 +50,6 @@ class RunState(L.Callback):
     def __init__(self, history: History) -> None:
         self.history = history
         self._restored: dict[str, Any] | None = None
-
         self._saved_settings: dict[str, Any] = {}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -73,28 +72,29 @@ class RunState(L.Callback):
         if progress is not None and progress.ready > _processed(progress) and self._between_batches is not None:
             return self._between_batches
         return rng_states()
+
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
-        return {
         rng = self._rng_for_checkpoint()
+        return {
             "rng": rng,
             "rng_per_rank": _gathered(trainer, rng) if trainer is not None else [],
             "history": {k: getattr(self.history, k) for k in _HISTORY_FIELDS},
             "pending_plateau": _pending_plateau(trainer) if trainer is not None else [],
-        }
             "max_epochs": trainer.max_epochs if trainer is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage not in (None, "fit"):
             return  # a test from the best checkpoint: nothing of the training state applies
         self._restored = state_dict
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._stage in (None, "fit"):  # the settings the checkpoint was trained with, for replan
             saved = checkpoint.get("hyper_parameters") or {}
             self._saved_settings = {k: saved.get(k) for k in ("optimizer", "scheduler") if k in saved}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer, self._stage = trainer, stage
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,7 +109,6 @@ class RunState(L.Callback):
         configs = trainer.lr_scheduler_configs
         for index, value in state.get("pending_plateau", []):
             configs[index].scheduler.step(value)
-
         self._replan(trainer, pl_module)
         _continue_loader(trainer)
         per_rank = state.get("rng_per_rank") or []
@@ -133,9 +132,9 @@ class RunState(L.Callback):
         )
         if done:
             rank_zero_info(f"resume: the lr schedule was re-planned for this run's settings; it {done}")
+
     _trainer: L.Trainer | None = None
     _stage: str | None = None
-
     _between_batches: dict[str, Any] | None = None
 
 
@@ -174,6 +173,7 @@ def _continue_loader(trainer: L.Trainer) -> None:
 def _processed(tracker: Any) -> int:
     """A progress tracker's ``processed`` count (Lightning types ``current`` as a tracker without it)."""
     return int(getattr(tracker, "processed", tracker.completed))
+
 
 def _pending_plateau(trainer: L.Trainer) -> list[tuple[int, float]]:
     """``(scheduler index, metric)`` for each plateau scheduler whose step of this epoch is still to come.
