@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from transfer.conf import CONF_PATH
 from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
+from transfer.core.exit_status import graceful_exit
 from transfer.deploy.export import export
 from transfer.deploy.onnx_runtime import sidecar_path
 
@@ -21,6 +22,7 @@ from transfer.deploy.onnx_runtime import sidecar_path
 @checked_command_line("transfer.export", CONF_PATH, "tools/export", ("parity.images",))  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/export")
 @report_errors
+@graceful_exit  # SIGINT/SIGTERM: one line, exit status 130/143
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Command-line entry; returns the sidecar's contents."""
     path, info = export(cfg)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transfer.conf import CONF_PATH
 from transfer.core.command_line import checked_command_line
 from transfer.core.errors import ConfigError, report_errors
+from transfer.core.exit_status import graceful_exit
 from transfer.data.folders import collect_images
 from transfer.deploy.load import load_classifier
 from transfer.deploy.predict import (
@@ -33,6 +34,7 @@ from transfer.deploy.predict import (
 @checked_command_line("transfer.predict", CONF_PATH, "tools/predict", ("images",))  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/predict")
 @report_errors
+@graceful_exit  # SIGINT/SIGTERM: one line, exit status 130/143
 def main(cfg: DictConfig) -> list[dict[str, Any]]:
     """Command-line entry: predict, write the results, print a table.
 

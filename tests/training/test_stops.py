@@ -158,3 +158,43 @@ def test_stop_on_signals_raises_at_once_and_restores_the_handlers():
         for _ in range(10**6):  # the handler runs between bytecodes of the main thread
             pass
     assert info.value.status == 143 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_during_predict_is_one_line_143_and_writes_nothing(
+    tmp_path: Path, tiny_cifar: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import transfer.deploy.predict as P
+    from tests.deploy.test_export import make_run
+
+    ckpt = make_run(tmp_path / "run")
+    decode = P._decode
+
+    def interrupted(*args: Any, **kwargs: Any):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(P, "_decode", interrupted)
+    out = tmp_path / "predictions"
+    proc = run_tool("transfer.predict", f"ckpt={ckpt}", f"images={tiny_cifar / 'test'}", f"out={out}")
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    lines = stop_lines(proc.stderr)
+    assert len(lines) == 1 and "after 0 of 12 images; no results were written" in lines[0], proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_sigint_during_export_removes_the_unchecked_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import transfer.deploy.export as ex
+    from tests.deploy.test_export import make_run
+
+    ckpt = make_run(tmp_path / "run")
+    before = files(tmp_path / "run")
+
+    def interrupted(*args: Any, **kwargs: Any):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ex, "check_parity", interrupted)
+    proc = run_tool("transfer.export", f"ckpt={ckpt}", "format=torchscript")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    lines = stop_lines(proc.stderr)
+    assert len(lines) == 1 and "was not written" in lines[0], proc.stderr[-2000:]
+    assert files(tmp_path / "run") == before  # the export folder holds nothing, the run is untouched

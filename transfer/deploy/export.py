@@ -16,6 +16,7 @@ exported file and exits with status 2.
 from __future__ import annotations
 
 import json
+import signal
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from transfer.core.errors import ConfigError
+from transfer.core.exit_status import announce_stop, stop_signal
 from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
 from transfer.data.folders import collect_images
@@ -264,9 +266,14 @@ def export(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"{ckpt} has no preprocessing record; it was not written by transfer.run.")
     out = Path(cfg.out).expanduser() if cfg.out else run_dir_of(ckpt) / "export"
     path = out / (ckpt.stem + FORMATS[fmt])
-    export_model(module, fmt, path, int(cfg.opset))
-    batch, source = parity_batch(str(cfg.parity.images), run_dir_of(ckpt), module.preprocess, int(cfg.parity.count))
-    parity = check_parity(module, load_exported(path, fmt), batch, float(cfg.parity.atol), source)
+    try:
+        export_model(module, fmt, path, int(cfg.opset))
+        batch, source = parity_batch(str(cfg.parity.images), run_dir_of(ckpt), module.preprocess, int(cfg.parity.count))
+        parity = check_parity(module, load_exported(path, fmt), batch, float(cfg.parity.atol), source)
+    except KeyboardInterrupt as stop:  # SIGINT/SIGTERM: an export whose parity was never checked is not left behind
+        path.unlink(missing_ok=True)
+        announce_stop(stop_signal(stop) or signal.SIGINT, f"while exporting {ckpt}; {path} was not written.")
+        raise
     if not parity.passed:
         path.unlink(missing_ok=True)
         raise ParityError(

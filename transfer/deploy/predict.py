@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from transfer.core.errors import ConfigError, CorruptImagesError, WeightsUnavailableError
 from transfer.core.escape import csv_row
+from transfer.core.exit_status import announce_stop, stop_signal
 from transfer.core.preprocess import Preprocess
 from transfer.data.decode import failure_reason, read_rgb
 from transfer.data.transforms import eval_transform
@@ -83,6 +85,27 @@ def predict(
     names = module.class_names
     k = min(topk, len(names))
     results: list[dict[str, Any]] = []
+    try:
+        _predict_batches(module, files, batch_size, transform, max_pixels, dev, k, results)
+    except KeyboardInterrupt as stop:  # SIGINT/SIGTERM: the command's graceful_exit gives 128 + the signal
+        done = f"after {len(results)} of {len(files)} images; no results were written."
+        announce_stop(stop_signal(stop) or signal.SIGINT, done)
+        raise
+    return results
+
+
+def _predict_batches(
+    module: Predictor,
+    files: list[Path],
+    batch_size: int,
+    transform: Any,
+    max_pixels: int | None,
+    dev: torch.device,
+    k: int,
+    results: list[dict[str, Any]],
+) -> None:
+    """Append one result per file to ``results`` (see :func:`predict`), a batch at a time."""
+    names = module.class_names
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         decoded = [_decode(f, transform, max_pixels) for f in chunk]
@@ -105,7 +128,6 @@ def predict(
                     "error": None if isinstance(x, Tensor) else x,
                 }
             )
-    return results
 
 
 def _decode(path: Path, transform: Any, max_pixels: int | None) -> Tensor | str:
