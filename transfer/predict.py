@@ -48,8 +48,9 @@ def main(cfg: DictConfig) -> list[dict[str, Any]]:
         module = load_classifier(cfg.ckpt)
     else:
         module = pretrained_imagenet(str(cfg.model.name), cfg.model.get("weights"))
-    images = OmegaConf.to_container(cfg.images) if isinstance(cfg.images, ListConfig) else str(cfg.images)
-    files = collect_images([str(i) for i in images] if isinstance(images, list) else images)
+    # a list stays a list (images=[a.jpg,b.jpg]); str() of a ListConfig would be one unmatched "['a.jpg', ...]"
+    images = OmegaConf.to_container(cfg.images) if isinstance(cfg.images, ListConfig) else None
+    files = collect_images([str(i) for i in images] if isinstance(images, list) else str(cfg.images))
     max_mp = cfg.get("max_megapixels")
     max_pixels = None if max_mp is None else int(float(max_mp) * 1e6)
     results = predict(module, files, int(cfg.topk), int(cfg.batch_size), str(cfg.device), max_pixels)

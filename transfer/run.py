@@ -8,6 +8,7 @@ second instead of after ~10 s of imports.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -21,17 +22,59 @@ from transfer.core.exit_status import graceful_exit
 from transfer.experiments.sweep import sweep_job
 from transfer.training.preflight import check_checkpoint, resume_path, validate
 
+log = logging.getLogger(__name__)
+
 
 def prepare(cfg: DictConfig) -> None:
     """Check the settings (again: a sweep job's own overrides were not seen by the preflight callback) and turn
-    ``resume=<run dir>`` into the checkpoint it means (``checkpoints/last.ckpt``)."""
+    ``resume=<run dir>`` into the checkpoint it means (the newest of ``checkpoints/last.ckpt``, ``interrupted.ckpt``
+    and ``mid-epoch.ckpt``), compared with this run's settings before anything is built."""
     validate(cfg)
     if cfg.get("resume"):
         from transfer.data import datamodule_from_config
 
+        asked = Path(str(cfg.resume))
         cfg.resume = str(resume_path(cfg.resume))
         classes = datamodule_from_config(cfg.data, preprocess=None).classes  # only the class folders are read
-        check_checkpoint(Path(cfg.resume), classes, cfg.model.name)
+        changes = check_checkpoint(Path(cfg.resume), classes, cfg.model.name, cfg)
+        if asked.is_dir():
+            log.info("resume=%s: the newest checkpoint there is %s", asked, cfg.resume)
+        log.info(
+            "resume=%s: from the checkpoint: the weights, the optimizer state, the lr schedule's position, the epoch "
+            "and step, the RNG streams and the data loader's position; from this run: every other setting%s",
+            cfg.resume,
+            f" (changed: {'; '.join(changes)}; the lr schedule is re-planned from the step it resumes at)"
+            if changes
+            else " (the optimizer, scheduler and trainer.max_epochs are the checkpoint's)",
+        )
+
+
+_jobs_started: list[float] = []
+
+
+def process_start() -> float | None:
+    """``time.time()`` when this process started (Linux ``/proc``), or ``None`` where that cannot be read."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def job_started() -> float:
+    """When this job's clock starts, which ``budget=`` counts from: the process's own start for the first job of a
+    ``python -m transfer.run`` process (interpreter start, imports and composition are spent budget too), and the
+    call itself for a later job of a sweep, or a call from Python."""
+    now = time.time()
+    first = not _jobs_started
+    _jobs_started.append(now)
+    started = process_start() if first and __name__ == "__main__" else None
+    return now if started is None else min(started, now)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def _fmt(value: float | None) -> str:

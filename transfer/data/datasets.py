@@ -18,7 +18,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from transfer.core.errors import ConfigError, CorruptImagesError, DataNotFoundError
-from transfer.data.decode import IMAGE_EXTENSIONS, decode_error, describe_corrupt, is_image_file, read_rgb
+from transfer.data.decode import (
+    IMAGE_EXTENSIONS,
+    decode_error,
+    describe_corrupt,
+    is_image_file,
+    read_cached_images,
+    read_cached_reasons,
+    read_rgb,
+)
 
 log = logging.getLogger(__name__)
 __all__ = ["IMAGE_EXTENSIONS"]  # re-exported: transfer.predict filters files with it
@@ -132,12 +140,11 @@ def decode_cached_checked(
     """
     path = cache_dir / f"images-{files_digest(files, '' if size is None else f'fit{size}')}.npy"
     bad_path = path.with_suffix(".bad.json")
-    if path.is_file():
-        try:
-            bad = {int(k): v for k, v in json.loads(bad_path.read_text()).items()} if bad_path.is_file() else {}
-            return np.load(path), bad
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable cache %s", path)
+    if path.is_file():  # validated against the files; anything else is discarded with a warning and rebuilt
+        cached = read_cached_images(path, len(files), size)
+        bad_cached = read_cached_reasons(bad_path, len(files)) if bad_path.is_file() else {}
+        if cached is not None and bad_cached is not None:
+            return cached, bad_cached
     images, bad = decode_checked(files, size)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -159,10 +166,9 @@ def scan_cached(files: Sequence[Path], cache_dir: Path) -> dict[int, str]:
     """
     path = cache_dir / f"scan-{files_digest(files, 'scan')}.json"
     if path.is_file():
-        try:
-            return {int(k): v for k, v in json.loads(path.read_text()).items()}
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable cache %s", path)
+        cached = read_cached_reasons(path, len(files))
+        if cached is not None:
+            return cached
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         reasons = list(pool.map(decode_error, files, chunksize=64))
     bad = {i: why for i, why in enumerate(reasons) if why is not None}

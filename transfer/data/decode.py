@@ -9,12 +9,16 @@ into one paragraph that names them.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Transparent pixels are composited onto white: what a viewer shows, and what product photos are shot on.
 BACKGROUND = (255, 255, 255)
@@ -122,3 +126,67 @@ def describe_corrupt(bad: Mapping[Path, str], shown: int = 5) -> str:
         f"{len(bad)} image file(s) could not be decoded: {first}{more}. Delete or replace them, or pass "
         f"data.skip_corrupt=true to leave them out (their number is logged and written to summary.json)."
     )
+
+
+def discard_cache(path: Path, problem: str) -> None:
+    """Remove a cache file that cannot be used, with one warning line: a cache is never fatal, it is rebuilt."""
+    log.warning("discarding cache %s (%s); it is rebuilt", path, problem)
+    with contextlib.suppress(OSError):  # a read-only cache folder: the rebuilt file is not written either
+        path.unlink(missing_ok=True)
+
+
+def _array_problem(images: np.ndarray, count: int, size: int | None) -> str | None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        return f"holds a {images.dtype} array of shape {images.shape}, not (N, H, W, 3) uint8"
+    if images.shape[0] != count:
+        return f"holds {images.shape[0]} images for {count} files"
+    if size is not None and images.shape[1:3] != (size, size):
+        return f"holds {images.shape[1]}x{images.shape[2]} images, not {size}x{size}"
+    return None
+
+
+def read_cached_images(path: Path, count: int, size: int | None = None) -> np.ndarray | None:
+    """A decode cache's array, or ``None`` (file discarded, one warning) when it cannot be read or is not one.
+
+    Loaded with ``allow_pickle=False``: a cache file never runs code, whoever wrote it.
+
+    Args:
+        path: the ``.npy`` file.
+        count: how many images it must hold (one per file, in order).
+        size: their side when the decode resized them, else ``None`` (any size).
+
+    Returns:
+        The ``(count, H, W, 3)`` uint8 array, or ``None``.
+    """
+    try:
+        images = np.load(path, allow_pickle=False)
+        problem = _array_problem(images, count, size) if isinstance(images, np.ndarray) else "not one array"
+    except Exception as err:  # truncated, random bytes, a pickle, an .npz: all mean "decode again"
+        problem = failure_reason(err)
+    if problem is None:
+        return images
+    discard_cache(path, problem)
+    return None
+
+
+def read_cached_reasons(path: Path, count: int) -> dict[int, str] | None:
+    """A cached ``{row: reason}`` record of undecodable files, or ``None`` (discarded, one warning) when invalid.
+
+    Args:
+        path: the JSON file.
+        count: the number of files; every row must index one of them.
+
+    Returns:
+        The record, or ``None``.
+    """
+    try:
+        raw = json.loads(path.read_text())
+        bad = {int(k): v for k, v in raw.items()}
+        valid = all(0 <= k < count and isinstance(v, str) for k, v in bad.items())
+        problem = None if valid else f"rows or reasons that do not fit {count} files"
+    except Exception as err:  # not JSON, not a mapping, keys that are not row numbers
+        problem, bad = failure_reason(err), {}
+    if problem is None:
+        return bad
+    discard_cache(path, problem)
+    return None

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from transfer.core.errors import ConfigError
+from transfer.core.escape import csv_record, markdown, markdown_code
 from transfer.experiments.report import SweepReport, write_report
 
 
@@ -122,18 +123,22 @@ def _fmt(value: Any) -> str:
 def study_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
     """The report section: best trial, then every trial."""
     params = sorted({k for r in rows for k in r} - {"trial", "state", "value", "seconds"})
-    lines = ["", f"## Hyperparameter search: study `{study.study_name}` ({len(rows)} trials, maximise best val acc)"]
+    lines = [
+        "",
+        f"## Hyperparameter search: study {markdown_code(study.study_name)} ({len(rows)} trials, maximise best "
+        "val acc)",
+    ]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     if complete:
         best = study.best_trial
         lines += [
             "",
             f"**Best trial {best.number}: best val accuracy {best.value:.4f}** with "
-            + ", ".join(f"`{k}={_fmt(v)}`" for k, v in best.params.items()),
+            + ", ".join(markdown_code(f"{k}={_fmt(v)}") for k, v in best.params.items()),
         ]
     cols = ["trial", "state", "value", "seconds", *params]
-    lines += ["", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["", "| " + " | ".join(markdown(c) for c in cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(markdown(_fmt(r.get(c))) for c in cols) + " |" for r in rows]
     return "\n".join([*lines, "", "![trial history](trial_history.png)", ""])
 
 
@@ -146,10 +151,10 @@ def write_study_report(sweep: Path, storage: str, name: str) -> Path | None:
     with open(sweep / "study.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([csv_record(r) for r in rows])
     history_figure(rows, sweep / "trial_history.png", f"study {name}: best val accuracy per trial")
     report = sweep / "report.md"
-    head = report.read_text() if report.exists() else f"# Sweep report: {sweep}\n"
+    head = report.read_text() if report.exists() else f"# Sweep report: {markdown(sweep)}\n"
     report.write_text(head.split("\n## Hyperparameter search")[0].rstrip("\n") + "\n" + study_markdown(study, rows))
     return report
 

@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from transfer.core.errors import ConfigError
+from transfer.core.escape import csv_record, markdown, markdown_code
 from transfer.experiments.sweep import FAILED
 
 COLUMNS = (
@@ -156,16 +157,16 @@ def _label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
-    return _fmt(value).replace("|", "/")  # a pipe in an override or a reason would split the Markdown row
+    return markdown(_fmt(value))  # overrides, reasons and names are text from the command line and from files
 
 
 def markdown_lines(
     sweep: Path, rows: list[dict[str, Any]], failed: list[dict[str, Any]], shared: list[str]
 ) -> list[str]:
     """The report's Markdown, without the figures: the job table, the shared overrides, seed statistics, failures."""
-    lines = [f"# Sweep report: {sweep}", ""]
+    lines = [f"# Sweep report: {markdown(sweep)}", ""]
     if shared:
-        lines += ["Overrides shared by every job: `" + " ".join(shared) + "`", ""]
+        lines += ["Overrides shared by every job: " + markdown_code(" ".join(shared)), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
     groups = seed_groups(rows)
@@ -178,7 +179,8 @@ def markdown_lines(
             "| --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {g['model']} | {g['pretrained']} | {g['adapt']} | {g['seeds']} | {g['test_acc'][0]:.4f} ± "
+            f"| {_cell(g['model'])} | {g['pretrained']} | {_cell(g['adapt'])} | {g['seeds']} | "
+            f"{g['test_acc'][0]:.4f} ± "
             f"{g['test_acc'][1]:.4f} | {g['best_val_acc'][0]:.4f} ± {g['best_val_acc'][1]:.4f} |"
             for g in groups
         ]
@@ -190,7 +192,7 @@ def markdown_lines(
             "| job | overrides | reason |",
             "| --- | --- | --- |",
         ]
-        lines += [f"| {f['job']} | {_cell(f['overrides'])} | {_cell(f['reason'])} |" for f in failed]
+        lines += [f"| {_cell(f['job'])} | {_cell(f['overrides'])} | {_cell(f['reason'])} |" for f in failed]
     return lines
 
 
@@ -205,7 +207,8 @@ def write_report(sweep: Path) -> Path:
     with open(sweep / "report.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=(*COLUMNS, "status", "reason"), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows([{**r, "status": "ok"} for r in rows] + [{**f, "status": "failed"} for f in failed])
+        records = [{**r, "status": "ok"} for r in rows] + [{**f, "status": "failed"} for f in failed]
+        writer.writerows([csv_record(r) for r in records])
     lines = markdown_lines(sweep, rows, failed, shared)
     for key, name in (("val/acc", "val_acc.png"), ("val/loss", "val_loss.png")) if rows else ():
         overlay_curves(

@@ -11,17 +11,19 @@ records its failure the same way, then fails as before.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from transfer.core.disk import write_fault
 from transfer.core.errors import TransferError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +50,13 @@ def record_failure(job_dir: Path, err: BaseException) -> dict[str, Any]:
         "overrides": list(hydra.overrides.task),
     }
     job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / FAILED).write_text(json.dumps(record, indent=2))
+    # through a rename: on a full disk a half-written failed.json would break the sweep report; none is better
+    tmp = job_dir / f".{FAILED}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, job_dir / FAILED)
+    finally:
+        tmp.unlink(missing_ok=True)
     return record
 
 
@@ -67,10 +75,13 @@ def sweep_job(fn: F) -> F:
             multirun = False
         try:
             return fn(cfg, *args, **kwargs)
-        except Exception as err:
+        except Exception as raised:
+            # a full disk, a read-only folder: one paragraph naming the path (exit status 2), and failed.json's reason
+            fault = write_fault(raised, Path.cwd())
+            err: Exception = fault if fault is not None else raised
             job_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
             if job_dir is None:
-                raise
+                _reraise(err, raised)
             record = {"job": job_dir.name, "reason": one_line(err)}
             if not (job_dir / "summary.json").exists():  # never touch a finished run's files
                 try:
@@ -78,9 +89,16 @@ def sweep_job(fn: F) -> F:
                     (job_dir / "traceback.txt").write_text(traceback.format_exc())
                 except OSError:  # a full or read-only disk must not hide the job's own error
                     pass
-            if not multirun:
-                raise  # a single run: the caller prints the error and sets the exit status
+            if not multirun:  # a single run: the caller prints the error and sets the exit status
+                _reraise(err, raised)
             print(f"\njob {record['job']} failed: {record['reason']}", file=sys.stderr, flush=True)
             return None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _reraise(err: Exception, raised: Exception) -> NoReturn:
+    """Raise what a job ends with: ``err``, chained to the exception it stands for when it replaced one."""
+    if err is raised:
+        raise raised
+    raise err from raised

@@ -20,6 +20,7 @@ and the augmentation of extra views, so changing any of them computes fresh feat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -152,12 +153,10 @@ class FeatureCache:
             if feats is not None:
                 return feats  # rank 0 keeps what it computed rather than reading it back
         if path.is_file():
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)
+            stored = read_features(path, views, len(source.dataset), len(module.class_names))
+            if stored is not None:
                 log.info("%s features loaded from %s", split, path)
-                return FeatureSet(stored["features"], stored["targets"])
-            except (OSError, RuntimeError, KeyError) as err:
-                log.warning("ignoring unreadable feature cache %s (%s)", path, err)
+                return stored
         feats = self._compute(split, source, module, views)
         self._save(feats, path)
         return feats
@@ -196,6 +195,43 @@ class FeatureCache:
             tmp.replace(path)
         except OSError as err:
             log.warning("could not write feature cache %s (%s); the next run computes them again", path, err)
+
+
+def read_features(path: Path, views: int, count: int, classes: int) -> FeatureSet | None:
+    """A feature-cache file's features, or ``None`` when it cannot be used: then it is removed, with one warning
+    line, and the caller computes the features again (a cache is never fatal).
+
+    Read with ``weights_only=True``, so the file cannot run code; what it holds must be what
+    :meth:`FeatureCache._save` writes for this split: ``(views, count, ...)`` float16 features and ``(count,)``
+    integer targets below ``classes``.
+    """
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _features_problem(stored, views, count, classes)
+    except Exception as err:  # UnpicklingError (random bytes), RuntimeError/EOFError (truncated), ...
+        stored, problem = None, f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+    if problem is None:
+        return FeatureSet(stored["features"], stored["targets"])
+    log.warning("discarding feature cache %s (%s); computing the features again", path, problem)
+    with contextlib.suppress(OSError):  # a read-only cache folder: the rebuilt file is not written either
+        path.unlink(missing_ok=True)
+    return None
+
+
+def _features_problem(stored: Any, views: int, count: int, classes: int) -> str | None:
+    """What is wrong with a loaded feature-cache entry, or ``None``."""
+    if not isinstance(stored, dict) or not {"features", "targets"} <= set(stored):
+        return "not a features/targets record"
+    feats, targets = stored["features"], stored["targets"]
+    if not isinstance(feats, Tensor) or feats.dtype != torch.float16 or feats.ndim < 3:
+        return "features are not a (views, N, ...) float16 tensor"
+    if tuple(feats.shape[:2]) != (views, count):
+        return f"features of shape {tuple(feats.shape)} for {views} view(s) of {count} images"
+    if not isinstance(targets, Tensor) or targets.dtype != torch.long or tuple(targets.shape) != (count,):
+        return f"targets are not {count} class indices"
+    if count and not (int(targets.min()) >= 0 and int(targets.max()) < classes):
+        return f"targets outside 0..{classes - 1}"
+    return None
 
 
 def _progress(trainer: L.Trainer, total: int, what: str) -> Callable[[int | None], None]:

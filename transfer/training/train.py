@@ -36,7 +36,7 @@ from transfer.training.history import History
 from transfer.training.module import Classifier
 from transfer.training.preflight import check_fresh
 from transfer.training.resume import EpochCheckpoint, RunState
-from transfer.training.stops import GracefulStop
+from transfer.training.stops import GracefulStop, Stopped, announce_untested, stoppable, writing_outputs
 from transfer.training.tensorboard import TensorBoardExtras, log_hparams
 
 log = logging.getLogger(__name__)
@@ -189,14 +189,23 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, history, checkpoint))
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)  # a ckpt cannot run code
+    # weights_only: a checkpoint cannot run code
+    _, stopped = stoppable(trainer.fit, module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+    if stopped is not None:  # GracefulStop saved interrupted.ckpt (or said there was nothing to save)
+        raise Stopped(stopped)
     train_seconds = time.perf_counter() - start
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    best = checkpoint.best_model_path or None
+    test, stopped = stoppable(trainer.test, module, datamodule=datamodule, ckpt_path=best, verbose=False)
 
-    summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
+    summary = _summary(cfg, module, datamodule, history, checkpoint, test or [], train_seconds)
+    summary["tested"] = stopped is None  # a stop while testing still writes what training produced
     summary["distributed"] = _distributed(trainer, module)
     summary["overrides"] = list(overrides or [])
-    _write_outputs(cfg, trainer, history, summary, run_dir)
+    with writing_outputs(run_dir):
+        _write_outputs(cfg, trainer, history, summary, run_dir)
+    if stopped is not None:
+        announce_untested(stopped, run_dir, checkpoint.best_model_path)
+        raise Stopped(stopped)
     return summary
 
 
