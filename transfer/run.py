@@ -9,6 +9,8 @@ second instead of after ~10 s of imports.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import hydra
