@@ -363,7 +363,7 @@ def test_a_signal_saves_a_resumable_checkpoint_and_prints_the_resume_command(
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = json.loads((tmp_path / "resumed" / "history.json").read_text())
-    assert history["epochs"][-1]["epoch"] == ckpt["epoch"] + 1
+    assert len(history["epochs"]) == ckpt["epoch"] + 2  # the epochs before the stop, the stopped one, one more
 
 
 def test_slurm_requeue_handler_survives(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from transfer.data.loader import ResumableLoader
+from transfer.training.budget import BudgetPlanner
 from transfer.training.history import History
 from transfer.training.optim import replan
 
@@ -122,6 +123,8 @@ class RunState(L.Callback):
     def _replan(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._saved_settings or not trainer.optimizers:
             return
+        if any(isinstance(cb, BudgetPlanner) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            return  # budget= plans the schedule's length itself, from what is left of the budget
         settings = {k: pl_module.hparams.get(k) for k in ("optimizer", "scheduler")}
         done = replan(
             trainer.optimizers[0],
