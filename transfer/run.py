@@ -8,6 +8,7 @@ second instead of after ~10 s of imports.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,19 +22,35 @@ from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
 from transfer.core.exit_status import graceful_exit
 from transfer.experiments.sweep import sweep_job
+from transfer.training.inputs import check_inputs
 from transfer.training.preflight import check_checkpoint, resume_path, validate
+
+log = logging.getLogger(__name__)
 
 
 def prepare(cfg: DictConfig) -> None:
     """Check the settings (again: a sweep job's own overrides were not seen by the preflight callback) and turn
-    ``resume=<run dir>`` into the checkpoint it means (``checkpoints/last.ckpt``)."""
+    ``resume=<run dir>`` into the checkpoint it means (the newest of ``checkpoints/last.ckpt``, ``interrupted.ckpt``
+    and ``mid-epoch.ckpt``), compared with this run's settings before anything is built."""
     validate(cfg)
+    check_inputs(cfg)  # the data root's layout and the weights, before Lightning, the model or the data are built
     if cfg.get("resume"):
         from transfer.data import datamodule_from_config
 
+        asked = Path(str(cfg.resume))
         cfg.resume = str(resume_path(cfg.resume))
         classes = datamodule_from_config(cfg.data, preprocess=None).classes  # only the class folders are read
-        check_checkpoint(Path(cfg.resume), classes, cfg.model.name)
+        changes = check_checkpoint(Path(cfg.resume), classes, cfg.model.name, cfg)
+        if asked.is_dir():
+            log.info("resume=%s: the newest checkpoint there is %s", asked, cfg.resume)
+        log.info(
+            "resume=%s: from the checkpoint: the weights, the optimizer state, the lr schedule's position, the epoch "
+            "and step, the RNG streams and the data loader's position; from this run: every other setting%s",
+            cfg.resume,
+            f" (changed: {'; '.join(changes)}; the lr schedule is re-planned from the step it resumes at)"
+            if changes
+            else " (the optimizer, scheduler and trainer.max_epochs are the checkpoint's)",
+        )
 
 
 _jobs_started: list[float] = []
@@ -60,16 +77,12 @@ def job_started() -> float:
     return now if started is None else min(started, now)
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def budget_line(summary: dict, wall_s: float) -> str | None:
-    """The last console line of a ``budget=`` run: the budget against the wall time it took."""
-    budget = (summary.get("budget") or {}).get("budget_s")
-    if not budget:
-        return None
-    return f"budget {budget:.0f} s, actual {wall_s:.1f} s ({(wall_s / budget - 1) * 100:+.1f}%)"
 
 
 def describe(summary: dict) -> str:
@@ -89,19 +102,15 @@ def describe(summary: dict) -> str:
 def main(cfg: DictConfig) -> float | None:
     """Train one configuration; returns the best validation accuracy (what Hydra sweepers optimise: model
     selection never looks at the test set)."""
-    started = job_started()
     from lightning.pytorch.utilities import rank_zero_only
 
     from transfer.training.train import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     prepare(cfg)
-    summary = train(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task), started=started)
+    summary = train(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task))
     if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every rank runs this function; Lightning sets .rank
         print(f"\n{describe(summary)}; outputs in {run_dir}")
-        budget = budget_line(summary, time.time() - started)
-        if budget:
-            print(budget)
     return summary["best_val_acc"]
 
 

@@ -6,11 +6,13 @@ run selected its checkpoint on; ``data.<key>=`` overrides apply on top, and ``da
 
 Writes into a new directory: ``metrics.json`` (accuracy, per-class accuracy, precision/recall/F1),
 ``report.md`` (the classification report), ``confusion_matrix.png`` and ``top_losses.png`` (the images the
-model got most confidently wrong).
+model got most confidently wrong). ``limit=`` scores a seeded, class-stratified subset (a count or a fraction of the
+split); both reports say how many images were scored out of the split's size.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchmetrics.functional.classification import (
@@ -33,9 +36,10 @@ from torchmetrics.functional.classification import (
 
 from transfer.core.errors import ConfigError
 from transfer.core.escape import markdown
+from transfer.core.exit_status import STOPPED_BY, Stopped, announce_stop, defer_stops, pending_stop
 from transfer.core.plots import confusion_matrix_figure, image_grid
 from transfer.core.preprocess import Preprocess
-from transfer.data import ClassificationData, datamodule_from_config
+from transfer.data import ClassificationData, datamodule_from_config, stratified_split
 from transfer.deploy.load import find_checkpoint, run_dir_of
 from transfer.training.compute import pick_device
 from transfer.training.module import Classifier, Scores
@@ -68,6 +72,8 @@ def collect(
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
+            enable_progress_bar=True,
+            callbacks=[TQDMProgressBar(refresh_rate=1)],  # every batch: a CPU batch of 256 images takes seconds
             precision=precision,  # type: ignore[arg-type]  # any string: Lightning validates it, caught below
         )
     except (RuntimeError, ValueError, MisconfigurationException) as err:  # RuntimeError: torch.device's
@@ -134,7 +140,7 @@ def report_markdown(metrics: dict[str, Any], title: str) -> str:
     lines = [
         f"# {markdown(title)}",
         "",
-        f"accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images, "
+        f"accuracy **{metrics['accuracy']:.4f}** on {_scored(metrics)}, "
         f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}",
         "",
         "| class | precision | recall (class accuracy) | F1 | support |",
@@ -145,6 +151,14 @@ def report_markdown(metrics: dict[str, Any], title: str) -> str:
         for c, m in metrics["per_class"].items()
     ]
     return "\n".join(lines) + "\n"
+
+
+def _scored(metrics: dict[str, Any]) -> str:
+    """``12 images``, or ``50 of the split's 10000 images (a class-stratified subset ...)`` for a ``limit=``."""
+    size = metrics.get("split_size")
+    if size is None or size == metrics["n"]:
+        return f"{metrics['n']} images" + (" (every image of the split)" if size is not None else "")
+    return f"{metrics['n']} of the split's {size} images ({metrics.get('scored', 'a subset')})"
 
 
 def _raw_image(dataset: Any, i: int, pre: Preprocess) -> np.ndarray:
@@ -201,8 +215,56 @@ def _apply_data_overrides(node: DictConfig, cfg: DictConfig, parsed: Sequence[An
     return applied
 
 
+def check_limit(limit: Any) -> int | float | None:
+    """``limit=`` as given, if it is a whole count of images (>= 1) or a fraction in (0, 1]; ``None``: every image.
+
+    Raises:
+        ConfigError: anything else (a bool, 0, a negative number, a fraction above 1, text).
+    """
+    if limit is None:
+        return None
+    whole = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    fraction = isinstance(limit, float) and 0 < limit <= 1
+    if not (whole or fraction):
+        raise ConfigError(
+            f"limit={limit!r} must be a whole number of images (limit=500) or a fraction of the split in (0, 1] "
+            f"(limit=0.1); limit=null scores every image. Nothing was loaded or written."
+        )
+    return limit
+
+
+def limit_split(datamodule: ClassificationData, limit: int | float | None, seed: int) -> tuple[int, int, str]:
+    """Cut the data module's ``predict_split`` to ``limit`` images: a seeded subset, stratified by class.
+
+    Args:
+        datamodule: the data module (set up here; Lightning's own ``setup`` then keeps what it holds).
+        limit: a count, a fraction of the split, or ``None`` for every image.
+        seed: the subset's seed (the same seed scores the same images).
+
+    Returns:
+        ``(scored, split_size, how)``: the images that will be scored, the split's size, and a phrase saying which.
+    """
+    datamodule.setup("predict")
+    name = f"{datamodule.predict_split}_set"
+    dataset = getattr(datamodule, name)
+    size = len(dataset)
+    count = size if limit is None else min(size, limit if isinstance(limit, int) else max(1, round(limit * size)))
+    if count >= size:
+        return size, size, "every image"
+    indices = np.asarray(dataset.indices)
+    labels = np.asarray(dataset.targets)[indices]
+    chosen = np.sort(stratified_split(labels, count, seed)[1])
+    limited = copy.copy(dataset)
+    limited.indices = indices[chosen]
+    setattr(datamodule, name, limited)
+    return len(chosen), size, f"a class-stratified subset drawn with limit_seed={seed}"
+
+
 def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate a checkpoint on a data split and write the report files into ``out``.
+
+    The report files are written only once every image is scored: a stop (SIGINT, SIGTERM) while scoring leaves
+    none of them, and one arriving while they are written waits until they all are.
 
     Args:
         cfg: the composed ``conf/tools/evaluate.yaml``.
@@ -212,6 +274,7 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
     Returns:
         The metrics written to ``metrics.json``.
     """
+    limit = check_limit(cfg.get("limit"))
     ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
     module = Classifier.from_checkpoint(ckpt)
     if module.preprocess is None:
@@ -226,8 +289,35 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
             f"The checkpoint's classes {module.class_names} differ from the data's {datamodule.classes} "
             f"(data.root={datamodule.root}); evaluate on data with the same class folders."
         )
+    scored, size, how = limit_split(datamodule, limit, int(cfg.get("limit_seed", 0)))
+    log.info("scoring %d of the %d %s images (%s)", scored, size, cfg.split, how)
     logits, targets = collect(module, datamodule, str(cfg.device), str(cfg.get("precision", "32-true")))
-    metrics = classification_metrics(logits, targets, module.class_names)
+    metrics = {**classification_metrics(logits, targets, module.class_names), "split_size": size, "scored": how}
+    defer_stops(True)  # all the reports or none: a signal now waits for the last file
+    try:
+        _write_reports(cfg, out, ckpt, module, datamodule, metrics, logits, targets)
+    finally:
+        defer_stops(False)
+    signum = pending_stop()
+    if signum is not None:
+        STOPPED_BY["announced"] = signum
+        announce_stop(signum, f"after the reports were written (outputs in {out})")
+        raise Stopped(signum)
+    return metrics
+
+
+def _write_reports(
+    cfg: DictConfig,
+    out: Path,
+    ckpt: Path,
+    module: Classifier,
+    datamodule: ClassificationData,
+    metrics: dict[str, Any],
+    logits: Tensor,
+    targets: Tensor,
+) -> None:
+    """``metrics.json``, ``report.md``, the confusion matrix and the top-losses grid."""
+    assert module.preprocess is not None  # evaluate() refused a checkpoint without one
     out.mkdir(parents=True, exist_ok=True)
     title = f"{module.model.meta.name} on {cfg.split} ({datamodule.source})"
     (out / "metrics.json").write_text(json.dumps({"ckpt": str(ckpt), **metrics}, indent=1))
@@ -244,4 +334,3 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
         [names[int(targets[i])] for i in worst],
         out / "top_losses.png",
     )
-    return metrics

@@ -20,8 +20,9 @@ def find_checkpoint(path: str | Path) -> Path:
         path: a checkpoint file, a run directory, or its ``checkpoints/`` folder.
 
     Returns:
-        The checkpoint file: ``path`` itself when it is a file, else the newest ``best*.ckpt`` (by modification
-        time: a resumed run copies its earlier best beside the new ones) or ``last*.ckpt``.
+        The checkpoint file: ``path`` itself when it is a file, else the best of the ``best*.ckpt`` (by the
+        validation score each records under ``selection``; where scores are missing or equal, the newest: a resumed
+        run copies its earlier best beside the new ones), else ``last*.ckpt``.
 
     Raises:
         ConfigError: no checkpoint there.
@@ -31,6 +32,8 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     best = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if len(best) > 1:  # checkpoint.keep > 1
+        best = sorted(best, key=_selection_rank)
     found = best[-1:] or sorted(folder.glob("last*.ckpt"))
     if not found:
         raise ConfigError(
@@ -38,6 +41,21 @@ def find_checkpoint(path: str | Path) -> Path:
             f"checkpoints/best-*.ckpt or checkpoints/last.ckpt."
         )
     return found[0]
+
+
+def _selection_rank(path: Path) -> tuple[bool, float, float]:
+    """Sort key of a best checkpoint: its recorded validation score (higher is better for ``mode=max``), then its
+    modification time. The file is memory-mapped with ``weights_only``: no tensor is read, no code runs."""
+    import torch
+
+    try:
+        selection = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("selection") or {}
+    except Exception:  # an unreadable file ranks last; loading it later says what is wrong with it
+        selection = {}
+    score = selection.get("score")
+    if not isinstance(score, (int, float)):
+        return False, 0.0, path.stat().st_mtime
+    return True, float(score) if selection.get("mode", "max") == "max" else -float(score), path.stat().st_mtime
 
 
 def run_dir_of(ckpt: Path) -> Path:

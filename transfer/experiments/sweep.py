@@ -5,7 +5,13 @@ after it (and a ``sys.exit`` at once), so the other jobs never run and no report
 catches the failure instead, writes ``failed.json`` (the one-line reason, the job's overrides) into the job's
 directory and its traceback into ``traceback.txt`` beside it, and returns ``None``. The sweep report lists
 the job as failed and the sweep then exits non-zero (:class:`transfer.experiments.report.SweepReport`). A single run
-records its failure the same way, then fails as before.
+records its failure the same way, then fails as before; but a single run refused (a
+:class:`~transfer.core.errors.TransferError`) before it trained, whose directory holds nothing but what Hydra wrote,
+leaves no directory at all (:func:`transfer.training.preflight.remove_refused_run`).
+
+With ``checkpoint.keep=0`` a sweep keeps one best checkpoint in all: the best job's (by ``best_val_acc``, the
+earlier job on a tie), so that the sweep's winner can still be evaluated, exported or served
+(:func:`keep_sweep_best`, after each job).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer.core.disk import write_fault
 from transfer.core.errors import TransferError
+from transfer.training.preflight import remove_refused_run
 
 F = TypeVar("F", bound=Callable[..., Any])
 FAILED = "failed.json"
@@ -74,7 +81,7 @@ def sweep_job(fn: F) -> F:
         except ValueError:
             multirun = False
         try:
-            return fn(cfg, *args, **kwargs)
+            result = fn(cfg, *args, **kwargs)
         except Exception as raised:
             # a full disk, a read-only folder: one paragraph naming the path (exit status 2), and failed.json's reason
             fault = write_fault(raised, Path.cwd())
@@ -82,6 +89,8 @@ def sweep_job(fn: F) -> F:
             job_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
             if job_dir is None:
                 _reraise(err, raised)
+            if not multirun and isinstance(err, TransferError) and _remove_if_untouched(job_dir):
+                _reraise(err, raised)  # refused before training: nothing of the run is left to record a failure in
             record = {"job": job_dir.name, "reason": one_line(err)}
             if not (job_dir / "summary.json").exists():  # never touch a finished run's files
                 try:
@@ -93,6 +102,9 @@ def sweep_job(fn: F) -> F:
                 _reraise(err, raised)
             print(f"\njob {record['job']} failed: {record['reason']}", file=sys.stderr, flush=True)
             return None
+        if multirun and OmegaConf.select(cfg, "checkpoint.keep", default=None) == 0 and _rank_zero():
+            keep_sweep_best(Path(HydraConfig.get().runtime.output_dir).parent)
+        return result
 
     return wrapper  # type: ignore[return-value]
 
@@ -102,3 +114,57 @@ def _reraise(err: Exception, raised: Exception) -> NoReturn:
     if err is raised:
         raise raised
     raise err from raised
+
+
+def _remove_if_untouched(job_dir: Path) -> bool:
+    hydra = HydraConfig.get()
+    return remove_refused_run(job_dir, hydra.output_subdir, f"{hydra.job.name}.log")
+
+
+def _rank_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
+
+
+def keep_sweep_best(sweep_dir: Path) -> Path | None:
+    """``checkpoint.keep=0`` in a sweep: remove every finished job's best checkpoints but the best job's.
+
+    Jobs are compared by their ``summary.json``'s ``best_val_acc`` (the earlier job wins a tie; a job without a
+    score never wins); the removed files' ``best_checkpoint`` in their job's summary becomes ``null``. Jobs still
+    running are not touched: each job calls this when it ends.
+
+    Args:
+        sweep_dir: the sweep directory (its job directories hold ``summary.json`` and ``checkpoints/``).
+
+    Returns:
+        The job directory whose best checkpoint stays, or ``None`` when no job has finished.
+    """
+    finished = []
+    for summary in sweep_dir.glob("*/summary.json"):
+        try:
+            record = json.loads(summary.read_text())
+        except (OSError, ValueError):
+            continue
+        score = record.get("best_val_acc")
+        job = summary.parent
+        num = int(job.name) if job.name.isdigit() else 1 << 30
+        finished.append(((isinstance(score, (int, float)), score if isinstance(score, (int, float)) else 0, -num), job))
+    if not finished:
+        return None
+    winner = max(finished, key=lambda item: item[0])[1]
+    for _, job in finished:
+        best = sorted((job / "checkpoints").glob("best*.ckpt"))
+        if job == winner or not best:
+            continue
+        for path in best:
+            path.unlink(missing_ok=True)
+        _forget_best(job / "summary.json")
+    return winner
+
+
+def _forget_best(summary: Path) -> None:
+    """Set ``best_checkpoint`` to ``null`` in ``summary`` (written whole, through a rename)."""
+    record = json.loads(summary.read_text())
+    record["best_checkpoint"] = None
+    tmp = summary.with_name(f".{summary.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, summary)

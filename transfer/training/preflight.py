@@ -36,6 +36,16 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
 
+def _share_or_count(v: Any) -> bool:
+    """A fraction strictly between 0 and 1, or a whole count >= 1 (``1.5`` is neither)."""
+    return _num(v) and (0 < v < 1 or (v >= 1 and float(v).is_integer()))
+
+
+def _lightning_limit(v: Any) -> bool:
+    """Lightning's ``limit_*_batches`` / ``val_check_interval``: a float fraction in [0, 1] or an integer count."""
+    return (isinstance(v, float) and 0 <= v <= 1) or (_int(v) and v >= 0)
+
+
 # (key, check, what it must be): keys absent from the composed config are skipped.
 RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", _int, "an integer"),
@@ -43,8 +53,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.eval_batch_size", lambda v: _int(v) and v >= 1, "a positive integer"),
     ("data.num_workers", _optional(lambda v: _int(v) and v >= 0), "null (one per core) or an integer >= 0"),
     ("data.image_size", _optional(lambda v: _int(v) and v >= 8), "null (the model decides) or an integer >= 8 (px)"),
-    ("data.val_size", lambda v: _num(v) and v >= 0, "a fraction below 1 or an image count >= 1"),
-    ("data.test_size", lambda v: _num(v) and v >= 0, "a fraction below 1 or an image count >= 1"),
+    ("data.val_size", _share_or_count, "a fraction in (0, 1) or a whole image count >= 1"),
+    ("data.test_size", _share_or_count, "a fraction in (0, 1) or a whole image count >= 1"),
     ("data.augment_on", lambda v: v in ("device", "cpu_pil"), "device or cpu_pil"),
     ("data.skip_corrupt", lambda v: isinstance(v, bool), "true or false"),
     ("data.memory_limit_gb", lambda v: _num(v) and v >= 0, "a number of GB >= 0"),
@@ -64,6 +74,10 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.accumulate_grad_batches", lambda v: _int(v) and v >= 1, "a positive integer"),
     ("trainer.gradient_clip_val", _optional(lambda v: _num(v) and v > 0), "null or a positive number"),
     ("trainer.log_every_n_steps", lambda v: _int(v) and v >= 1, "a positive integer"),
+    ("trainer.limit_train_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
+    ("trainer.limit_val_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
+    ("trainer.limit_test_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
+    ("trainer.val_check_interval", _optional(_lightning_limit), "null, a fraction of an epoch or a batch count"),
     ("label_smoothing", lambda v: _num(v) and 0 <= v < 1, "in [0, 1)"),
     ("mix.mixup_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
     ("mix.cutmix_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
@@ -79,6 +93,9 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         _optional(lambda v: _num(v) and v > 0),
         "null or a positive number of minutes",
     ),
+    ("checkpoint.keep", lambda v: _int(v) and v >= 0, "an integer >= 0 (best checkpoints kept; 0: none)"),
+    ("checkpoint.keep_last", lambda v: isinstance(v, bool), "true or false"),
+    ("checkpoint.save_optimizer", lambda v: isinstance(v, bool), "true or false"),
 )
 
 
@@ -100,10 +117,6 @@ def problems(cfg: DictConfig) -> list[str]:
         OmegaConf.select(cfg, "data.root", throw_on_missing=True)
     except MissingMandatoryValue:
         found.append("data.root is required for this data config (pass data.root=/path/to/your/images)")
-    if OmegaConf.select(cfg, "budget", default=None) is not None:
-        from transfer.training.budget import budget_problems  # imports Lightning: only for a run with a budget
-
-        found += budget_problems(cfg)
     resume = OmegaConf.select(cfg, "resume", default=None)
     if resume:
         try:
@@ -175,6 +188,7 @@ def check_checkpoint(
 
     import torch
 
+    remove_orphan_writes(path.parent)  # a kill mid-write left them beside the checkpoint resumed from
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
@@ -184,6 +198,12 @@ def check_checkpoint(
             f"transfer.run, it is damaged, or it holds pickled objects that could run code. Pass a run "
             f"directory or a file from its checkpoints/ folder."
         ) from err
+    if isinstance(ckpt, dict) and "selection" in ckpt and "loops" not in ckpt:  # see EpochCheckpoint
+        raise ConfigError(
+            f"resume={path} is a best checkpoint holding the weights only (no optimizer or loop state, as "
+            f"checkpoint.save_optimizer=false writes it), so training cannot continue from it. Pass "
+            f"resume={path.parent / 'last.ckpt'} (or the run directory) instead."
+        )
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "loops" not in ckpt:
         raise ConfigError(
             f"resume={path} is not a Lightning training checkpoint (no state_dict/loops entry; a "
@@ -272,8 +292,13 @@ def check_launcher(cfg: DictConfig) -> None:
 
 
 def check_fresh(run_dir: Path) -> None:
-    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
+    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten.
+
+    Temporary files a killed checkpoint write left in ``checkpoints/`` are removed first
+    (:func:`remove_orphan_writes`): they are no results.
+    """
     ckpts = run_dir / "checkpoints"
+    remove_orphan_writes(ckpts)
     if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
         raise ConfigError(
             f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
@@ -283,16 +308,113 @@ def check_fresh(run_dir: Path) -> None:
         )
 
 
+def remove_orphan_writes(folder: Path) -> None:
+    """Remove what killed checkpoint writes left in ``folder`` (Lightning is imported only when there is some)."""
+    if folder.is_dir() and any(folder.glob(".*.tmp")):
+        from transfer.training.checkpoint_io import remove_orphans
+
+        remove_orphans(folder)
+
+
+def check_writable(folder: Path, setting: str = "hydra.run.dir") -> None:
+    """Refuse a run directory that cannot be made or written: a path through a file, or a read-only folder.
+
+    Checked before Hydra creates the directory, so the refusal is one paragraph and nothing is written. A disk
+    that fills up later is reported where the write fails (:mod:`transfer.core.disk`).
+
+    Args:
+        folder: the directory the run will write into (it may not exist yet).
+        setting: the setting that chose it, for the message.
+    """
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{setting}={folder} runs through {existing}, which is a file, not a folder: the run directory cannot "
+            f"be made there. Choose another {setting}=, or move that file away."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{setting}={folder} cannot be written: {existing} is read-only for this user. Choose another "
+            f"{setting}= on a writable disk, or make {existing} writable."
+        )
+
+
+# The run directory of this process's single run, and the topmost of its folders that did not exist before it: what
+# remove_refused_run may take away. Set by Preflight.on_run_start, before Hydra creates the directory.
+_NEW_RUN_DIR: dict[str, Path] = {}
+# What Hydra writes into a run directory before the task starts: its output subdir and files, and the job log.
+_HYDRA_FILES = frozenset({"config.yaml", "hydra.yaml", "overrides.yaml"})
+
+
+def note_new_run_dir(run_dir: Path) -> None:
+    """Remember ``run_dir`` and the topmost of its folders that does not exist yet (none: nothing to remember)."""
+    _NEW_RUN_DIR.clear()
+    run_dir = run_dir.absolute()
+    if run_dir.exists():
+        return
+    top = run_dir
+    while not top.parent.exists():
+        top = top.parent
+    _NEW_RUN_DIR.update(run=run_dir, top=top)
+
+
+def remove_refused_run(run_dir: Path, output_subdir: str | None, job_log: str) -> bool:
+    """Remove the directory of a run refused before it trained, if it holds exactly what Hydra wrote into it.
+
+    Only a directory :func:`note_new_run_dir` saw created by this run qualifies, and only while it holds nothing
+    but Hydra's ``output_subdir`` (``.hydra/`` with its config, hydra and overrides files) and the job log; the
+    folders above it that the run created go too when that leaves them empty.
+
+    Args:
+        run_dir: the run directory.
+        output_subdir: Hydra's ``hydra.output_subdir`` (``.hydra``), or ``None`` when it writes none.
+        job_log: the file name of the job log (``<job name>.log``).
+
+    Returns:
+        Whether the directory was removed.
+    """
+    run_dir = run_dir.absolute()
+    if _NEW_RUN_DIR.get("run") != run_dir or os.environ.get("LOCAL_RANK", "0") != "0" or not run_dir.is_dir():
+        return False
+    for entry in run_dir.iterdir():
+        if entry.name == job_log and entry.is_file() and not entry.is_symlink():
+            continue
+        hydra_dir = entry.name == output_subdir and entry.is_dir() and not entry.is_symlink()
+        inside = list(entry.iterdir()) if hydra_dir else []
+        if not inside or any(f.name not in _HYDRA_FILES or not f.is_file() or f.is_symlink() for f in inside):
+            return False
+    shutil.rmtree(run_dir)
+    folder, top = run_dir.parent, _NEW_RUN_DIR["top"]
+    while top != run_dir and (folder == top or top in folder.parents):
+        try:
+            folder.rmdir()  # only while empty: another run may have started in it meanwhile
+        except OSError:
+            break
+        folder = folder.parent
+    _NEW_RUN_DIR.clear()
+    return True
+
+
 class Preflight(Callback):
-    """Hydra callback: :func:`validate` (and the run directory's freshness) before Hydra writes anything."""
+    """Hydra callback: :func:`validate`, the run directory's freshness and the run's inputs
+    (:func:`transfer.training.inputs.check_inputs`) before Hydra writes anything."""
 
     @report_errors
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         validate(config)
+        run_dir = Path(str(config.hydra.run.dir))
         if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 share rank 0's directory
-            check_fresh(Path(str(config.hydra.run.dir)))
+            check_writable(run_dir)
+            check_fresh(run_dir)
+            note_new_run_dir(run_dir)
+        from transfer.training.inputs import check_inputs  # imports torch and the models: only for a valid config
+
+        check_inputs(config)
 
     @report_errors
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_launcher(config)
         validate(config)
+        check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")

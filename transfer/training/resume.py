@@ -21,6 +21,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import numpy as np
@@ -227,7 +228,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class EpochCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the last finished epoch.
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the last finished epoch, and whose best checkpoints hold
+    what using a model needs.
 
     Lightning 2.6 rewrites ``last.ckpt`` only in an epoch that also saved a new top-k checkpoint, so after the
     best epoch it falls behind, and a resumed run repeats the epochs since. Here it is written at the end of
@@ -237,9 +239,78 @@ class EpochCheckpoint(ModelCheckpoint):
     first resumed epoch would count as the best whatever its accuracy. Here the best checkpoint is copied into
     the new directory and its score kept: model selection continues over the whole run, and the original
     run's files are never deleted by the top-k bookkeeping.
+
+    ``last.ckpt`` carries everything a resume needs. A best checkpoint (``best-epochNN.ckpt``, ``NN`` the 1-based
+    epoch) carries the weights (with an EMA, the averaged ones as ``state_dict`` and the live ones as
+    ``current_model_state``, as Lightning's ``WeightAveraging`` stores them), the hyper-parameters and the
+    ``transfer`` entry (class names, preprocessing), and its validation score under ``selection``; the optimizer,
+    scheduler, loop and callback states only with ``save_optimizer`` (then it is resumable too). What is kept once
+    the run has tested: ``keep`` best checkpoints (0: none, the best is written for the run's own test and removed
+    after it; in a ``-m`` sweep :func:`transfer.experiments.sweep.keep_sweep_best` keeps the best job's), and
+    ``last.ckpt`` unless ``keep_last`` is false.
+
+    Args:
+        keep: best checkpoints to keep (Lightning's ``save_top_k``, at least 1 while training).
+        keep_last: keep ``last.ckpt`` after the run's test (it is written every epoch either way, for a resume).
+        save_optimizer: write the full training state into the best checkpoints too.
+        **kwargs: :class:`~lightning.pytorch.callbacks.ModelCheckpoint`'s arguments.
     """
 
     _stage: str | None = None
+
+    def __init__(self, keep: int = 1, keep_last: bool = True, save_optimizer: bool = False, **kwargs: Any) -> None:
+        super().__init__(save_top_k=max(1, keep), save_last=True, **kwargs)
+        self.keep, self.keep_last, self.save_optimizer = keep, keep_last, save_optimizer
+        self._saving_last = False
+
+    def format_checkpoint_name(
+        self,
+        metrics: dict[str, torch.Tensor],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        """Best checkpoints are named by the 1-based epoch (``best-epoch02.ckpt`` is the 2nd epoch's)."""
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        self._saving_last = True
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._saving_last = False
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self._saving_last:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        # The full dump, so that callbacks (the EMA's WeightAveraging) put their weights in; then, unless
+        # save_optimizer, the training state is left out.
+        best = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if not self.save_optimizer:
+            dropped = {*TRAINING_STATE, type(trainer.precision_plugin).__qualname__}
+            best = {key: value for key, value in best.items() if key not in dropped}
+        score = self._monitor_candidates(trainer).get(self.monitor) if self.monitor else None
+        best["selection"] = {"monitor": self.monitor, "mode": self.mode, "score": _number(score)}
+        trainer.strategy.save_checkpoint(best, filepath)
+        trainer.strategy.barrier("EpochCheckpoint.save_best")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The run has tested its best checkpoint: remove what ``keep`` and ``keep_last`` do not keep."""
+        if not self.keep_last and self.last_model_path:
+            trainer.strategy.remove_checkpoint(self.last_model_path)
+            self.last_model_path = ""
+        if self.keep == 0 and self.best_k_models and not _in_sweep():
+            for path in list(self.best_k_models):
+                trainer.strategy.remove_checkpoint(path)
+            self.best_k_models, self.best_model_path, self.kth_best_model_path = {}, "", ""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -273,6 +344,22 @@ class EpochCheckpoint(ModelCheckpoint):
     def _save_last_if_behind(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# What a resume needs and a model in use does not: left out of best checkpoints unless save_optimizer.
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (torch.Tensor, int, float)) else None
+
+
+def _in_sweep() -> bool:
+    """Whether this run is a job of a Hydra ``-m`` sweep (whose end decides which best checkpoint stays)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @rank_zero_only

@@ -27,7 +27,6 @@ from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
 from transfer.data import ClassificationData, datamodule_from_config
 from transfer.models import count_parameters, model_preprocess, resolve_adapt
-from transfer.training.budget import budget_planner, budgeted_config
 from transfer.training.checkpoint_io import AtomicCheckpointIO
 from transfer.training.compute import apply_compute, resolve_precision
 from transfer.training.distributed import weights_in_sync
@@ -37,7 +36,7 @@ from transfer.training.history import History
 from transfer.training.module import Classifier
 from transfer.training.preflight import check_fresh
 from transfer.training.resume import EpochCheckpoint, RunState
-from transfer.training.stops import GracefulStop
+from transfer.training.stops import GracefulStop, Stopped, announce_untested, stoppable, writing_outputs
 from transfer.training.tensorboard import TensorBoardExtras, log_hparams
 
 log = logging.getLogger(__name__)
@@ -168,9 +167,7 @@ def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationD
     return datamodule, module
 
 
-def train(
-    cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, started: float | None = None
-) -> dict[str, Any]:
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train, test the best checkpoint, and write the run's outputs into ``run_dir``.
 
     Args:
@@ -178,46 +175,51 @@ def train(
         run_dir: where checkpoints, logs, figures and ``summary.json`` go; must not hold an earlier run.
         overrides: the command-line overrides that made ``cfg`` (recorded in the summary: sweep job
             directories are named by number only).
-        started: ``time.time()`` when the run's clock started (the process start, which ``budget=`` counts
-            from); ``None``: now.
 
     Returns:
         The summary written to ``summary.json``.
     """
-    started = time.time() if started is None else started
     run_dir = Path(run_dir)
     check_fresh(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    run_cfg = budgeted_config(cfg)  # budget=: an open-ended trainer and schedule, planned after a probe
-    datamodule, module = build(run_cfg)
+    datamodule, module = build(cfg)
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    history, checkpoint = History(), best_and_last_checkpoint(run_dir)
-    planner = budget_planner(run_cfg, started)
-    callbacks = [*build_callbacks(run_cfg, run_dir, history, checkpoint), *([planner] if planner else [])]
-    trainer = build_trainer(run_cfg, run_dir, callbacks)
+    history, checkpoint = History(), best_and_last_checkpoint(run_dir, cfg.get("checkpoint"))
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, history, checkpoint))
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)  # a ckpt cannot run code
+    # weights_only: a checkpoint cannot run code
+    _, stopped = stoppable(trainer.fit, module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+    if stopped is not None:  # GracefulStop saved interrupted.ckpt (or said there was nothing to save)
+        raise Stopped(stopped)
     train_seconds = time.perf_counter() - start
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None, verbose=False)
+    best = checkpoint.best_model_path or None
+    test, stopped = stoppable(trainer.test, module, datamodule=datamodule, ckpt_path=best, verbose=False)
 
-    summary = _summary(cfg, module, datamodule, history, checkpoint, test, train_seconds)
+    summary = _summary(cfg, module, datamodule, history, checkpoint, test or [], train_seconds)
+    summary["tested"] = stopped is None  # a stop while testing still writes what training produced
     summary["distributed"] = _distributed(trainer, module)
     summary["overrides"] = list(overrides or [])
-    summary["wall_s"] = round(time.time() - started, 2)  # from the process start (budget=) or train()'s call
-    summary["budget"] = planner.summary(summary["wall_s"]) if planner else None
-    _write_outputs(cfg, trainer, history, summary, run_dir)
+    with writing_outputs(run_dir):
+        _write_outputs(cfg, trainer, history, summary, run_dir)
+    if stopped is not None:
+        announce_untested(stopped, run_dir, checkpoint.best_model_path)
+        raise Stopped(stopped)
     return summary
 
 
-def best_and_last_checkpoint(run_dir: Path) -> EpochCheckpoint:
-    """``checkpoints/best-epochNN.ckpt`` by validation accuracy, and ``last.ckpt``: always the last finished epoch."""
+def best_and_last_checkpoint(run_dir: Path, settings: Mapping[str, Any] | None = None) -> EpochCheckpoint:
+    """``checkpoints/best-epochNN.ckpt`` by validation accuracy (``NN`` 1-based), and ``last.ckpt``: always the last
+    finished epoch; ``settings`` is the config's ``checkpoint`` block (keep, keep_last, save_optimizer)."""
+    settings = settings or {}
     return EpochCheckpoint(
+        keep=int(settings.get("keep", 1)),
+        keep_last=bool(settings.get("keep_last", True)),
+        save_optimizer=bool(settings.get("save_optimizer", False)),
         dirpath=run_dir / "checkpoints",
         monitor="val/acc",
         mode="max",
-        save_last=True,
         filename="best-epoch{epoch:02d}",
         auto_insert_metric_name=False,
     )

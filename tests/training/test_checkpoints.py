@@ -1,0 +1,109 @@
+"""Checkpoints sized to their use: the best holds the weights, last.ckpt what a resume needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import TINY
+from transfer.core.errors import ConfigError
+
+
+@pytest.fixture
+def tiny_run(tiny_models, compose_cfg, tiny_cifar: Path, tmp_path: Path):
+    """Train tiny_test_cnn (with the default EMA) for 2 epochs into tmp_path/run; returns its summary."""
+    from transfer.training.train import train
+
+    def make(*extra: str) -> dict:
+        cfg = compose_cfg(
+            "model=resnet18",
+            "model.name=tiny_test_cnn",
+            "model.pretrained=false",
+            f"data.root={tiny_cifar}",
+            *TINY,
+            *extra,
+        )
+        return train(cfg, tmp_path / "run")
+
+    return make
+
+
+def load(path: Path | str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_the_best_checkpoint_holds_the_weights_and_last_ckpt_the_training_state(tiny_run, tmp_path: Path):
+    from transfer.deploy.load import find_checkpoint
+    from transfer.training.module import Classifier
+    from transfer.training.preflight import check_checkpoint
+
+    summary = tiny_run()
+    folder = tmp_path / "run" / "checkpoints"
+    best_files = sorted(folder.glob("best-epoch*.ckpt"))
+    assert len(best_files) == 1 and summary["best_checkpoint"] == str(best_files[0])
+    best, last = load(best_files[0]), load(folder / "last.ckpt")
+    assert best_files[0].name == f"best-epoch{best['epoch'] + 1:02d}.ckpt"  # named by the 1-based epoch
+    assert {"state_dict", "current_model_state", "hyper_parameters", "transfer"} <= set(best)  # EMA and live
+    assert not {"optimizer_states", "lr_schedulers", "loops", "callbacks"} & set(best)
+    assert best["selection"]["monitor"] == "val/acc" and best["selection"]["score"] == pytest.approx(
+        summary["best_val_acc"]
+    )
+    assert {"optimizer_states", "loops", "callbacks", "current_model_state"} <= set(last)
+    assert best_files[0].stat().st_size < (folder / "last.ckpt").stat().st_size
+
+    assert find_checkpoint(tmp_path / "run") == best_files[0]
+    module = Classifier.from_checkpoint(best_files[0])  # what predict, evaluate, export and serve load
+    assert module.class_names == ["cat", "dog", "ship"] and module.preprocess is not None
+    loaded = {f"model.{k}": v for k, v in module.model.state_dict().items()}
+    ema = {k: v for k, v in best["state_dict"].items() if k.startswith("model.")}
+    assert all(torch.equal(loaded[k], v) for k, v in ema.items())  # the EMA weights, not the live ones
+
+    with pytest.raises(ConfigError, match=r"holding the weights only") as info:
+        check_checkpoint(best_files[0])
+    assert f"resume={folder / 'last.ckpt'}" in str(info.value) and "\n" not in str(info.value)
+    check_checkpoint(folder / "last.ckpt")  # resumable
+
+
+def test_save_optimizer_makes_the_best_checkpoint_resumable(tiny_run, tmp_path: Path):
+    from transfer.training.preflight import check_checkpoint
+
+    summary = tiny_run("checkpoint.save_optimizer=true")
+    best = load(summary["best_checkpoint"])
+    assert {"optimizer_states", "loops", "callbacks", "current_model_state"} <= set(best)
+    check_checkpoint(Path(summary["best_checkpoint"]))
+
+
+def test_keep_0_and_keep_last_false_test_the_best_then_remove_every_checkpoint(tiny_run, tmp_path: Path):
+    summary = tiny_run("checkpoint.keep=0", "checkpoint.keep_last=false")
+    assert summary["test_acc"] is not None and summary["best_val_acc"] is not None  # the best was written and tested
+    assert summary["best_checkpoint"] == "" and summary["last_checkpoint"] == ""
+    assert list((tmp_path / "run" / "checkpoints").glob("*.ckpt")) == []
+
+
+def test_a_run_directory_with_several_best_checkpoints_gives_the_best_scored(tmp_path: Path):
+    from transfer.deploy.load import find_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, score in (("best-epoch01.ckpt", 0.9), ("best-epoch03.ckpt", 0.7)):  # the newer one scored lower
+        torch.save({"selection": {"monitor": "val/acc", "mode": "max", "score": score}}, folder / name)
+    assert find_checkpoint(tmp_path) == folder / "best-epoch01.ckpt"
+    torch.save({"selection": {"monitor": "val/acc", "mode": "max", "score": 0.95}}, folder / "best-epoch04.ckpt")
+    assert find_checkpoint(tmp_path) == folder / "best-epoch04.ckpt"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("checkpoint.keep=-1", "checkpoint.keep=-1 must be an integer >= 0"),
+        ("checkpoint.keep_last=maybe", "checkpoint.keep_last='maybe' must be true or false"),
+        ("checkpoint.save_optimizer=1", "checkpoint.save_optimizer=1 must be true or false"),
+    ],
+)
+def test_checkpoint_settings_are_validated(compose_cfg, override: str, expected: str):
+    from transfer.training.preflight import problems
+
+    found = problems(compose_cfg(override))
+    assert len(found) == 1 and found[0].startswith(expected), found
