@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     result = lr_range_test(cfg, out_dir)
     lr = result["suggested_lr"]
-    shown = "none (the loss never fell steadily; widen lr_find.min_lr/max_lr)" if lr is None else f"{lr:.3g}"
+    shown = f"none ({result['no_suggestion']})" if lr is None else f"{lr:.3g}"
     print(
         f"\nsuggested optimizer.lr: {shown} (configured: {result['configured_lr']:.3g}); "
         f"plot: {out_dir / 'lr_find.png'}"
