@@ -31,7 +31,13 @@ def test_a_run_writes_every_output(finished_run):
     assert summary["epochs_run"] == 2
     # accuracy over all 12 test images (a whole number of them), as the last line printed it
     assert abs(summary["test_acc"] * 12 - round(summary["test_acc"] * 12)) < 1e-4
-    assert f"test accuracy {summary['test_acc']:.4f}" in proc.stdout
+    # the last line reads as people read numbers: accuracies in % (two decimals), seconds to a tenth
+    assert f"test accuracy {100 * summary['test_acc']:.2f}%" in proc.stdout
+    assert f"val accuracy {100 * summary['best_val_acc']:.2f}%" in proc.stdout
+    assert f"trained {summary['train_seconds']:.1f} s" in proc.stdout
+    # what was scored, beside each split's size: every image here (no limit_*_batches)
+    assert summary["data"]["val_scored"] == summary["data"]["val_size"] == 6
+    assert summary["data"]["test_scored"] == summary["data"]["test_size"] == 12
     # 2 epochs of 3 batches of 8 images, timed by the batch (within the wall time): images/s * s >= 48 images
     assert summary["train_seconds"] > 0 and summary["images_per_second"] * summary["train_seconds"] >= 48 * 0.99
     assert summary["code"]["packages"]["torch"] == version("torch")
@@ -49,8 +55,25 @@ def test_a_run_writes_every_output(finished_run):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     history = json.loads((run_dir / "history.json").read_text())
     assert len(history["step_loss"]) == 2 * (30 // 8)  # 30 train images, batches of 8, last partial dropped
-    assert [row["epoch"] for row in history["epochs"]] == [0, 1]
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2]  # numbered from 1, as summary.json and the log
     assert history["epochs"][0]["lr/backbone"] == 0 < history["epochs"][1]["lr/backbone"]  # frozen, then trained
+
+
+def test_the_console_summarises_the_model_in_one_true_line(finished_run):
+    from transfer.training.module import Classifier
+
+    run_dir, proc, *_ = finished_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Trainable params" not in output and "FLOPs" not in output  # no Lightning summary table
+    (line,) = [line for line in output.splitlines() if "trainable at the first step" in line]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    head = Classifier.from_checkpoint(run_dir / "checkpoints" / "last.ckpt").model.head
+    # TINY: finetune.unfreeze_at_epoch=1, so the first step trains the head alone
+    assert f"model efficientnet_lite0: 3.4 M parameters ({summary['params']:,})" in line
+    assert f"({sum(p.numel() for p in head.parameters()):,}) trainable" in line
+    assert line.endswith("backbone frozen in epoch 1, trained from epoch 2")
+    assert "epoch 2: backbone unfrozen" in output  # the same numbering as the epoch lines
 
 
 def test_a_checkpoint_describes_itself(finished_run):

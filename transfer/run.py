@@ -81,17 +81,18 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def describe(summary: dict) -> str:
-    """The one-line result a run ends with."""
+    """The one-line result a run ends with: accuracies in % (two decimals), the epoch numbered from 1 as in the
+    log and ``history.json``, seconds to a tenth."""
     return (
-        f"{summary['model']}: test accuracy {_fmt(summary['test_acc'])} (best checkpoint: epoch "
-        f"{summary['best_epoch']}, val accuracy {_fmt(summary['best_val_acc'])}); "
-        f"{summary['images_per_second']:.0f} train images/s"
+        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])} (best checkpoint: epoch "
+        f"{summary['best_epoch']}, val accuracy {_percent(summary['best_val_acc'])}); "
+        f"trained {summary['train_seconds']:.1f} s at {_rate(summary['images_per_second'])} images/s"
     )
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:.1f}" if per_second < 10 else f"{per_second:.0f}"  # a slow CPU run is not "0 images/s"
 
 
 @checked_command_line("transfer.run", CONF_PATH, "config")  # composition errors: exit 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Iterator
@@ -59,8 +60,56 @@ def test_a_run_logs_no_tips_or_library_deprecations_but_warns_about_the_users_ow
 
 
 def test_a_command_line_run_prints_no_tips_or_library_deprecations(finished_run):
-    _, proc, *_ = finished_run
+    run_dir, proc, *_ = finished_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert [noise for noise in NOISE if noise in output] == []
-    assert "GPU available:" in proc.stderr  # the check reads Lightning's output, which is still there
+    # Lightning's lines are still there, once each on the console (Hydra's console handler), and in run.log
+    assert output.count("GPU available:") == 1 and output.count("`Trainer.fit` stopped") == 1
+    assert (run_dir / "run.log").read_text().count("GPU available:") == 1
+
+
+@pytest.fixture
+def root_console() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """The root logger with one console handler (as Hydra's job logging sets it up) writing to a buffer, and
+    nothing else (pytest's capture handlers are put back afterwards)."""
+    root, buffer = logging.getLogger(), io.StringIO()
+    saved = root.handlers[:]
+    root.handlers[:] = [logging.StreamHandler(buffer)]
+    try:
+        yield root, buffer
+    finally:
+        root.handlers[:] = saved
+
+
+@pytest.fixture
+def lightning_console() -> Iterator[io.StringIO]:
+    """The ``lightning`` package's own console handler, writing to a buffer for the test."""
+    import lightning  # noqa: F401  (its import installs the handler)
+
+    handler = next(h for h in logging.getLogger("lightning").handlers if type(h) is logging.StreamHandler)
+    buffer = io.StringIO()
+    stream = handler.setStream(buffer)
+    try:
+        yield buffer
+    finally:
+        handler.setStream(stream)  # type: ignore[arg-type]
+
+
+def test_a_lightning_line_prints_once_where_the_root_logger_has_a_console(root_console, lightning_console):
+    from transfer.core.quiet import quiet
+
+    quiet()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
+    _, root_buffer = root_console
+    assert root_buffer.getvalue().count("GPU available") == 1 and lightning_console.getvalue() == ""
+
+
+def test_without_a_root_console_lightnings_own_handler_prints_the_line(root_console, lightning_console):
+    from transfer.core.quiet import quiet
+
+    root, _ = root_console
+    root.handlers[:] = []  # a notebook or a plain script: nobody configured logging
+    quiet()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
+    assert lightning_console.getvalue().count("GPU available") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -67,7 +68,13 @@ def test_a_three_trial_study_maximises_best_val_acc_and_continues_after_an_inter
     recorded = sorted(json.loads(p.read_text())["best_val_acc"] for p in sweep.glob("trial*/summary.json"))
     assert sorted(t.value for t in trials) == pytest.approx(recorded) and len(recorded) == 3
     report = (sweep / "report.md").read_text()
-    assert f"Best trial {study.best_trial.number}: best val accuracy {study.best_value:.4f}" in report
+    assert f"Best trial {study.best_trial.number}: best val accuracy {100 * study.best_value:.2f}%" in report
+    # report.md for reading (%, seconds to a tenth), study.csv machine-readable (the fraction, named)
+    assert f"| {study.best_trial.number} | COMPLETE | {100 * study.best_value:.2f}% | " in report
+    study_rows = list(csv.DictReader((sweep / "study.csv").read_text().splitlines()))
+    best_row = next(r for r in study_rows if r["trial"] == str(study.best_trial.number))
+    assert float(best_row["best_val_acc"]) == pytest.approx(study.best_value, rel=1e-9)
+    assert float(best_row["seconds"]) > 0
     assert "| job | overrides | model |" in report and report.count(" | lenet5 | ") == 3  # sweep table: a row a trial
     assert (sweep / "trial_history.png").read_bytes()[:4] == b"\x89PNG"
     assert len((sweep / "study.csv").read_text().strip().splitlines()) == 4
@@ -88,7 +95,9 @@ def test_report_can_be_rebuilt_from_the_sweep_directory(tmp_path: Path):
     from transfer.core.errors import ConfigError
     from transfer.experiments.hparams_search import rebuild
 
-    with pytest.raises(ConfigError, match="holds no multirun.yaml. Usage: python -m transfer.hparams_search sweep="):
+    with pytest.raises(
+        ConfigError, match=r"holds no multirun\.yaml\. Usage: python -m transfer\.hparams_search sweep="
+    ):
         rebuild(tmp_path)
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -111,4 +120,4 @@ def test_report_can_be_rebuilt_from_the_sweep_directory(tmp_path: Path):
         trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
         study.tell(trial, value)
     report = rebuild(sweep).read_text()
-    assert "Best trial 1: best val accuracy 0.5000" in report and (sweep / "trial_history.png").is_file()
+    assert "Best trial 1: best val accuracy 50.00%" in report and (sweep / "trial_history.png").is_file()

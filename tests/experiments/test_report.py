@@ -35,8 +35,9 @@ def fake_job(
                 "params": 100,
                 "epochs_run": len(val_accs),
                 "best_val_acc": max(val_accs),
+                "best_epoch": val_accs.index(max(val_accs)) + 1,  # numbered from 1, as train() writes it
                 "test_acc": test_acc,
-                "train_seconds": 10.0,
+                "train_seconds": 10.04,
                 "images_per_second": 50.0,
             }
         )
@@ -45,7 +46,7 @@ def fake_job(
         json.dumps(
             {
                 "step_loss": [1.0],
-                "epochs": [{"epoch": i, "val/acc": a, "val/loss": 1 - a} for i, a in enumerate(val_accs)],
+                "epochs": [{"epoch": i, "val/acc": a, "val/loss": 1 - a} for i, a in enumerate(val_accs, start=1)],
             }
         )
     )
@@ -54,6 +55,7 @@ def fake_job(
 def test_epoch_to_ninety_percent_of_best():
     assert epoch_to_fraction([0.1, 0.5, 0.85, 0.9, 0.8]) == 3  # 0.85 >= 0.9 * 0.9
     assert epoch_to_fraction([]) is None
+    assert epoch_to_fraction([0.1, 0.85, 0.9], epochs=[2, 4, 6]) == 4  # history.json's own epoch numbers
 
 
 def test_report_has_a_row_per_job_seed_statistics_and_figures(tmp_path: Path):
@@ -61,12 +63,15 @@ def test_report_has_a_row_per_job_seed_statistics_and_figures(tmp_path: Path):
     fake_job(tmp_path, "1", "resnet18", 2, [0.4, 0.6, 0.9], 0.82)
     fake_job(tmp_path, "2", "alexnet", 1, [0.3, 0.5], 0.55)
     md = write_report(tmp_path).read_text()
-    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    rows = list(csv.DictReader((tmp_path / "report.csv").read_text().splitlines()))
     assert [r["model"] for r in rows] == ["resnet18", "resnet18", "alexnet"]
-    assert rows[0]["epoch_to_90pct"] == "3" and rows[2]["test_acc"] == "0.55"
+    assert rows[0]["epoch_to_90pct"] == "3" and rows[2]["test_acc"] == "0.55"  # the CSV: fractions, unrounded
+    assert rows[0]["best_epoch"] == "3" and rows[0]["train_seconds"] == "10.04"
+    # report.md for reading: % with two decimals, seconds to a tenth, epochs numbered as best_epoch is
+    assert "| 0 |  | resnet18 | True | native | 1 | 100 | 3 | 80.00% | 3 | 78.00% | 3 | 10.0 s | 50 |" in md
     assert [r["overrides"] for r in rows] == ["", "", ""]  # no overrides recorded: the label falls back to the model
     over_seeds = md.split("## Over seeds")[1]
-    assert "resnet18 | True | native | 2 | 0.8000 ± 0.0283" in over_seeds  # mean and sample std of 0.78, 0.82
+    assert "resnet18 | True | native | 2 | 80.00 ± 2.83%" in over_seeds  # mean and sample std of 0.78, 0.82
     assert "alexnet" not in over_seeds.split("![")[0]  # one seed: no statistics row
     assert all((tmp_path / png).read_bytes()[:4] == b"\x89PNG" for png in ("val_acc.png", "val_loss.png"))
 
@@ -79,7 +84,7 @@ def test_jobs_are_labelled_by_the_overrides_that_set_them_apart_in_job_order(tmp
     (tmp_path / "4" / ".hydra").mkdir(parents=True)  # killed: only Hydra's record of the job is there
     (tmp_path / "4" / ".hydra" / "overrides.yaml").write_text("- model=resnet18\n- data.root=/data\n- optimizer.lr=9\n")
     md = write_report(tmp_path).read_text()
-    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    rows = list(csv.DictReader((tmp_path / "report.csv").read_text().splitlines()))
     assert [(r["job"], r["status"]) for r in rows] == [
         ("0", "ok"),
         ("1", "ok"),

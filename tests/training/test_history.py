@@ -78,3 +78,42 @@ def test_lr_columns_are_what_the_lr_monitor_logged_at_each_epoch_start(tmp_path:
 def test_without_an_lr_monitor_history_has_no_lr_columns(tmp_path: Path):
     history = _fit(tmp_path, logger=False)
     assert len(history.epochs) == 3 and not any(k.startswith("lr/") for row in history.epochs for k in row)
+
+
+class _Scored(_TwoPart):
+    """_TwoPart with validation and test on 10 images in batches of 4 (4 + 4 + 2)."""
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/acc", (self.head(self.backbone(x)).argmax(1) == y).float().mean())
+
+    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(10, 4), torch.randint(0, 2, (10,))), batch_size=4)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def test_rows_are_numbered_from_1_and_the_scored_images_are_counted(tmp_path: Path):
+    history = History()
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[history],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,  # the sanity check's batch is not a validation: it must not count
+        limit_val_batches=2,  # 2 of the 3 batches: 8 of the 10 images
+    )
+    module = _Scored()
+    trainer.fit(module)
+    assert [row["epoch"] for row in history.epochs] == [1, 2] and history.test_scored is None
+    assert history.val_scored == 8
+    trainer.limit_test_batches = 1.0
+    trainer.test(module, verbose=False)
+    assert history.test_scored == 10 and history.val_scored == 8

@@ -12,6 +12,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.colors import to_hex
 from matplotlib.ticker import MaxNLocator
 
 
@@ -37,19 +38,55 @@ def plot_step_loss(losses: Sequence[float], path: Path, title: str = "") -> None
     _save(fig, path)
 
 
+def epoch_ticks(ax: plt.Axes, epochs: Sequence[int]) -> None:
+    """Whole-number epoch ticks, also for a run of one or two epochs (where ``MaxNLocator(integer=True)`` finds
+    too few integers in view and falls back to ticks such as 0.95 ... 1.05)."""
+    shown = sorted(set(epochs))
+    if not shown:
+        return
+    if len(shown) <= 12:
+        ax.set_xticks(shown)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(shown[0] - 0.5, shown[-1] + 0.5)
+
+
+def mark_best(ax: plt.Axes, epoch: int, value: float, text: str, colour: str = "black") -> None:
+    """A point at ``(epoch, value)`` with ``text`` beside it: where the best checkpoint was taken."""
+    ax.plot([epoch], [value], marker="*", ms=12, color=colour, zorder=5, ls="none")
+    ax.annotate(text, (epoch, value), xytext=(6, 6), textcoords="offset points", fontsize=8, color=colour)
+
+
 def plot_epoch_curves(
-    epochs: Sequence[dict[str, float]], path: Path, title: str = "", unfreeze_epoch: int | None = None
+    epochs: Sequence[dict[str, float]],
+    path: Path,
+    title: str = "",
+    unfreeze_epoch: int | None = None,
+    best_epoch: int | None = None,
 ) -> None:
-    """Accuracy and loss per epoch, train vs validation, with the unfreeze epoch marked."""
+    """Accuracy and loss per epoch, train vs validation, the unfreeze and the best epoch marked.
+
+    Args:
+        epochs: ``history.json``'s rows, ``epoch`` numbered from 1.
+        path: PNG to write.
+        title: the figure's title.
+        unfreeze_epoch: ``finetune.unfreeze_at_epoch``: epochs trained with the backbone frozen.
+        best_epoch: the epoch the best checkpoint was taken at (``summary.json``'s ``best_epoch``).
+    """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    x = [int(row["epoch"]) + 1 for row in epochs]
+    x = [int(row["epoch"]) for row in epochs]
+    best = next((row for row in epochs if int(row["epoch"]) == best_epoch), None)
     for ax, metric in zip(axes, ("acc", "loss"), strict=True):
         for split in ("train", "val"):
             ys = [row.get(f"{split}/{metric}", float("nan")) for row in epochs]
             ax.plot(x, ys, marker="o", ms=3, label="validation" if split == "val" else split)
         if unfreeze_epoch is not None and 0 < unfreeze_epoch < len(epochs):
             ax.axvline(unfreeze_epoch + 0.5, color="grey", ls="--", lw=1, label="backbone unfrozen")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if best is not None and f"val/{metric}" in best:
+            value = best[f"val/{metric}"]
+            shown = f"{100 * value:.2f}%" if metric == "acc" else f"{value:.3g}"
+            mark_best(ax, int(best["epoch"]), value, f"best: epoch {best_epoch}, {shown}")
+        epoch_ticks(ax, x)
         ax.set(
             xlabel="epoch",
             ylabel="accuracy" if metric == "acc" else "loss",
@@ -120,14 +157,32 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], path: Pa
     _save(confusion_matrix_figure_object(matrix, classes, title), path)
 
 
-def overlay_curves(curves: dict[str, Sequence[float]], ylabel: str, path: Path) -> None:
-    """Several jobs' per-epoch curves on one axis, for a sweep report."""
+def overlay_curves(
+    curves: dict[str, tuple[Sequence[int], Sequence[float]]],
+    ylabel: str,
+    path: Path,
+    best: dict[str, int | None] | None = None,
+) -> None:
+    """Several jobs' per-epoch curves on one axis, for a sweep report.
+
+    Args:
+        curves: per job (its legend label), the epochs (from 1) and the values at them.
+        ylabel: what the values are.
+        path: PNG to write.
+        best: per job, the epoch of its best checkpoint, marked with a star and the epoch number.
+    """
     fig, ax = plt.subplots(figsize=(9, 5))
-    for label, ys in curves.items():
-        if ys:
-            ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=label[:60])
-    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    shown: list[int] = []
+    for label, (xs, ys) in curves.items():
+        if not ys:
+            continue
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label[:60])
+        shown += list(xs)
+        epoch = (best or {}).get(label)
+        if epoch is not None and epoch in xs:
+            mark_best(ax, epoch, ys[list(xs).index(epoch)], f"best {epoch}", to_hex(line.get_color()))
+    ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ylabel} per epoch" + (" (star: best epoch)" if best else ""))
+    epoch_ticks(ax, shown)
     ax.legend(fontsize=7)
     _save(fig, path)
 

@@ -80,11 +80,12 @@ def resume(storage: str, name: str, n_trials: int) -> tuple[int, int]:
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, duration and parameters."""
+    """One row per trial: number, state, its value (``best_val_acc``, a fraction), duration in seconds and
+    parameters: ``study.csv``'s columns."""
     rows = []
     for t in study.trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
-        rows.append({"trial": t.number, "state": t.state.name, "value": t.value, "seconds": seconds, **t.params})
+        rows.append({"trial": t.number, "state": t.state.name, "best_val_acc": t.value, "seconds": seconds, **t.params})
     return rows
 
 
@@ -94,10 +95,10 @@ def history_figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     from transfer.core.plots import _save, plt
 
-    done = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["best_val_acc"] is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if done:
-        xs, ys = [r["trial"] for r in done], [r["value"] for r in done]
+        xs, ys = [r["trial"] for r in done], [r["best_val_acc"] for r in done]
         best = [max(ys[: i + 1]) for i in range(len(ys))]
         ax.scatter(xs, ys, s=18, label="trial")
         ax.step(xs, best, where="post", color="C1", label="best so far")
@@ -105,7 +106,7 @@ def history_figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     if failed:
         ax.scatter(
             failed,
-            [min([r["value"] for r in done] or [0])] * len(failed),
+            [min([r["best_val_acc"] for r in done] or [0])] * len(failed),
             marker="x",
             color="C3",
             label="failed / interrupted",
@@ -116,13 +117,20 @@ def history_figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+def _fmt(value: Any, column: str = "") -> str:
+    """A Markdown cell's text: the accuracy in %, seconds to a tenth, parameters to 4 significant digits."""
+    if value is None:
+        return ""
+    if column == "best_val_acc" and isinstance(value, float):
+        return f"{100 * value:.2f}%"
+    if column == "seconds" and isinstance(value, float):
+        return f"{value:.1f} s"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def study_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
     """The report section: best trial, then every trial."""
-    params = sorted({k for r in rows for k in r} - {"trial", "state", "value", "seconds"})
+    params = sorted({k for r in rows for k in r} - {"trial", "state", "best_val_acc", "seconds"})
     lines = [
         "",
         f"## Hyperparameter search: study {markdown_code(study.study_name)} ({len(rows)} trials, maximise best "
@@ -133,12 +141,12 @@ def study_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
         best = study.best_trial
         lines += [
             "",
-            f"**Best trial {best.number}: best val accuracy {best.value:.4f}** with "
+            f"**Best trial {best.number}: best val accuracy {100 * best.value:.2f}%** with "
             + ", ".join(markdown_code(f"{k}={_fmt(v)}") for k, v in best.params.items()),
         ]
-    cols = ["trial", "state", "value", "seconds", *params]
+    cols = ["trial", "state", "best_val_acc", "seconds", *params]
     lines += ["", "| " + " | ".join(markdown(c) for c in cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(markdown(_fmt(r.get(c))) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(markdown(_fmt(r.get(c), c)) for c in cols) + " |" for r in rows]
     return "\n".join([*lines, "", "![trial history](trial_history.png)", ""])
 
 

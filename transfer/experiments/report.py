@@ -10,6 +10,10 @@ Job directories are named by their number alone (``hydra.sweep.subdir`` in ``con
 passed to ``ckpt=`` as it is; what a job ran with is its overrides, which Hydra records in the job's
 ``.hydra/overrides.yaml``. The report labels each job with the overrides that tell it apart from the sweep's
 other jobs (the ``overrides`` column and the figures' legend) and lists the ones every job shares once.
+
+Epochs are numbered from 1, as in ``history.json`` and ``summary.json``. ``report.md`` is for reading
+(accuracies in %, seconds to a tenth); ``report.csv`` keeps the summaries' machine-readable values (accuracies as
+fractions, full precision).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ COLUMNS = (
     "params",
     "epochs_run",
     "best_val_acc",
+    "best_epoch",
     "test_acc",
     "epoch_to_90pct",
     "train_seconds",
@@ -47,12 +53,21 @@ COLUMNS = (
 )
 
 
-def epoch_to_fraction(val_accs: list[float], fraction: float = 0.9) -> int | None:
-    """First epoch (1-based) whose validation accuracy reached ``fraction`` of the run's best: how fast it learns."""
+def epoch_to_fraction(
+    val_accs: Sequence[float], fraction: float = 0.9, epochs: Sequence[int] | None = None
+) -> int | None:
+    """First epoch whose validation accuracy reached ``fraction`` of the run's best: how fast it learns.
+
+    Args:
+        val_accs: the validation accuracies, in epoch order.
+        fraction: of the best accuracy.
+        epochs: the epoch (from 1) of each accuracy, as ``history.json`` numbers them; ``None``: 1, 2, 3, ...
+    """
     if not val_accs:
         return None
     target = fraction * max(val_accs)
-    return next(i + 1 for i, acc in enumerate(val_accs) if acc >= target)
+    numbers = list(epochs) if epochs is not None else list(range(1, len(val_accs) + 1))
+    return next(n for n, acc in zip(numbers, val_accs, strict=True) if acc >= target)
 
 
 def _natural(path: Path) -> list[Any]:
@@ -88,13 +103,16 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
         summary = json.loads(summary_path.read_text())
         history_path = summary_path.parent / "history.json"
         epochs = json.loads(history_path.read_text())["epochs"] if history_path.exists() else []
-        val_acc = [e["val/acc"] for e in epochs if "val/acc" in e]
+        curves = {
+            key: ([int(e["epoch"]) for e in epochs if key in e], [e[key] for e in epochs if key in e])
+            for key in ("val/acc", "val/loss")
+        }
         row = {c: summary.get(c) for c in COLUMNS}
         row.update(
             job=summary_path.parent.name,
             all_overrides=job_overrides(summary_path.parent),
-            epoch_to_90pct=epoch_to_fraction(val_acc),
-            curves={"val/acc": val_acc, "val/loss": [e["val/loss"] for e in epochs if "val/loss" in e]},
+            epoch_to_90pct=epoch_to_fraction(curves["val/acc"][1], epochs=curves["val/acc"][0]),
+            curves=curves,
         )
         rows.append(row)
     return rows
@@ -143,8 +161,28 @@ def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+ACCURACIES = ("best_val_acc", "test_acc")
+
+
+def percent(fraction: float) -> str:
+    """An accuracy as people read it: ``0.3456`` is ``34.56%``."""
+    return f"{100 * fraction:.2f}%"
+
+
+def _fmt(value: Any, column: str = "") -> str:
+    """A Markdown cell's text: accuracies in %, seconds to a tenth, throughput in whole images."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if column in ACCURACIES:
+            return percent(value)
+        if column == "train_seconds":
+            return f"{value:.1f} s"
+        if column == "images_per_second":
+            return f"{value:.0f}"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+    return str(value)
 
 
 def _label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -156,8 +194,13 @@ def _label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return label + (f" seed {row['seed']}" if len({r["seed"] for r in rows}) > 1 else "")
 
 
-def _cell(value: Any) -> str:
-    return markdown(_fmt(value))  # overrides, reasons and names are text from the command line and from files
+def _cell(value: Any, column: str = "") -> str:
+    return markdown(_fmt(value, column))  # overrides, reasons and names are text from the command line and from files
+
+
+def _spread(mean: float, std: float) -> str:
+    """Mean ± standard deviation of accuracies, in % (the deviation in percentage points)."""
+    return f"{100 * mean:.2f} ± {100 * std:.2f}%"
 
 
 def markdown_lines(
@@ -168,7 +211,7 @@ def markdown_lines(
     if shared:
         lines += ["Overrides shared by every job: " + markdown_code(" ".join(shared)), ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r[c], c) for c in COLUMNS) + " |" for r in rows]
     groups = seed_groups(rows)
     if groups:
         lines += [
@@ -180,8 +223,7 @@ def markdown_lines(
         ]
         lines += [
             f"| {_cell(g['model'])} | {g['pretrained']} | {_cell(g['adapt'])} | {g['seeds']} | "
-            f"{g['test_acc'][0]:.4f} ± "
-            f"{g['test_acc'][1]:.4f} | {g['best_val_acc'][0]:.4f} ± {g['best_val_acc'][1]:.4f} |"
+            f"{_spread(*g['test_acc'])} | {_spread(*g['best_val_acc'])} |"
             for g in groups
         ]
     if failed:
@@ -212,7 +254,10 @@ def write_report(sweep: Path) -> Path:
     lines = markdown_lines(sweep, rows, failed, shared)
     for key, name in (("val/acc", "val_acc.png"), ("val/loss", "val_loss.png")) if rows else ():
         overlay_curves(
-            {_label(r, rows): r["curves"][key] for r in rows}, key.replace("val/", "validation "), sweep / name
+            {_label(r, rows): r["curves"][key] for r in rows},
+            key.replace("val/", "validation "),
+            sweep / name,
+            best={_label(r, rows): r["best_epoch"] for r in rows},
         )
         lines += ["", f"![{key}]({name})"]
     (sweep / "report.md").write_text("\n".join(lines) + "\n")

@@ -147,7 +147,7 @@ class StagedFinetuning(L.Callback):
             if isinstance(config.scheduler, FreezeGate):
                 config.scheduler.set_epoch(epoch)
         if epoch == self.plan.unfreeze_at_epoch:
-            log.info("epoch %d: backbone unfrozen", epoch)
+            log.info("epoch %d: backbone unfrozen", epoch + 1)  # numbered from 1, as the log is
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # DDP averages the gradients of the parameters that required them when it wrapped the model, so a

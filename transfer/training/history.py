@@ -1,4 +1,9 @@
-"""Per-iteration loss, per-epoch metrics and training throughput, collected without per-step host syncs."""
+"""Per-iteration loss, per-epoch metrics, training throughput and how many images each evaluation scored,
+collected without per-step host syncs.
+
+Epochs are numbered from 1 in the rows (and so in ``history.json``, the figures and ``summary.json``), as in the
+log line each epoch ends with; ``trainer.current_epoch`` is Lightning's 0-based counter.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +47,14 @@ def _monitored_lrs(trainer: L.Trainer) -> dict[str, float]:
     return {f"lr/{name}": float(lr) for name, lr in logged.items()}
 
 
+def _sum_over_ranks(trainer: L.Trainer, pl_module: L.LightningModule, count: int) -> int:
+    """``count`` summed over the ranks (itself on one device): one collective per evaluation, every rank calls it."""
+    if trainer.world_size == 1:
+        return count
+    total = trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum")
+    return int(total.item()) if isinstance(total, Tensor) else int(total)
+
+
 class History(L.Callback):
     """Records what the run's figures and summary need.
 
@@ -51,12 +64,15 @@ class History(L.Callback):
 
     Attributes:
         step_loss: training loss of every optimisation step.
-        epochs: one dict per finished epoch: ``epoch``, ``train/loss``, ``train/acc``, ``val/loss``,
+        epochs: one dict per finished epoch: ``epoch`` (from 1), ``train/loss``, ``train/acc``, ``val/loss``,
             ``val/acc``, and ``lr/<param group>``: the rates the trainer's ``LearningRateMonitor`` logged for
             the epoch (with ``logging_interval="epoch"``, those it started with), so the figures, the summary
             and the logger show one set of numbers. Without a monitor there are no lr columns.
         train_images: images seen in training batches.
         train_batch_seconds: wall time spent in training epochs up to their last batch.
+        val_scored: images the latest validation (not the sanity check) scored, summed over ranks; ``None``
+            before one. With ``limit_val_batches`` this is less than the split's size.
+        test_scored: images the latest test scored, summed over ranks; ``None`` before one.
     """
 
     def __init__(self) -> None:
@@ -67,6 +83,9 @@ class History(L.Callback):
         self._pending: list[Tensor] = []
         self._epoch_start = 0.0
         self._last_batch_end = 0.0
+        self.val_scored: int | None = None
+        self.test_scored: int | None = None
+        self._scoring = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._last_batch_end = time.perf_counter()
@@ -86,7 +105,7 @@ class History(L.Callback):
             self.step_loss += torch.stack(self._pending).float().cpu().tolist()
             self._pending.clear()
         metrics = trainer.callback_metrics
-        row: dict[str, float] = {"epoch": trainer.current_epoch}
+        row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
         for key in _EPOCH_KEYS:
             if key in metrics:
                 row[key.replace("_epoch", "")] = float(metrics[key])
@@ -95,10 +114,45 @@ class History(L.Callback):
         # One line per epoch in run.log (and on the console), so runs without a progress bar still show progress.
         log.info(
             "epoch %d/%d: %s",
-            trainer.current_epoch + 1,
+            row["epoch"],
             trainer.max_epochs,
             ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
         )
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._scoring = 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._scoring += len(as_batch(batch).y)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.val_scored = _sum_over_ranks(trainer, pl_module, self._scoring)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._scoring = 0
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._scoring += len(as_batch(batch).y)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.test_scored = _sum_over_ranks(trainer, pl_module, self._scoring)
 
     @property
     def images_per_second(self) -> float:

@@ -78,7 +78,7 @@ class ProgressiveResize(L.Callback):
         full = datamodule.preprocess.image_size
         size = self.size_at(trainer.current_epoch, full)
         datamodule.set_train_size(size if size != full else None)
-        log.info("epoch %d: training at %d px", trainer.current_epoch, size)
+        log.info("epoch %d: training at %d px", trainer.current_epoch + 1, size)  # numbered from 1, as the log is
 
 
 def _datamodule(trainer: L.Trainer) -> Any:

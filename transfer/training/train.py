@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +25,7 @@ from transfer.core.errors import ConfigError
 from transfer.core.plots import plot_epoch_curves, plot_step_loss
 from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
+from transfer.core.quiet import quiet
 from transfer.data import ClassificationData, datamodule_from_config
 from transfer.models import count_parameters, model_preprocess, resolve_adapt
 from transfer.training.checkpoint_io import AtomicCheckpointIO
@@ -35,11 +36,13 @@ from transfer.training.finetune import StagedFinetuning
 from transfer.training.history import History
 from transfer.training.module import Classifier
 from transfer.training.preflight import check_fresh
+from transfer.training.progress import FitSummary, TimedProgressBar
 from transfer.training.resume import EpochCheckpoint, RunState
 from transfer.training.stops import GracefulStop, Stopped, announce_untested, stoppable, writing_outputs
 from transfer.training.tensorboard import TensorBoardExtras, log_hparams
 
 log = logging.getLogger(__name__)
+quiet()  # again, now that Lightning is imported: its console handler must not repeat the root's lines
 
 
 def check_input_size(module: Classifier, size: int) -> None:
@@ -245,11 +248,12 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, history: History, checkpoint
         LearningRateMonitor("epoch"),
         TensorBoardExtras(),
         GracefulStop(run_dir / "checkpoints"),
-        RunState(history),
-    ]  # RNG streams, pending plateau step and history ride in the checkpoint
+        RunState(history),  # RNG streams, pending plateau step and history ride in the checkpoint
+        FitSummary(),  # after the fine-tuning callback: counts what the first step trains
+    ]
     if cfg.trainer.get("enable_progress_bar", True):
-        # Refreshing every step reads the logged loss with .item(), a device sync per step on a GPU.
-        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.trainer.get("log_every_n_steps", 20))))
+        # By the clock, not every n steps: each refresh reads the logged loss with .item(), a device sync on a GPU.
+        callbacks.append(TimedProgressBar(refresh_seconds=1.0))
     return callbacks
 
 
@@ -275,6 +279,7 @@ def _write_outputs(
             run_dir,
             f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
             cfg.finetune.unfreeze_at_epoch,
+            summary.get("best_epoch"),
         )
     log_hparams(trainer, _hparams(cfg), {k: summary[k] for k in ("test_acc", "best_val_acc", "images_per_second")})
 
@@ -324,7 +329,7 @@ def _summary(
         "image_size": module.preprocess.image_size if module.preprocess else None,
         "epochs_run": len(history.epochs),
         "best_val_acc": float(best_score) if best_score is not None else (max(val_accs) if val_accs else None),
-        # numbered as history.json and the checkpoint names are (from 0), whichever epochs were validated
+        # numbered from 1, as history.json, the figures and the log are, whichever epochs were validated
         "best_epoch": (int(validated[val_accs.index(max(val_accs))]["epoch"]) if val_accs else None),
         "test_acc": test[0].get("test/acc") if test else None,
         "test_loss": test[0].get("test/loss") if test else None,
@@ -333,7 +338,9 @@ def _summary(
         "best_checkpoint": checkpoint.best_model_path,
         "last_checkpoint": checkpoint.last_model_path,
         "seed": cfg.seed,
-        "data": datamodule.describe() | {"batch_size": datamodule.batch_size},
+        # beside each split's size, the images the last validation and the test scored (limit_*_batches, DDP ranks)
+        "data": datamodule.describe()
+        | {"batch_size": datamodule.batch_size, "val_scored": history.val_scored, "test_scored": history.test_scored},
         # the strategy's device: by now Lightning's teardown has moved the module back to the CPU
         "device": str(module.trainer.strategy.root_device),
         "precision": str(module.trainer.precision),
@@ -370,9 +377,9 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
 
 
-def _figures(history: History, run_dir: Path, title: str, unfreeze_epoch: int | None) -> None:
+def _figures(history: History, run_dir: Path, title: str, unfreeze_epoch: int | None, best_epoch: int | None) -> None:
     history.save(run_dir / "history.json")
     if history.step_loss:
         plot_step_loss(history.step_loss, run_dir / "loss_per_iteration.png", f"Training loss per iteration: {title}")
     if history.epochs:
-        plot_epoch_curves(history.epochs, run_dir / "curves_per_epoch.png", title, unfreeze_epoch)
+        plot_epoch_curves(history.epochs, run_dir / "curves_per_epoch.png", title, unfreeze_epoch, best_epoch)
