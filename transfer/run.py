@@ -81,6 +81,14 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def budget_line(summary: dict, wall_s: float) -> str | None:
+    """The last console line of a ``budget=`` run: the budget against the wall time it took."""
+    budget = (summary.get("budget") or {}).get("budget_s")
+    if not budget:
+        return None
+    return f"budget {budget:.0f} s, actual {wall_s:.1f} s ({(wall_s / budget - 1) * 100:+.1f}%)"
+
+
 def describe(summary: dict) -> str:
     """The one-line result a run ends with: accuracies in % (two decimals), the epoch numbered from 1 as in the
     log and ``history.json``, seconds to a tenth."""
@@ -103,15 +111,19 @@ def _rate(per_second: float) -> str:
 def main(cfg: DictConfig) -> float | None:
     """Train one configuration; returns the best validation accuracy (what Hydra sweepers optimise: model
     selection never looks at the test set)."""
+    started = job_started()
     from lightning.pytorch.utilities import rank_zero_only
 
     from transfer.training.train import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     prepare(cfg)
-    summary = train(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task))
+    summary = train(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task), started=started)
     if getattr(rank_zero_only, "rank", 0) == 0:  # under DDP every rank runs this function; Lightning sets .rank
         print(f"\n{describe(summary)}; outputs in {run_dir}")
+        budget = budget_line(summary, time.time() - started)
+        if budget:
+            print(budget)
     return summary["best_val_acc"]
 
 

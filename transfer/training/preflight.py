@@ -117,6 +117,10 @@ def problems(cfg: DictConfig) -> list[str]:
         OmegaConf.select(cfg, "data.root", throw_on_missing=True)
     except MissingMandatoryValue:
         found.append("data.root is required for this data config (pass data.root=/path/to/your/images)")
+    if OmegaConf.select(cfg, "budget", default=None) is not None:
+        from transfer.training.budget import budget_problems  # imports Lightning: only for a run with a budget
+
+        found += budget_problems(cfg)
     resume = OmegaConf.select(cfg, "resume", default=None)
     if resume:
         try:

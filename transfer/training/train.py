@@ -28,6 +28,7 @@ from transfer.core.provenance import code_version
 from transfer.core.quiet import quiet
 from transfer.data import ClassificationData, datamodule_from_config
 from transfer.models import count_parameters, model_preprocess, resolve_adapt
+from transfer.training.budget import budget_planner, budgeted_config
 from transfer.training.checkpoint_io import AtomicCheckpointIO
 from transfer.training.compute import apply_compute, resolve_precision
 from transfer.training.distributed import weights_in_sync
@@ -170,7 +171,9 @@ def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationD
     return datamodule, module
 
 
-def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, started: float | None = None
+) -> dict[str, Any]:
     """Train, test the best checkpoint, and write the run's outputs into ``run_dir``.
 
     Args:
@@ -178,18 +181,24 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         run_dir: where checkpoints, logs, figures and ``summary.json`` go; must not hold an earlier run.
         overrides: the command-line overrides that made ``cfg`` (recorded in the summary: sweep job
             directories are named by number only).
+        started: ``time.time()`` when the run's clock started (the process start, which ``budget=`` counts
+            from); ``None``: now.
 
     Returns:
         The summary written to ``summary.json``.
     """
+    started = time.time() if started is None else started
     run_dir = Path(run_dir)
     check_fresh(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, module = build(cfg)
+    run_cfg = budgeted_config(cfg)  # budget=: an open-ended trainer and schedule, planned after a probe
+    datamodule, module = build(run_cfg)
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     history, checkpoint = History(), best_and_last_checkpoint(run_dir, cfg.get("checkpoint"))
-    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, history, checkpoint))
+    planner = budget_planner(run_cfg, started)
+    callbacks = [*build_callbacks(run_cfg, run_dir, history, checkpoint), *([planner] if planner else [])]
+    trainer = build_trainer(run_cfg, run_dir, callbacks)
 
     start = time.perf_counter()
     # weights_only: a checkpoint cannot run code
@@ -204,6 +213,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
     summary["tested"] = stopped is None  # a stop while testing still writes what training produced
     summary["distributed"] = _distributed(trainer, module)
     summary["overrides"] = list(overrides or [])
+    summary["wall_s"] = round(time.time() - started, 2)  # from the process start (budget=) or train()'s call
+    summary["budget"] = planner.summary(summary["wall_s"]) if planner else None
     with writing_outputs(run_dir):
         _write_outputs(cfg, trainer, history, summary, run_dir)
     if stopped is not None:
