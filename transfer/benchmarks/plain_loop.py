@@ -128,15 +128,15 @@ def budgeted(model: torch.nn.Module, data: tuple[torch.Tensor, ...], args: argpa
     start = time.perf_counter()
     accuracy(model, xte[:256], yte[:256], args.size)
     test_s = (time.perf_counter() - start) / min(256, len(yte)) * len(yte)
-    steps = int((args.budget - (time.time() - STARTED) - test_s - MARGIN_S) / step_s)
-    if steps < 1:
-        raise SystemExit(f"--budget {args.budget:g} leaves no time to train after the probe")
-    for group in opt.param_groups:
-        group["lr"] = args.lr
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
-    for _ in range(steps):
-        train_step(model, opt, *next(stream))
-        sched.step()
+    # past the budget already (a slow start): no more steps, and the result says by how much it ran over
+    steps = max(0, int((args.budget - (time.time() - STARTED) - test_s - MARGIN_S) / step_s))
+    if steps:
+        for group in opt.param_groups:
+            group["lr"] = args.lr
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+        for _ in range(steps):
+            train_step(model, opt, *next(stream))
+            sched.step()
     per_epoch = len(ytr) // args.batch_size
     return {
         "budget_s": args.budget,

@@ -94,6 +94,13 @@ def length_key(scheduler: dict[str, Any] | None) -> str | None:
     return next((key for key in _LENGTH_KEYS if key in (scheduler or {})), None)
 
 
+def scheduler_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``scheduler`` group as a plain dict, resolved; ``None`` for constant rates (``scheduler=none``)."""
+    node = cfg.get("scheduler")
+    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else None
+    return {str(k): v for k, v in container.items()} if isinstance(container, dict) and container else None
+
+
 def budget_problems(cfg: DictConfig) -> list[str]:
     """What makes ``budget=`` unusable with the rest of ``cfg``, as phrases for the preflight's one paragraph."""
     try:
@@ -103,7 +110,7 @@ def budget_problems(cfg: DictConfig) -> list[str]:
     if budget is None:
         return []
     found = []
-    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None
+    scheduler = scheduler_config(cfg)
     target = str((scheduler or {}).get("_target_", ""))
     if "Plateau" in target or (scheduler or {}).get("monitor"):
         found.append(
@@ -138,7 +145,7 @@ def budgeted_config(cfg: DictConfig) -> DictConfig:
         trainer.max_epochs, trainer.max_steps = -1, PROVISIONAL_STEPS
         trainer.check_val_every_n_epoch, trainer.val_check_interval = None, PROVISIONAL_STEPS
         if run.get("scheduler"):
-            scheduler: dict[str, Any] = OmegaConf.to_container(run.scheduler, resolve=True)  # type: ignore[assignment]
+            scheduler = scheduler_config(run) or {}
             run.scheduler = {**scheduler, str(length_key(scheduler)): PROVISIONAL_STEPS, "interval": "step"}
     return run
 
@@ -475,5 +482,4 @@ def budget_planner(cfg: DictConfig, started: float) -> BudgetPlanner | None:
     budget = parse_duration(cfg.get("budget"))
     if budget is None:
         return None
-    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None
-    return BudgetPlanner(budget, started, scheduler, test_passes=2 if cfg.get("tta") else 1)  # type: ignore[arg-type]
+    return BudgetPlanner(budget, started, scheduler_config(cfg), test_passes=2 if cfg.get("tta") else 1)
