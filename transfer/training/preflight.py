@@ -36,6 +36,16 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
 
+def _share_or_count(v: Any) -> bool:
+    """A fraction strictly between 0 and 1, or a whole count >= 1 (``1.5`` is neither)."""
+    return _num(v) and (0 < v < 1 or (v >= 1 and float(v).is_integer()))
+
+
+def _lightning_limit(v: Any) -> bool:
+    """Lightning's ``limit_*_batches`` / ``val_check_interval``: a float fraction in [0, 1] or an integer count."""
+    return (isinstance(v, float) and 0 <= v <= 1) or (_int(v) and v >= 0)
+
+
 # (key, check, what it must be): keys absent from the composed config are skipped.
 RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("seed", _int, "an integer"),
@@ -43,8 +53,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.eval_batch_size", lambda v: _int(v) and v >= 1, "a positive integer"),
     ("data.num_workers", _optional(lambda v: _int(v) and v >= 0), "null (one per core) or an integer >= 0"),
     ("data.image_size", _optional(lambda v: _int(v) and v >= 8), "null (the model decides) or an integer >= 8 (px)"),
-    ("data.val_size", lambda v: _num(v) and v >= 0, "a fraction below 1 or an image count >= 1"),
-    ("data.test_size", lambda v: _num(v) and v >= 0, "a fraction below 1 or an image count >= 1"),
+    ("data.val_size", _share_or_count, "a fraction in (0, 1) or a whole image count >= 1"),
+    ("data.test_size", _share_or_count, "a fraction in (0, 1) or a whole image count >= 1"),
     ("data.augment_on", lambda v: v in ("device", "cpu_pil"), "device or cpu_pil"),
     ("data.skip_corrupt", lambda v: isinstance(v, bool), "true or false"),
     ("data.memory_limit_gb", lambda v: _num(v) and v >= 0, "a number of GB >= 0"),
@@ -64,6 +74,10 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.accumulate_grad_batches", lambda v: _int(v) and v >= 1, "a positive integer"),
     ("trainer.gradient_clip_val", _optional(lambda v: _num(v) and v > 0), "null or a positive number"),
     ("trainer.log_every_n_steps", lambda v: _int(v) and v >= 1, "a positive integer"),
+    ("trainer.limit_train_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
+    ("trainer.limit_val_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
+    ("trainer.limit_test_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
+    ("trainer.val_check_interval", _optional(_lightning_limit), "null, a fraction of an epoch or a batch count"),
     ("label_smoothing", lambda v: _num(v) and 0 <= v < 1, "in [0, 1)"),
     ("mix.mixup_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
     ("mix.cutmix_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
@@ -178,6 +192,7 @@ def check_checkpoint(
 
     import torch
 
+    remove_orphan_writes(path.parent)  # a kill mid-write left them beside the checkpoint resumed from
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
@@ -281,14 +296,52 @@ def check_launcher(cfg: DictConfig) -> None:
 
 
 def check_fresh(run_dir: Path) -> None:
-    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten."""
+    """Refuse to write into a directory that already holds a run's results, so nothing is overwritten.
+
+    Temporary files a killed checkpoint write left in ``checkpoints/`` are removed first
+    (:func:`remove_orphan_writes`): they are no results.
+    """
     ckpts = run_dir / "checkpoints"
+    remove_orphan_writes(ckpts)
     if (run_dir / "summary.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir())):
         raise ConfigError(
             f"The run directory {run_dir} already holds a finished or running job's checkpoints/summary; refusing "
             f"to overwrite them. Start the run again (the default directory name carries the time), or pass "
             f"hydra.run.dir=<a new folder>. To continue that run, pass resume={ckpts / 'last.ckpt'} with a new "
             f"directory."
+        )
+
+
+def remove_orphan_writes(folder: Path) -> None:
+    """Remove what killed checkpoint writes left in ``folder`` (Lightning is imported only when there is some)."""
+    if folder.is_dir() and any(folder.glob(".*.tmp")):
+        from transfer.training.checkpoint_io import remove_orphans
+
+        remove_orphans(folder)
+
+
+def check_writable(folder: Path, setting: str = "hydra.run.dir") -> None:
+    """Refuse a run directory that cannot be made or written: a path through a file, or a read-only folder.
+
+    Checked before Hydra creates the directory, so the refusal is one paragraph and nothing is written. A disk
+    that fills up later is reported where the write fails (:mod:`transfer.core.disk`).
+
+    Args:
+        folder: the directory the run will write into (it may not exist yet).
+        setting: the setting that chose it, for the message.
+    """
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{setting}={folder} runs through {existing}, which is a file, not a folder: the run directory cannot "
+            f"be made there. Choose another {setting}=, or move that file away."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{setting}={folder} cannot be written: {existing} is read-only for this user. Choose another "
+            f"{setting}= on a writable disk, or make {existing} writable."
         )
 
 
@@ -357,6 +410,7 @@ class Preflight(Callback):
         validate(config)
         run_dir = Path(str(config.hydra.run.dir))
         if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks > 0 share rank 0's directory
+            check_writable(run_dir)
             check_fresh(run_dir)
             note_new_run_dir(run_dir)
         from transfer.training.inputs import check_inputs  # imports torch and the models: only for a valid config
@@ -367,3 +421,4 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_launcher(config)
         validate(config)
+        check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
