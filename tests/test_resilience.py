@@ -280,7 +280,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_step_and_rates_and_keeps_the_last
     with pytest.raises(DivergenceError) as info:
         train(cfg, tmp_path / "run")
     text = str(info.value)
-    assert "loss was nan" in text and "at epoch 1, step 4" in text and "rates head 0.001, backbone " in text
+    assert "loss was nan" in text and "at epoch 2, step 4" in text and "rates head 0.001, backbone " in text
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert str(last) in text
     ckpt = torch.load(last, weights_only=True)
@@ -300,7 +300,7 @@ def test_a_loss_above_max_loss_stops_the_run(tiny_models, compose_cfg, tiny_cifa
         "callbacks.divergence_guard.max_loss=0.5",
         *TINY,
     )
-    with pytest.raises(DivergenceError, match=r"above callbacks.divergence_guard.max_loss=0.5\) at epoch 0, step 0"):
+    with pytest.raises(DivergenceError, match=r"above callbacks.divergence_guard.max_loss=0.5\) at epoch 1, step 0"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 

@@ -277,7 +277,7 @@ def test_the_plan_is_logged_once_at_fit_start(tiny_cifar: Path, caplog: pytest.L
         fit(tiny_cifar, 1, unfreeze_at_epoch=2, backbone_lr_ratio=0.1)
     (line,) = [r.getMessage() for r in caplog.records if "param groups" in r.getMessage()]
     assert "4 param groups" in line and "head lr 0.01" in line
-    assert "backbone lr 0.001, frozen until epoch 2" in line and "deepest" not in line
+    assert "backbone lr 0.001, frozen for 2 epoch(s), trained from epoch 3" in line and "deepest" not in line
 
 
 @pytest.mark.parametrize(

@@ -41,14 +41,14 @@ def test_on_an_accelerator_the_first_bad_loss_is_named_at_the_next_read():
     trainer, guard = fake_trainer("cuda", log_every=4), DivergenceGuard()
     at, message = steps(guard, trainer, [1.0, float("nan"), 2.0, 1.0, 1.0])
     assert at == 3  # the host reads after every 4th step
-    assert "loss was nan (not finite) at epoch 0, step 1 (seen at step 3)" in message
+    assert "loss was nan (not finite) at epoch 1, step 1 (seen at step 3)" in message
     assert "learning rates head 0.1;" in message  # the no-decay twin shares the lr: named once
 
 
 def test_on_a_cpu_every_step_is_read_before_it_applies():
     trainer = fake_trainer("cpu")
     at, message = steps(DivergenceGuard(), trainer, [1.0, 1.0, float("inf")])
-    assert at == 2 and "at epoch 0, step 2 (batch 0 of the epoch)" in message
+    assert at == 2 and "at epoch 1, step 2 (batch 0 of the epoch)" in message
 
 
 def test_a_bad_loss_between_reads_is_caught_before_validation_and_epoch_end():
@@ -56,7 +56,7 @@ def test_a_bad_loss_between_reads_is_caught_before_validation_and_epoch_end():
         trainer, guard = fake_trainer("cuda", log_every=100), DivergenceGuard(max_loss=5.0)
         trainer.training, trainer.state = True, SimpleNamespace(fn="fit")
         assert steps(guard, trainer, [1.0, 9.0, 1.0]) == (-1, "")  # no read yet
-        with pytest.raises(DivergenceError, match=r"loss was 9 \(above .*max_loss=5.0\) at epoch 0, step 1"):
+        with pytest.raises(DivergenceError, match=r"loss was 9 \(above .*max_loss=5.0\) at epoch 1, step 1"):
             getattr(guard, hook)(trainer, None)
         getattr(guard, hook)(trainer, None)  # reported once
 

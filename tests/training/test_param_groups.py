@@ -118,7 +118,7 @@ def test_layer_groups_split_numbered_blocks_with_the_stem_first():
 def test_the_plan_line_names_one_backbone_rate_once_and_a_layered_range_as_a_range():
     single = describe(build_param_groups(Model(), GroupPlan(2, 0.1), lr=1e-3), lr=1e-3)
     assert "4 param groups (2 without weight decay)" in single
-    assert "head lr 0.001" in single and "backbone lr 0.0001, frozen until epoch 2" in single
+    assert "head lr 0.001" in single and "backbone lr 0.0001, frozen for 2 epoch(s), trained from epoch 3" in single
     assert "deepest" not in single
     layered = describe(build_param_groups(Model(), GroupPlan(0, 0.5, 0.5), lr=1.0), lr=1.0)
     assert "backbone 4 layers, lr 0.0625 (deepest) .. 0.5 (top), trains from the start" in layered

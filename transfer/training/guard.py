@@ -103,7 +103,7 @@ class DivergenceGuard(L.Callback):
             else "the run was stopped at the next check of the loss, before any checkpoint saved those weights"
         )
         return (
-            f"Training diverged: the loss was {value:g} ({what}) at epoch {trainer.current_epoch}, {where}, with "
+            f"Training diverged: the loss was {value:g} ({what}) at epoch {trainer.current_epoch + 1}, {where}, with "
             f"learning rates {rates}; {when}. {kept}. Lower optimizer.lr, set trainer.gradient_clip_val=1.0, or "
             f"check the data for broken images or labels."
         )

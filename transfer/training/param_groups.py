@@ -190,8 +190,8 @@ def describe(groups: Sequence[dict[str, Any]], lr: float) -> str:
         lr: ``optimizer.lr``; the rates shown are the groups' configured ones (a schedule moves them from there).
 
     Returns:
-        e.g. ``4 param groups (2 without weight decay), 62 tensors: head lr 0.001; backbone lr 0.0001, frozen until
-        epoch 2``.
+        e.g. ``4 param groups (2 without weight decay), 62 tensors: head lr 0.001; backbone lr 0.0001, frozen for
+        2 epoch(s), trained from epoch 3`` (epochs counted from 1, as everywhere people read them).
     """
     tensors = sum(len(g["params"]) for g in groups)
     exempt = sum(1 for g in groups if str(g.get("name", "")).endswith(".no_decay"))
@@ -207,5 +207,8 @@ def describe(groups: Sequence[dict[str, Any]], lr: float) -> str:
         else:
             rates = f"{layers} layers, lr {lr * scales[0]:.3g} (deepest) .. {lr * scales[-1]:.3g} (top)"
         start = backbone[0]["trains_from"]
-        parts.append(f"backbone {rates}, " + (f"frozen until epoch {start}" if start else "trains from the start"))
+        parts.append(
+            f"backbone {rates}, "
+            + (f"frozen for {start} epoch(s), trained from epoch {start + 1}" if start else "trains from the start")
+        )
     return f"{len(groups)} param groups ({exempt} without weight decay), {tensors} tensors: " + "; ".join(parts)

@@ -148,7 +148,7 @@ def writing_outputs(run_dir: Path) -> Iterator[None]:
 @rank_zero_only
 def _announce(name: str, trainer: L.Trainer, path: Path) -> None:
     print(
-        f"\nstopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; saved {path}. "
+        f"\nstopped by {name} at epoch {trainer.current_epoch + 1}, step {trainer.global_step}; saved {path}. "
         f"Resume with: {resume_command(path)}",
         file=sys.stderr,
         flush=True,
