@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from torch import Tensor
 
 from transfer.data.batch import as_batch
+from transfer.training.progress import epoch_label
 
 _EPOCH_KEYS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc")
 log = logging.getLogger(__name__)
@@ -113,10 +114,7 @@ class History(L.Callback):
         self.epochs.append(row)
         # One line per epoch in run.log (and on the console), so runs without a progress bar still show progress.
         log.info(
-            "epoch %d/%d: %s",
-            row["epoch"],
-            trainer.max_epochs,
-            ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+            "%s: %s", epoch_label(trainer).lower(), ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
         )
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
