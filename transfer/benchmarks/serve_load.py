@@ -121,7 +121,7 @@ def demo_checkpoint(folder: Path, model: str = "efficientnet_lite0") -> Path:
     module = Classifier(
         {"name": model, "pretrained": False},
         list(CIFAR10_CLASSES),
-        {"_target_": "torch.optim.Adam"},
+        {"_target_": "torch.optim.Adam", "lr": 1e-3},
         preprocess=model_preprocess(model, "native", None, 32).to_dict(),
     )
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
