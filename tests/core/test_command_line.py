@@ -22,6 +22,11 @@ def test_a_typo_in_a_key_names_the_closest_setting(tmp_path: Path):
     assert "no setting trainer.max_epoch" in text and "Did you mean trainer.max_epochs?" in text
 
 
+def test_a_trainer_argument_the_config_does_not_set_is_named_with_its_plus_form(tmp_path: Path):
+    text = refused(tmp_path, "trainer.detect_anomaly=true")
+    assert "trainer.detect_anomaly is a lightning.Trainer argument" in text and "+trainer.detect_anomaly=true" in text
+
+
 def test_an_unknown_group_option_lists_the_options(tmp_path: Path):
     text = refused(tmp_path, "optimizer=adamm")
     assert "no optimizer option 'adamm'" in text and "Did you mean adam or adamw?" in text

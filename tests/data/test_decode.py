@@ -259,5 +259,5 @@ def test_a_folder_of_odd_images_trains_through_both_paths(tmp_path: Path, augmen
     for split in ("train", "val", "test"):
         loader = getattr(dm, f"{split}_dataloader")()
         for batch in loader:
-            x, y, _ = dm.prepare_batch(batch, train=split == "train")
+            x, _, _ = dm.prepare_batch(batch, train=split == "train")
             assert x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all()

@@ -125,3 +125,21 @@ def test_keep_0_in_a_sweep_keeps_only_the_best_jobs_best_checkpoint(tmp_path: Pa
     assert all((tmp_path / job / "checkpoints" / "last.ckpt").is_file() for job in "0123")
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["best_checkpoint"] is None
     assert json.loads((tmp_path / "1" / "summary.json").read_text())["best_checkpoint"].endswith("best-epoch01.ckpt")
+
+
+@pytest.mark.parametrize(
+    "override, said",
+    [
+        ("data._target_=transfer.data.NoSuchData", "data._target_='transfer.data.NoSuchData' must name a data module"),
+        ("data._target_=nowhere.Data", "data._target_='nowhere.Data' must name a data module"),
+        ("+trainer.sync_batchnorm=true", "trainer.sync_batchnorm=true needs GPUs"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused_before_anything_is_built(
+    never_build, tiny_cifar: Path, tmp_path: Path, override: str, said: str
+):
+    proc = run_tool(
+        "transfer.run", *TINY_MODEL, f"data.root={tiny_cifar}", override, f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert proc.returncode == 2 and said in " ".join(proc.stderr.split()), proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

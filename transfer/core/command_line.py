@@ -67,7 +67,23 @@ def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
     return f" Did you mean {' or '.join(near)}?" if near else ""
 
 
+def _trainer_argument(key: str) -> bool:
+    """Whether ``trainer.<name>`` is an argument of ``lightning.Trainer`` (only asked on the error path)."""
+    if not key.startswith("trainer.") or key.count(".") != 1:
+        return False
+    import inspect
+
+    import lightning
+
+    return key.split(".", 1)[1] in inspect.signature(lightning.Trainer.__init__).parameters
+
+
 def _unknown_key(tool: str, arg: str, key: str, valid: Sequence[str]) -> ConfigError:
+    if _trainer_argument(key):
+        return ConfigError(
+            f"{arg}: {key} is a lightning.Trainer argument that the trainer config does not set, so Hydra needs it "
+            f"added: +{arg}."
+        )
     return ConfigError(
         f"{arg}: {tool} has no setting {key}.{_did_you_mean(key, valid)} `python -m {tool} --cfg job` prints "
         f"every setting with its value. (Hydra's +{key}=... would add the key anyway and hand it to a component "

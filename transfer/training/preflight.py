@@ -8,6 +8,7 @@ in ``on_multirun_start`` for the sweep as a whole (each job checks its own setti
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
@@ -99,9 +100,38 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
+def _importable(target: Any) -> bool:
+    """A ``_target_`` that names something importable, checked without importing it (no Lightning yet)."""
+    if not isinstance(target, str) or "." not in target:
+        return False
+    module, name = target.rsplit(".", 1)
+    if module == "transfer.data":
+        import transfer.data
+
+        return name in transfer.data.__all__
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _combination_problems(cfg: DictConfig) -> list[str]:
+    """Settings that are each valid but cannot go together."""
+    found = []
+    target = OmegaConf.select(cfg, "data._target_", default=None)
+    if target is not None and not _importable(target):
+        found.append(
+            f"data._target_={target!r} must name a data module class (data=cifar10 or data=imagefolder pick one)"
+        )
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and accelerator == "cpu":
+        found.append("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm runs on CUDA only)")
+    return found
+
+
 def problems(cfg: DictConfig) -> list[str]:
     """Every rule :data:`RULES` (and ``resume``) breaks in ``cfg``, as ``key=value must be ...`` phrases."""
-    found = []
+    found = _combination_problems(cfg)
     for key, check, what in RULES:
         try:
             value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
