@@ -15,10 +15,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from transfer.conf import CONF_PATH
-from transfer.core.command_line import checked_command_line
+from transfer.conf import CONF_DIR, CONF_PATH
+from transfer.core.command_line import checked_command_line, config_groups
 from transfer.core.errors import report_errors
 from transfer.core.exit_status import graceful_exit
 from transfer.experiments.sweep import sweep_job
@@ -26,6 +26,8 @@ from transfer.training.inputs import check_inputs
 from transfer.training.preflight import check_checkpoint, resume_path, validate
 
 log = logging.getLogger(__name__)
+# --help lists the groups a run takes (conf/hydra/help/transfer.yaml), not the tools' configs beside them
+OmegaConf.register_new_resolver("transfer_config_groups", lambda: config_groups(CONF_DIR), replace=True)
 
 
 def prepare(cfg: DictConfig) -> None:

@@ -57,3 +57,9 @@ def test_help_and_printing_the_config_are_not_in_the_way(args: tuple[str, ...]):
 def test_full_errors_leave_hydra_its_own_message(tmp_path: Path):
     proc = run_tool("transfer.run", "trainer.max_epoch=1", env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode == 1 and "Could not override 'trainer.max_epoch'" in proc.stderr
+
+
+def test_help_lists_the_groups_a_run_takes_and_not_the_tools_configs():
+    out = run_tool("transfer.run", "--help").stdout
+    assert "optimizer: adam, adamw, sgd" in out and "model: alexnet, " in out
+    assert "tools:" not in out and "model/_base" not in out

@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_module
@@ -207,3 +208,20 @@ def checked_command_line(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def config_groups(conf_dir: str | Path, hidden: Sequence[str] = ("hydra", "tools")) -> str:
+    """The run's config groups and their options, one ``group: a, b, c`` line each, for ``--help``.
+
+    Hydra's own list shows every folder of ``conf/``, including the tools' configs and the shared base of the
+    model files, which are not options a run takes; this one leaves out ``hidden`` folders and ``_``-prefixed
+    ones (``model/_base``).
+    """
+    lines = []
+    for folder in sorted(Path(conf_dir).iterdir()):
+        if not folder.is_dir() or folder.name in hidden or folder.name.startswith(("_", ".")):
+            continue
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        if options:
+            lines.append(f"{folder.name}: {', '.join(options)}")
+    return "\n".join(lines)
