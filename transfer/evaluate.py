@@ -14,11 +14,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import report_errors
 from transfer.core.exit_status import STOPPED_BY, announce_stop, graceful_exit, stop_signal
 from transfer.deploy.evaluate import evaluate, report_markdown
 
 
+@checked_command_line("transfer.evaluate", CONF_PATH, "tools/evaluate")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/evaluate")
 @report_errors
 @graceful_exit  # SIGINT/SIGTERM: one line, exit status 130/143, no report written

@@ -53,6 +53,7 @@ from omegaconf import DictConfig
 from transfer.benchmarks.budget_race import budget_race, parse_budgets
 from transfer.benchmarks.race import race
 from transfer.conf import CONF_PATH
+from transfer.core.command_line import checked_command_line
 from transfer.core.errors import ConfigError, report_errors
 
 
@@ -339,6 +340,7 @@ def _race(cfg: DictConfig, data: Path, clothing: Path | None) -> dict[str, Any] 
     return {"title": "Race at budgets (transfer.run budget=B against the budget-aware plain loop)", **result}
 
 
+@checked_command_line("transfer.benchmarks", CONF_PATH, "tools/benchmarks")  # composition errors: exit 2
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="tools/benchmarks")
 @report_errors
 def main(cfg: DictConfig) -> None:

@@ -171,7 +171,7 @@ def _continue_loader(trainer: L.Trainer) -> None:
         loader.start_at(epoch, done)
     iter(fetcher)
     if done:
-        rank_zero_info(f"resume: epoch {epoch} continues at its batch {done}")
+        rank_zero_info(f"resume: epoch {epoch + 1} continues after its batch {done}")  # epochs counted from 1
 
 
 def _processed(tracker: Any) -> int:
