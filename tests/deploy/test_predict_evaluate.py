@@ -19,6 +19,12 @@ def cli(module: str, *args: str) -> subprocess.CompletedProcess:
     return run_tool(module, *args)
 
 
+def evaluate(run_dir: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``transfer.evaluate`` on a finished run's checkpoint and its tiny data."""
+    data = [f"data.root={root}", "data.val_size=6", "data.num_workers=0", "data.download=false"]
+    return cli("transfer.evaluate", f"ckpt={run_dir}", *data, *args)
+
+
 def test_predict_then_evaluate_agree_on_the_test_split(finished_run, tmp_path: Path):
     run_dir, proc, _, root = finished_run
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -39,13 +45,9 @@ def test_predict_then_evaluate_agree_on_the_test_split(finished_run, tmp_path: P
     assert (tmp_path / "pred" / "predictions.png").read_bytes()[:4] == b"\x89PNG"
     predicted_acc = sum(r["label"] == r["true"] for r in results) / len(results)
 
-    ev = cli(
-        "transfer.evaluate",
-        f"ckpt={run_dir}",
-        f"data.root={root}",
-        "data.val_size=6",
-        "data.num_workers=0",
-        "data.download=false",
+    ev = evaluate(
+        run_dir,
+        root,
         f"hydra.run.dir={tmp_path / 'eval'}",
     )
     assert ev.returncode == 0, ev.stderr[-2000:]
@@ -222,13 +224,9 @@ def test_a_file_that_is_not_a_transfer_checkpoint_is_refused(tmp_path: Path):
 
 def test_evaluate_refuses_an_unknown_precision_in_one_paragraph(finished_run, tmp_path: Path):
     run_dir, _, _, root = finished_run
-    ev = cli(
-        "transfer.evaluate",
-        f"ckpt={run_dir}",
-        f"data.root={root}",
-        "data.val_size=6",
-        "data.num_workers=0",
-        "data.download=false",
+    ev = evaluate(
+        run_dir,
+        root,
         "precision=nonsense",
         f"hydra.run.dir={tmp_path / 'eval'}",
     )

@@ -135,19 +135,9 @@ class History(L.Callback):
         if not trainer.sanity_checking:
             self.val_scored = _sum_over_ranks(trainer, pl_module, self._scoring)
 
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._scoring = 0
-
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._scoring += len(as_batch(batch).y)
+    # a test counts its images as a validation does
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.test_scored = _sum_over_ranks(trainer, pl_module, self._scoring)
