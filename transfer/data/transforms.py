@@ -35,17 +35,51 @@ def _interp(pre: Preprocess) -> T.InterpolationMode:
 AUGMENT_KEYS = ("crop_padding", "resized_crop_scale", "hflip", "color_jitter", "rotation")
 
 
+def _numbers(value: Any, count: int) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each data.augment key must be (null or a missing key always turns the step off).
+_AUGMENT_RULES: dict[str, tuple[Any, str]] = {
+    "crop_padding": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number of px >= 0"),
+    "resized_crop_scale": (
+        lambda v: _numbers(v, 2) and 0 < v[0] <= v[1] <= 1,
+        "two area fractions [low, high] with 0 < low <= high <= 1 (e.g. [0.35, 1.0])",
+    ),
+    "hflip": (lambda v: isinstance(v, bool), "true or false"),
+    "color_jitter": (
+        lambda v: _numbers(v, 4) and min(v) >= 0 and v[3] <= 0.5,
+        "four numbers >= 0: brightness, contrast, saturation, hue (hue <= 0.5), e.g. [0.2, 0.2, 0.2, 0.1]",
+    ),
+    "rotation": (lambda v: _number(v) and 0 <= v <= 180, "degrees in [0, 180]"),
+}
+
+
 def check_augment(augment: Mapping[str, Any]) -> None:
-    """Reject ``data.augment`` keys neither augmentation path knows, and malformed colour jitter."""
+    """Reject ``data.augment`` keys neither augmentation path knows, and values neither could use.
+
+    Raises:
+        ConfigError: naming every bad key with what it must be.
+    """
     unknown = set(augment) - set(AUGMENT_KEYS)
     if unknown:
         raise ConfigError(f"Unknown data.augment keys {sorted(unknown)}; known keys are {sorted(AUGMENT_KEYS)}.")
-    jitter = augment.get("color_jitter")
-    if jitter and len(jitter) != 4:
-        raise ConfigError(
-            f"data.augment.color_jitter={list(jitter)} needs four numbers: brightness, contrast, "
-            f"saturation, hue (e.g. [0.2, 0.2, 0.2, 0.1])."
-        )
+    bad = [
+        f"data.augment.{key}={augment[key]!r} must be {what}"
+        for key, (ok, what) in _AUGMENT_RULES.items()
+        if augment.get(key) is not None and not ok(augment[key])
+    ]
+    if bad:
+        raise ConfigError(f"Invalid augmentation: {'; '.join(bad)}. A null value turns that step off.")
 
 
 def train_transform(pre: Preprocess, augment: Mapping[str, Any]) -> T.Compose:
