@@ -42,3 +42,12 @@ def test_the_command_line_refuses_it_before_the_run_directory_exists(tmp_path: P
     proc = run_tool("transfer.run", *args, "data.val_size=1.5", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "data.val_size=1.5 must be" in " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override", ["trainer.benchmark=abc", "trainer.deterministic=maybe", "+trainer.detect_anomaly=1"]
+)
+def test_trainer_switches_must_be_true_or_false(compose_cfg, override: str):
+    from transfer.training.preflight import problems
+
+    assert any("must be true, false" in p for p in problems(compose_cfg(override)))

@@ -79,6 +79,21 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.limit_val_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
     ("trainer.limit_test_batches", _lightning_limit, "a fraction in [0.0, 1.0] or a whole batch count"),
     ("trainer.val_check_interval", _optional(_lightning_limit), "null, a fraction of an epoch or a batch count"),
+    *(
+        (f"trainer.{flag}", _optional(lambda v: isinstance(v, bool)), "true, false or null")
+        for flag in (
+            "benchmark",
+            "enable_progress_bar",
+            "enable_checkpointing",
+            "enable_model_summary",
+            "sync_batchnorm",
+            "inference_mode",
+            "use_distributed_sampler",
+            "detect_anomaly",
+            "barebones",
+        )
+    ),
+    ("trainer.deterministic", _optional(lambda v: isinstance(v, bool) or v == "warn"), "true, false, warn or null"),
     ("label_smoothing", lambda v: _num(v) and 0 <= v < 1, "in [0, 1)"),
     ("mix.mixup_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
     ("mix.cutmix_alpha", lambda v: _num(v) and v >= 0, "a number >= 0 (0: off)"),
