@@ -31,6 +31,9 @@ def make_image_folder(root: Path, splits: dict[str, int], size: int = 32, classe
     return root
 
 
+# The tiny test CNN (tests/tiny_models.py, registered by the tiny_models fixture or TINY_MAIN) in place of a zoo
+# model, without the EMA callback.
+TINY_CNN = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema"]
 TINY = [
     "trainer=cpu",
     "trainer.max_epochs=2",

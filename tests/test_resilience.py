@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY, child_cache
+from tests.helpers import TINY, TINY_CNN, child_cache
 from tests.in_process import run_tool
 from tests.tiny_models import TINY_MAIN
 from transfer.core.errors import ConfigError, DivergenceError
@@ -306,13 +306,7 @@ def test_a_loss_above_max_loss_stops_the_run(tiny_models, compose_cfg, tiny_cifa
 
 
 # A fast CLI run's arguments: TINY_MAIN registers tiny_test_cnn in the child process.
-TINY_MODEL = [
-    "model=resnet18",
-    "model.name=tiny_test_cnn",
-    "model.pretrained=false",
-    "~callbacks.ema",
-    *[a for a in TINY if not a.startswith("trainer.max_epochs")],
-]
+TINY_MODEL = [*TINY_CNN, *[a for a in TINY if not a.startswith("trainer.max_epochs")]]
 ROOT = Path(__file__).resolve().parent.parent
 
 

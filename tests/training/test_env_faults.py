@@ -17,13 +17,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import TINY
+from tests.helpers import TINY, TINY_CNN
 from tests.in_process import run_tool
 from transfer.core.disk import DiskError
 from transfer.training import checkpoint_io
 from transfer.training.checkpoint_io import atomic_torch_save, remove_orphans
 
-TINY_MODEL = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema", *TINY]
+TINY_MODEL = [*TINY_CNN, *TINY]
 
 
 class FullDisk(io.BufferedWriter):

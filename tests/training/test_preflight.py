@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, make_image_folder
+from tests.helpers import TINY, TINY_CNN, make_image_folder
 from tests.in_process import run_tool
 
-TINY_MODEL = ["model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", "~callbacks.ema", *TINY]
+TINY_MODEL = [*TINY_CNN, *TINY]
 
 
 @pytest.fixture

@@ -13,17 +13,11 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import TINY
+from tests.helpers import TINY, TINY_CNN
 from tests.in_process import run_tool
 from transfer.core.exit_status import Stopped, stop_on_signals
 
-TINY_MODEL = [
-    "model=resnet18",
-    "model.name=tiny_test_cnn",
-    "model.pretrained=false",
-    "~callbacks.ema",
-    *TINY,
-]
+TINY_MODEL = [*TINY_CNN, *TINY]
 
 
 def flat(text: str) -> str:
