@@ -159,9 +159,10 @@ def test_plain_loop_and_the_framework_print_one_timeline_row_per_epoch(tmp_path:
     )
     for out in (plain, ours):
         assert out["exit_code"] == 0 and [r["epoch"] for r in out["rows"]] == [1, 2]
-        # accuracy over the 12 test images (a whole number of them), times that grow from epoch to epoch
+        # accuracy over the 12 test images (a whole number of them); training time (the test's time taken out) never
+        # runs backwards, but an epoch of 8 images can take under the 0.1 s the timeline rounds to
         assert all(abs(r["test_acc"] * 12 - round(r["test_acc"] * 12)) < 1e-4 for r in out["rows"])
-        assert 0 < out["rows"][0]["seconds"] < out["rows"][1]["seconds"]
+        assert 0 < out["rows"][0]["seconds"] <= out["rows"][1]["seconds"]
 
 
 def test_budgets_are_positive_minutes_and_the_table_gives_both_sides_per_budget(tmp_path: Path):
