@@ -14,13 +14,13 @@ import torch
 from tests.helpers import TINY
 from tests.in_process import run_tool
 from transfer.core.errors import ConfigError
-from transfer.training.budget import (
+from transfer.training.budget import budgeted_config, parse_duration
+from transfer.training.budget_plan import (
     MAX_VALIDATIONS,
-    budgeted_config,
     count_validations,
     make_plan,
     output_margin,
-    parse_duration,
+    replan,
     validation_interval,
 )
 from transfer.training.preflight import validate
@@ -175,3 +175,96 @@ def test_a_resumed_run_replans_what_is_left_of_the_budget(tiny_models, compose_c
     assert 0.7 * 25 <= budget["wall_s"] <= 1.3 * 25
     assert budget["planned_steps"] == _trained_steps(tmp_path / "resumed") > stopped_at + 20  # re-planned, probed
     assert budget["lr_end"]["head"] == pytest.approx(FLOOR, rel=1e-6)
+
+
+def test_a_replan_sizes_the_rest_from_the_speed_kept_since_the_plan():
+    args = {"steps_done": 20, "steps_per_epoch": 100, "val_images": 1000, "test_images": 1000}
+    plan = make_plan(600, 60, 0.5, 0.001, **args)
+    # at step 220 the run has spent 200 s: it trains at 0.7 s per step, not the probe's 0.5
+    later = replan(plan, 200, 0.7, 0.001, steps_done=220, val_images=1000, test_images=1000)
+    assert later.val_every_steps == plan.val_every_steps and later.steps_done == 220
+    used = 200 + (later.planned_steps - 220) * 0.7 + later.eval_s + later.margin_s
+    assert 600 - 0.7 < used <= 600  # the rest fills the budget at the new speed, one step short at most
+    assert later.validations == count_validations(220, later.planned_steps, plan.val_every_steps)
+    faster = replan(plan, 200, 0.3, 0.001, steps_done=220, val_images=1000, test_images=1000)
+    assert faster.planned_steps > plan.planned_steps > later.planned_steps
+    over = replan(plan, 650, 0.5, 0.001, steps_done=220, val_images=1000, test_images=1000)
+    assert over.planned_steps == 221  # already past the budget: one more step and stop, not an error
+
+
+class FakeClock:
+    """``time.time()`` of the planner: the tiny model below advances it, the machine's speed plays no part."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+class SlowsDown(L.LightningModule):
+    """Each training step 'takes' 1 s for the first ``fast`` steps and 1.5 s after; each evaluated image 0.01 s."""
+
+    def __init__(self, clock: FakeClock, fast: int) -> None:
+        super().__init__()
+        self.clock, self.fast, self.net = clock, fast, torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        self.clock.now += 1.0 if self.global_step < self.fast else 1.5
+        return self.net(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.clock.now += 0.01 * len(batch[0])
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        from transfer.training.optim import build_scheduler
+
+        opt = torch.optim.SGD(self.parameters(), lr=LR)
+        return {"optimizer": opt, "lr_scheduler": build_scheduler(ONECYCLE, opt)}
+
+
+class TwoPoints(L.LightningDataModule):
+    eval_batch_size = 10
+
+    def describe(self) -> dict:
+        return {"val_size": 20, "test_size": 20}
+
+    def _loader(self, n: int):
+        data = torch.utils.data.TensorDataset(torch.randn(n, 2), torch.zeros(n, dtype=torch.long))
+        return torch.utils.data.DataLoader(data, batch_size=10)
+
+    def train_dataloader(self):
+        return self._loader(500)  # 50 steps per epoch
+
+    def val_dataloader(self):
+        return self._loader(20)
+
+    def test_dataloader(self):
+        return self._loader(20)
+
+
+ONECYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": LR, "total_steps": 10**7, "interval": "step"}
+
+
+def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(monkeypatch, tmp_path: Path):
+    import transfer.training.budget as B
+
+    clock = FakeClock()
+    monkeypatch.setattr(B, "time", clock)
+    planner = B.BudgetPlanner(600, started=clock.now, scheduler=ONECYCLE)
+    trainer = L.Trainer(
+        max_steps=10**7, val_check_interval=10**7, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        callbacks=[planner], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    model = SlowsDown(clock, fast=60)
+    trainer.fit(model, datamodule=TwoPoints())
+    trainer.test(model, datamodule=TwoPoints(), verbose=False)
+    first = make_plan(600, 20.2, 1.0, 0.01, steps_done=20, steps_per_epoch=50, val_images=20, test_images=20)
+    assert planner.plan is not None and planner.plan.planned_steps == trainer.global_step < first.planned_steps
+    assert planner.replans == 2  # at steps 143 and 286 (every 143 steps: a quarter of the first plan)
+    spent = clock.now - 1000.0
+    assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600  # the probe's plan alone would end 50% late
+    assert planner.lr_end["pg1"] == pytest.approx(LR / 25 / 1e4, rel=1e-6)  # the schedule still ends at its floor

@@ -9,17 +9,21 @@ run (no epoch limit, a provisional length); :class:`BudgetPlanner` then
    (``torch.compile``, cuDNN's autotuning and the loader workers' start land there; the probe steps train on the
    schedule's start), then one validation run right after them, checkpoint writing included (seconds per
    evaluated image: the validations and the test to come are planned from it);
-2. plans (:func:`make_plan`, pure arithmetic): the optimizer steps that fit into what is left of the budget after
-   the time already spent since the process started, the planned validations and the final test (split sizes x
-   the measured time per image) and a fixed margin for writing the outputs (:func:`output_margin`);
+2. plans (:func:`~transfer.training.budget_plan.make_plan`, pure arithmetic): the optimizer steps that fit into
+   what is left of the budget after the time already spent since the process started, the planned validations
+   and the final test (split sizes x the measured time per image) and a fixed margin for writing the outputs;
 3. applies the plan: ``fit_loop.max_steps``, a validation every epoch when epochs are long or every k steps
-   otherwise (at most :data:`MAX_VALIDATIONS`, and always one at the last step), and the schedule rebuilt at the
+   otherwise (at most four, and always one at the last step), and the schedule rebuilt at the
    current step over the planned length (a public constructor call with ``last_epoch``; no private field of
-   any scheduler is written).
+   any scheduler is written);
+4. re-plans at every validation (:func:`~transfer.training.budget_plan.replan`): the steps still to train from
+   the training speed kept since the plan and the latest validation's time, the schedule rebuilt again over the
+   new length. The probe is twenty steps on a shared machine; what the run keeps up over minutes is the better
+   measurement, and a run that goes slower or faster than its probe still ends at the budget.
 
-Under DDP rank 0 measures and plans and every rank follows its plan (``trainer.strategy.broadcast``). The
-checkpoint carries the wall time spent so far, so ``resume=`` re-plans what is left of the budget from the step it
-resumes at.
+The arithmetic is in :mod:`transfer.training.budget_plan`. Under DDP rank 0 measures and plans and every rank
+follows its plan (``trainer.strategy.broadcast``). The checkpoint carries the wall time spent so far, so ``resume=``
+re-plans what is left of the budget from the step it resumes at.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -38,19 +43,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer.core.errors import ConfigError
 from transfer.data.batch import as_batch
+from transfer.training.budget_plan import Plan, describe_plan, make_plan, replan
 from transfer.training.optim import FreezeGate, build_scheduler
 
 log = logging.getLogger(__name__)
 
 PROBE_STEPS = 20  # timed training steps before the plan (the warm-up steps below included)
 WARMUP_STEPS = 3  # the first steps' times are left out of the probe: compilation, autotuning, worker start
-MAX_VALIDATIONS = 4  # validations in a run (one more when the last step falls between two of them)
 # Until the plan, the run is open-ended: no epoch limit, and a schedule this long (its start is what the probe
 # steps train on; it is rebuilt over the planned length once the probe has run).
 PROVISIONAL_STEPS = 10**7
-# Writing outputs (checkpoint load for the test, summary, figures) gets a fixed margin, not a measured one:
-# 1.5 s plus 1% of the budget (epoch boundaries the probe did not see land in it too).
-MARGIN_FIXED_S, MARGIN_FRACTION = 1.5, 0.01
 _LENGTH_KEYS = ("total_steps", "T_max")  # the length argument of the per-step schedules the project has
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
@@ -150,124 +152,6 @@ def budgeted_config(cfg: DictConfig) -> DictConfig:
     return run
 
 
-def output_margin(budget_s: float) -> float:
-    """The fixed time kept for writing outputs: :data:`MARGIN_FIXED_S` plus :data:`MARGIN_FRACTION` of the budget."""
-    return MARGIN_FIXED_S + MARGIN_FRACTION * budget_s
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A budgeted run's plan (all times in seconds).
-
-    Attributes:
-        budget_s: the budget.
-        planned_steps: optimizer steps of the whole run (those trained before the plan included).
-        steps_done: optimizer steps trained when it was planned (the probe, and those of a resumed checkpoint).
-        val_every_steps: a validation every this many steps (and one at the last step).
-        validations: validations still to come when it was planned.
-        seconds_per_step: measured time per optimizer step.
-        eval_seconds_per_image: measured time per evaluated image.
-        steps_per_epoch: optimizer steps per epoch.
-        spent_s: wall time spent when it was planned (from the process start; earlier runs' time on resume).
-        eval_s: planned time for the validations and the test.
-        margin_s: the margin kept for writing outputs.
-    """
-
-    budget_s: float
-    planned_steps: int
-    steps_done: int
-    val_every_steps: int
-    validations: int
-    seconds_per_step: float
-    eval_seconds_per_image: float
-    steps_per_epoch: float
-    spent_s: float
-    eval_s: float
-    margin_s: float
-
-    @property
-    def epochs(self) -> float:
-        """The planned length in epochs (the last one may end early)."""
-        return self.planned_steps / self.steps_per_epoch
-
-
-def validation_interval(steps: int, steps_per_epoch: float) -> int:
-    """Steps between validations: every epoch when the run has at most :data:`MAX_VALIDATIONS` epochs, else
-    spread so that there are at most that many."""
-    if steps <= MAX_VALIDATIONS * steps_per_epoch:
-        return max(1, round(steps_per_epoch))
-    return max(1, math.ceil(steps / MAX_VALIDATIONS))
-
-
-def count_validations(done: int, total: int, every: int) -> int:
-    """Validations after step ``done`` up to ``total``: each multiple of ``every``, and one at ``total``."""
-    return total // every - done // every + (0 if total % every == 0 else 1)
-
-
-def make_plan(
-    budget_s: float,
-    spent_s: float,
-    seconds_per_step: float,
-    eval_seconds_per_image: float,
-    *,
-    steps_done: int,
-    steps_per_epoch: float,
-    val_images: int,
-    test_images: int,
-) -> Plan:
-    """Size the rest of a run to the budget: ``(budget - spent - validations - test - margin) / seconds per step``.
-
-    Args:
-        budget_s: the budget.
-        spent_s: wall time already spent (start-up, data, model, the probe; earlier runs' on resume).
-        seconds_per_step: measured time per optimizer step.
-        eval_seconds_per_image: measured time per evaluated image.
-        steps_done: optimizer steps already trained.
-        steps_per_epoch: optimizer steps per epoch.
-        val_images: images one validation evaluates (on this rank).
-        test_images: image evaluations of the final test (on this rank; twice the images with flip TTA).
-
-    Returns:
-        The plan.
-
-    Raises:
-        ConfigError: the budget cannot fit even one more step and a validation; the message names the minimum.
-    """
-    margin = output_margin(budget_s)
-    val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
-    available = budget_s - spent_s - test_s - margin
-    validations, steps, every = MAX_VALIDATIONS + 1, 0, 1
-    for _ in range(4):  # validations and steps depend on each other: a few rounds settle them
-        steps = math.floor((available - validations * val_s) / seconds_per_step)
-        every = validation_interval(max(steps, 1), steps_per_epoch)
-        settled = count_validations(steps_done, steps_done + max(steps, 1), every)
-        if settled == validations:
-            break
-        validations = settled
-    if steps < 1:
-        minimum = (spent_s + seconds_per_step + val_s + test_s + MARGIN_FIXED_S) / (1 - MARGIN_FRACTION)
-        raise ConfigError(
-            f"budget={budget_s:g}s leaves no time to train: by this run's own measurements it needs at least "
-            f"{math.ceil(minimum)} s to train one more step ({spent_s:.1f} s already spent on start-up, data, the "
-            f"model and {steps_done} steps; {seconds_per_step:.3g} s per step; {val_s:.2f} s per validation of "
-            f"{val_images} images; {test_s:.2f} s for the test; {margin:.1f} s kept for writing outputs). Pass "
-            f"budget={math.ceil(minimum)}s or more, or budget=null to train trainer.max_epochs epochs."
-        )
-    return Plan(
-        budget_s=budget_s,
-        planned_steps=steps_done + steps,
-        steps_done=steps_done,
-        val_every_steps=every,
-        validations=validations,
-        seconds_per_step=seconds_per_step,
-        eval_seconds_per_image=eval_seconds_per_image,
-        steps_per_epoch=steps_per_epoch,
-        spent_s=spent_s,
-        eval_s=validations * val_s + test_s,
-        margin_s=margin,
-    )
-
-
 def resize_schedule(trainer: L.Trainer, scheduler: dict[str, Any] | None, total_steps: int) -> None:
     """Rebuild the run's schedule over ``total_steps``, at the step it has reached, in place of the provisional one.
 
@@ -335,6 +219,10 @@ class BudgetPlanner(L.Callback):
         self._probe_start: tuple[float, int] | None = None
         self._probe_end: tuple[float, int, int] | None = None  # time, step and batch images at the probe's end
         self._validation_start: float | None = None
+        self._segment: tuple[float, int] | None = None  # time and step training last resumed at, after the plan
+        self._trained_s, self._trained_steps = 0.0, 0  # training since the plan, validations left out
+        self._last_segment = (0.0, 0)  # seconds and steps between the last two validations
+        self.replans = 0
         self._start_step = 0
         self._stage: str | None = None
 
@@ -353,8 +241,13 @@ class BudgetPlanner(L.Callback):
         self._stage = stage
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._probe_end is not None and self.plan is None and not trainer.sanity_checking:
-            self._validation_start = _now(trainer)
+        if self._probe_end is None or trainer.sanity_checking:
+            return
+        self._validation_start = now = _now(trainer)
+        if self._segment is not None:  # training since the plan or the last validation ends here
+            seconds, steps = now - self._segment[0], trainer.global_step - self._segment[1]
+            self._trained_s, self._trained_steps = self._trained_s + seconds, self._trained_steps + steps
+            self._last_segment, self._segment = (seconds, steps), None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step, self.spent_before_training_s = trainer.global_step, self.elapsed()
@@ -377,13 +270,18 @@ class BudgetPlanner(L.Callback):
                 # validate at this very batch: the time of a whole validation is the eval cost the plan needs
                 trainer.val_check_batch = trainer.fit_loop.epoch_loop.total_batch_idx + 1
             else:
-                self._plan(trainer)
+                self._plan(trainer, self._measured_plan)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._probe_end is not None and self.plan is None:
-            self._plan(trainer)  # the probe's validation (and its checkpoint writing) has just run
+            self._plan(trainer, self._measured_plan)  # the probe's validation (and its checkpoint writing) has run
+        elif self._validation_start is not None and self.plan is not None:
+            self._plan(trainer, self._replanned)  # a validation since the plan has run: measure and size again
+            self.replans += 1
+        if self.plan is not None and self._segment is None:
+            self._validation_start, self._segment = None, (_now(trainer), trainer.global_step)
         if self.plan is not None and trainer.global_step == self.plan.planned_steps - 1:
             self._record_lr(trainer)  # the rates the last step trains at (a one-cycle's floor)
 
@@ -391,12 +289,12 @@ class BudgetPlanner(L.Callback):
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
         self.lr_end = {str(g.get("name", f"pg{i + 1}")): float(g["lr"]) for i, g in enumerate(groups)}
 
-    def _plan(self, trainer: L.Trainer) -> None:
+    def _plan(self, trainer: L.Trainer, measure: Callable[[L.Trainer], Plan]) -> None:
         """Rank 0 plans from its measurements; every rank applies that plan (or raises its error)."""
         planned: Plan | str | None = None
         if trainer.is_global_zero:
             try:
-                planned = self._measured_plan(trainer)
+                planned = measure(trainer)
             except ConfigError as err:
                 planned = str(err)
         planned = trainer.strategy.broadcast(planned, src=0)
@@ -431,6 +329,28 @@ class BudgetPlanner(L.Callback):
             test_images=test_images * self.test_passes,
         )
 
+    def _replanned(self, trainer: L.Trainer) -> Plan:
+        assert self.plan is not None and self._validation_start is not None
+        plan, now = self.plan, _now(trainer)
+        # The speed of the latest stretch of training (a machine's load drifts), unless it was too short to time
+        # well: then that since the plan, then the probe's.
+        (seconds, steps), step_s = self._last_segment, plan.seconds_per_step
+        if steps >= self.probe_steps:
+            step_s = seconds / steps
+        elif self._trained_steps:
+            step_s = self._trained_s / self._trained_steps
+        val_images, test_images = self._split_images(trainer)
+        eval_s = (now - self._validation_start) / val_images if val_images else plan.eval_seconds_per_image
+        return replan(
+            plan,
+            self.prior_s + now - self.started,
+            step_s,
+            eval_s,
+            steps_done=trainer.global_step,
+            val_images=val_images,
+            test_images=test_images * self.test_passes,
+        )
+
     def _split_images(self, trainer: L.Trainer) -> tuple[int, int]:
         """Images one validation and the test evaluate on this rank."""
         data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit time, undeclared
@@ -454,6 +374,7 @@ class BudgetPlanner(L.Callback):
             "spent_before_training_s": _rounded(self.spent_before_training_s),
             "image_size": self.image_size,
             "validations": plan.validations if plan else None,
+            "replans": self.replans,
             "val_every_steps": plan.val_every_steps if plan else None,
             "planned_eval_s": round(plan.eval_s, 2) if plan else None,
             "margin_s": round(plan.margin_s, 2) if plan else None,
@@ -465,16 +386,6 @@ class BudgetPlanner(L.Callback):
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
-
-
-def describe_plan(plan: Plan) -> str:
-    """One line for the log: the plan and what it is made of."""
-    return (
-        f"budget {plan.budget_s:g} s: {plan.planned_steps} steps ({plan.epochs:.2f} epochs) at "
-        f"{plan.seconds_per_step:.4g} s/step, {plan.validations} validations (every {plan.val_every_steps} steps) "
-        f"and the test planned at {plan.eval_s:.1f} s, {plan.spent_s:.1f} s spent so far, {plan.margin_s:.1f} s kept "
-        f"for the outputs"
-    )
 
 
 def budget_planner(cfg: DictConfig, started: float) -> BudgetPlanner | None:

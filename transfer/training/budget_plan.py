@@ -1,0 +1,192 @@
+"""The arithmetic of a budgeted run's plan: pure functions of measured times, tested with made-up numbers.
+
+:func:`make_plan` sizes a run after its probe; :func:`replan` sizes what is left of it again at each validation,
+from the speed the run has kept since the plan (a probe of twenty steps misjudges a shared machine's speed by as
+much as a fifth; every validation is a longer and later measurement).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from transfer.core.errors import ConfigError
+
+MAX_VALIDATIONS = 4  # validations in a run (one more when the last step falls between two of them)
+# Writing outputs (checkpoint load for the test, summary, figures) gets a fixed margin, not a measured one:
+# 1.5 s plus 1% of the budget (epoch boundaries the probe did not see land in it too).
+MARGIN_FIXED_S, MARGIN_FRACTION = 1.5, 0.01
+
+
+def output_margin(budget_s: float) -> float:
+    """The fixed time kept for writing outputs: :data:`MARGIN_FIXED_S` plus :data:`MARGIN_FRACTION` of the budget."""
+    return MARGIN_FIXED_S + MARGIN_FRACTION * budget_s
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A budgeted run's plan (all times in seconds).
+
+    Attributes:
+        budget_s: the budget.
+        planned_steps: optimizer steps of the whole run (those trained before the plan included).
+        steps_done: optimizer steps trained when it was planned (the probe, and those of a resumed checkpoint).
+        val_every_steps: a validation every this many steps (and one at the last step).
+        validations: validations still to come when it was planned.
+        seconds_per_step: measured time per optimizer step.
+        eval_seconds_per_image: measured time per evaluated image.
+        steps_per_epoch: optimizer steps per epoch.
+        spent_s: wall time spent when it was planned (from the process start; earlier runs' time on resume).
+        eval_s: planned time for the validations and the test.
+        margin_s: the margin kept for writing outputs.
+    """
+
+    budget_s: float
+    planned_steps: int
+    steps_done: int
+    val_every_steps: int
+    validations: int
+    seconds_per_step: float
+    eval_seconds_per_image: float
+    steps_per_epoch: float
+    spent_s: float
+    eval_s: float
+    margin_s: float
+
+    @property
+    def epochs(self) -> float:
+        """The planned length in epochs (the last one may end early)."""
+        return self.planned_steps / self.steps_per_epoch
+
+
+def validation_interval(steps: int, steps_per_epoch: float) -> int:
+    """Steps between validations: every epoch when the run has at most :data:`MAX_VALIDATIONS` epochs, else
+    spread so that there are at most that many."""
+    if steps <= MAX_VALIDATIONS * steps_per_epoch:
+        return max(1, round(steps_per_epoch))
+    return max(1, math.ceil(steps / MAX_VALIDATIONS))
+
+
+def count_validations(done: int, total: int, every: int) -> int:
+    """Validations after step ``done`` up to ``total``: each multiple of ``every``, and one at ``total``."""
+    return total // every - done // every + (0 if total % every == 0 else 1)
+
+
+def make_plan(
+    budget_s: float,
+    spent_s: float,
+    seconds_per_step: float,
+    eval_seconds_per_image: float,
+    *,
+    steps_done: int,
+    steps_per_epoch: float,
+    val_images: int,
+    test_images: int,
+) -> Plan:
+    """Size the rest of a run to the budget: ``(budget - spent - validations - test - margin) / seconds per step``.
+
+    Args:
+        budget_s: the budget.
+        spent_s: wall time already spent (start-up, data, model, the probe; earlier runs' on resume).
+        seconds_per_step: measured time per optimizer step.
+        eval_seconds_per_image: measured time per evaluated image.
+        steps_done: optimizer steps already trained.
+        steps_per_epoch: optimizer steps per epoch.
+        val_images: images one validation evaluates (on this rank).
+        test_images: image evaluations of the final test (on this rank; twice the images with flip TTA).
+
+    Returns:
+        The plan.
+
+    Raises:
+        ConfigError: the budget cannot fit even one more step and a validation; the message names the minimum.
+    """
+    margin = output_margin(budget_s)
+    val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
+    available = budget_s - spent_s - test_s - margin
+    validations, steps, every = MAX_VALIDATIONS + 1, 0, 1
+    for _ in range(4):  # validations and steps depend on each other: a few rounds settle them
+        steps = math.floor((available - validations * val_s) / seconds_per_step)
+        every = validation_interval(max(steps, 1), steps_per_epoch)
+        settled = count_validations(steps_done, steps_done + max(steps, 1), every)
+        if settled == validations:
+            break
+        validations = settled
+    if steps < 1:
+        minimum = (spent_s + seconds_per_step + val_s + test_s + MARGIN_FIXED_S) / (1 - MARGIN_FRACTION)
+        raise ConfigError(
+            f"budget={budget_s:g}s leaves no time to train: by this run's own measurements it needs at least "
+            f"{math.ceil(minimum)} s to train one more step ({spent_s:.1f} s already spent on start-up, data, the "
+            f"model and {steps_done} steps; {seconds_per_step:.3g} s per step; {val_s:.2f} s per validation of "
+            f"{val_images} images; {test_s:.2f} s for the test; {margin:.1f} s kept for writing outputs). Pass "
+            f"budget={math.ceil(minimum)}s or more, or budget=null to train trainer.max_epochs epochs."
+        )
+    return Plan(
+        budget_s=budget_s,
+        planned_steps=steps_done + steps,
+        steps_done=steps_done,
+        val_every_steps=every,
+        validations=validations,
+        seconds_per_step=seconds_per_step,
+        eval_seconds_per_image=eval_seconds_per_image,
+        steps_per_epoch=steps_per_epoch,
+        spent_s=spent_s,
+        eval_s=validations * val_s + test_s,
+        margin_s=margin,
+    )
+
+
+def replan(
+    plan: Plan,
+    spent_s: float,
+    seconds_per_step: float,
+    eval_seconds_per_image: float,
+    *,
+    steps_done: int,
+    val_images: int,
+    test_images: int,
+) -> Plan:
+    """Size what is left of a planned run again, keeping its validation interval.
+
+    Args:
+        plan: the plan the run follows.
+        spent_s: wall time spent so far.
+        seconds_per_step: the training speed measured since the plan (validations left out).
+        eval_seconds_per_image: the latest validation's time per image.
+        steps_done: optimizer steps trained.
+        val_images: images one validation evaluates.
+        test_images: image evaluations of the final test.
+
+    Returns:
+        The new plan; at least one more step (a run past its budget stops at the next one, it does not fail).
+    """
+    val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
+    available = plan.budget_s - spent_s - test_s - plan.margin_s
+    every, steps = plan.val_every_steps, 1
+    validations = count_validations(steps_done, plan.planned_steps, every)
+    for _ in range(4):
+        steps = max(1, math.floor((available - validations * val_s) / seconds_per_step))
+        settled = count_validations(steps_done, steps_done + steps, every)
+        if settled == validations:
+            break
+        validations = settled
+    return replace(
+        plan,
+        planned_steps=steps_done + steps,
+        steps_done=steps_done,
+        validations=validations,
+        seconds_per_step=seconds_per_step,
+        eval_seconds_per_image=eval_seconds_per_image,
+        spent_s=spent_s,
+        eval_s=validations * val_s + test_s,
+    )
+
+
+def describe_plan(plan: Plan) -> str:
+    """One line for the log: the plan and what it is made of."""
+    return (
+        f"budget {plan.budget_s:g} s: {plan.planned_steps} steps ({plan.epochs:.2f} epochs) at "
+        f"{plan.seconds_per_step:.4g} s/step, {plan.validations} validations (every {plan.val_every_steps} steps) "
+        f"and the test planned at {plan.eval_s:.1f} s, {plan.spent_s:.1f} s spent so far, {plan.margin_s:.1f} s kept "
+        f"for the outputs"
+    )
