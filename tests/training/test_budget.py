@@ -228,8 +228,12 @@ class SlowsDown(L.LightningModule):
 class TwoPoints(L.LightningDataModule):
     eval_batch_size = 10
 
+    def __init__(self, val_size: int = 20) -> None:
+        super().__init__()
+        self.val_size = val_size
+
     def describe(self) -> dict:
-        return {"val_size": 20, "test_size": 20}
+        return {"val_size": self.val_size, "test_size": 20}
 
     def _loader(self, n: int):
         data = torch.utils.data.TensorDataset(torch.randn(n, 2), torch.zeros(n, dtype=torch.long))
@@ -239,7 +243,7 @@ class TwoPoints(L.LightningDataModule):
         return self._loader(500)  # 50 steps per epoch
 
     def val_dataloader(self):
-        return self._loader(20)
+        return self._loader(self.val_size)
 
     def test_dataloader(self):
         return self._loader(20)
@@ -248,7 +252,8 @@ class TwoPoints(L.LightningDataModule):
 ONECYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": LR, "total_steps": 10**7, "interval": "step"}
 
 
-def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(monkeypatch, tmp_path: Path):
+@pytest.mark.parametrize("val_size", [20, 0])  # validations, and none to re-plan at: every eighth of the steps then
+def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(val_size, monkeypatch, tmp_path: Path):
     import transfer.training.budget as B
 
     clock = FakeClock()
@@ -260,11 +265,11 @@ def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(monkeypatch, 
         enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
     model = SlowsDown(clock, fast=60)
-    trainer.fit(model, datamodule=TwoPoints())
-    trainer.test(model, datamodule=TwoPoints(), verbose=False)
-    first = make_plan(600, 20.2, 1.0, 0.01, steps_done=20, steps_per_epoch=50, val_images=20, test_images=20)
+    trainer.fit(model, datamodule=TwoPoints(val_size))
+    trainer.test(model, datamodule=TwoPoints(val_size), verbose=False)
+    first = make_plan(600, 20.2, 1.0, 0.01, steps_done=20, steps_per_epoch=50, val_images=val_size, test_images=20)
     assert planner.plan is not None and planner.plan.planned_steps == trainer.global_step < first.planned_steps
-    assert planner.replans == 2  # at steps 143 and 286 (every 143 steps: a quarter of the first plan)
+    assert planner.replans >= 4  # after each validation but the last, and every eighth of the planned steps
     spent = clock.now - 1000.0
     assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600  # the probe's plan alone would end 50% late
     assert planner.lr_end["pg1"] == pytest.approx(LR / 25 / 1e4, rel=1e-6)  # the schedule still ends at its floor

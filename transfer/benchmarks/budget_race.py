@@ -1,6 +1,7 @@
 """The race at budgets: for each budget B (minutes), ``python -m transfer.run budget=Bm`` against the plain loop made
 budget-aware the simple way (``plain_loop --budget``: it times 20 probe steps after decoding its data and sizes its
-one-cycle schedule so that training and its final test end at B), on the same data, one after the other.
+one-cycle schedule so that training and its final test end at B), on the same data, one after the other (which
+side goes first alternates from race to race).
 
     python -m transfer.benchmarks time_to_accuracy=true skip_speed=true budgets=[2,4,8,15] [clothing_root=DIR]
 
@@ -153,12 +154,16 @@ def budget_race(
         ``{"table": markdown, "results": [{"data", "minutes", "ours", "plain"}]}``.
     """
     out = Path.cwd() / "outputs" / "benchmarks" / time.strftime("race-budgets-%Y-%m-%d_%H-%M-%S")
-    results = []
+    results, order = [], 0
     for minutes in budgets:
         for data, sides in budget_commands(cifar, clothing, out, minutes, ours_extra, plain_extra).items():
-            print(f"  {data} at {minutes:g} min: ours, then the plain loop", flush=True)
-            ours = ours_result(sides["ours"], run_cold(sides["ours"]))
-            plain = plain_result(run_cold(sides["plain"]))
+            # which side runs first alternates, so that a machine slowing down or speeding up over the race
+            # does not always favour the same side
+            first, second = ("ours", "plain") if order % 2 == 0 else ("plain", "ours")
+            order += 1
+            print(f"  {data} at {minutes:g} min: {first}, then {second}", flush=True)
+            runs = {side: run_cold(sides[side]) for side in (first, second)}
+            ours, plain = ours_result(sides["ours"], runs["ours"]), plain_result(runs["plain"])
             results.append({"data": data, "minutes": minutes, "ours": ours, "plain": plain})
     text = budget_table(results)
     out.parent.mkdir(parents=True, exist_ok=True)

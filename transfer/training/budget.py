@@ -16,10 +16,11 @@ run (no epoch limit, a provisional length); :class:`BudgetPlanner` then
    otherwise (at most four, and always one at the last step), and the schedule rebuilt at the
    current step over the planned length (a public constructor call with ``last_epoch``; no private field of
    any scheduler is written);
-4. re-plans at every validation (:func:`~transfer.training.budget_plan.replan`): the steps still to train from
-   the training speed kept since the plan and the latest validation's time, the schedule rebuilt again over the
-   new length. The probe is twenty steps on a shared machine; what the run keeps up over minutes is the better
-   measurement, and a run that goes slower or faster than its probe still ends at the budget.
+4. re-plans after every validation and every eighth of the planned steps
+   (:func:`~transfer.training.budget_plan.replan`): the steps still to train from the training speed of the
+   latest stretch and the latest validation's time, the schedule rebuilt again over the new length. The probe is
+   twenty steps on a shared machine; what the run keeps up over minutes is the better measurement, and a run that
+   goes slower or faster than its probe still ends at the budget.
 
 The arithmetic is in :mod:`transfer.training.budget_plan`. Under DDP rank 0 measures and plans and every rank
 follows its plan (``trainer.strategy.broadcast``). The checkpoint carries the wall time spent so far, so ``resume=``
@@ -49,6 +50,7 @@ from transfer.training.optim import FreezeGate, build_scheduler
 log = logging.getLogger(__name__)
 
 PROBE_STEPS = 20  # timed training steps before the plan (the warm-up steps below included)
+REPLAN_FRACTION = 1 / 8  # a re-plan every eighth of the planned steps, and after every validation
 WARMUP_STEPS = 3  # the first steps' times are left out of the probe: compilation, autotuning, worker start
 # Until the plan, the run is open-ended: no epoch limit, and a schedule this long (its start is what the probe
 # steps train on; it is rebuilt over the planned length once the probe has run).
@@ -219,9 +221,11 @@ class BudgetPlanner(L.Callback):
         self._probe_start: tuple[float, int] | None = None
         self._probe_end: tuple[float, int, int] | None = None  # time, step and batch images at the probe's end
         self._validation_start: float | None = None
-        self._segment: tuple[float, int] | None = None  # time and step training last resumed at, after the plan
-        self._trained_s, self._trained_steps = 0.0, 0  # training since the plan, validations left out
-        self._last_segment = (0.0, 0)  # seconds and steps between the last two validations
+        # The stretch of training since the plan or the last re-plan: its start (time, step), and the seconds
+        # validations (and their checkpoint writing) took inside it.
+        self._stretch: tuple[float, int] = (0.0, 0)
+        self._paused_s = 0.0
+        self._eval_s_per_image: float | None = None  # the latest validation's
         self.replans = 0
         self._start_step = 0
         self._stage: str | None = None
@@ -241,13 +245,8 @@ class BudgetPlanner(L.Callback):
         self._stage = stage
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._probe_end is None or trainer.sanity_checking:
-            return
-        self._validation_start = now = _now(trainer)
-        if self._segment is not None:  # training since the plan or the last validation ends here
-            seconds, steps = now - self._segment[0], trainer.global_step - self._segment[1]
-            self._trained_s, self._trained_steps = self._trained_s + seconds, self._trained_steps + steps
-            self._last_segment, self._segment = (seconds, steps), None
+        if self._probe_end is not None and not trainer.sanity_checking:
+            self._validation_start = _now(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step, self.spent_before_training_s = trainer.global_step, self.elapsed()
@@ -277,13 +276,27 @@ class BudgetPlanner(L.Callback):
     ) -> None:
         if self._probe_end is not None and self.plan is None:
             self._plan(trainer, self._measured_plan)  # the probe's validation (and its checkpoint writing) has run
-        elif self._validation_start is not None and self.plan is not None:
-            self._plan(trainer, self._replanned)  # a validation since the plan has run: measure and size again
-            self.replans += 1
-        if self.plan is not None and self._segment is None:
-            self._validation_start, self._segment = None, (_now(trainer), trainer.global_step)
+            self._validation_start, self._stretch = None, (_now(trainer), trainer.global_step)
+        elif self.plan is not None:
+            self._maybe_replan(trainer)
         if self.plan is not None and trainer.global_step == self.plan.planned_steps - 1:
             self._record_lr(trainer)  # the rates the last step trains at (a one-cycle's floor)
+
+    def _maybe_replan(self, trainer: L.Trainer) -> None:
+        """Re-plan after each validation and every :data:`REPLAN_FRACTION` of the planned steps (the same steps
+        on every rank: the plan is a collective)."""
+        assert self.plan is not None
+        now, validated = _now(trainer), self._validation_start is not None
+        if self._validation_start is not None:
+            val_images, _ = self._split_images(trainer)
+            paused = now - self._validation_start
+            self._paused_s, self._validation_start = self._paused_s + paused, None
+            self._eval_s_per_image = paused / val_images if val_images else None
+        every = max(self.probe_steps, math.ceil(self.plan.planned_steps * REPLAN_FRACTION))
+        if validated or trainer.global_step - self._stretch[1] >= every:
+            self._plan(trainer, self._replanned)
+            self.replans += 1
+            self._stretch, self._paused_s = (_now(trainer), trainer.global_step), 0.0
 
     def _record_lr(self, trainer: L.Trainer) -> None:
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
@@ -330,22 +343,19 @@ class BudgetPlanner(L.Callback):
         )
 
     def _replanned(self, trainer: L.Trainer) -> Plan:
-        assert self.plan is not None and self._validation_start is not None
+        assert self.plan is not None
         plan, now = self.plan, _now(trainer)
-        # The speed of the latest stretch of training (a machine's load drifts), unless it was too short to time
-        # well: then that since the plan, then the probe's.
-        (seconds, steps), step_s = self._last_segment, plan.seconds_per_step
+        # The speed of the latest stretch of training (a shared machine's load drifts), unless it was too short to
+        # time well (a validation soon after the last re-plan): then the plan's.
+        steps, step_s = trainer.global_step - self._stretch[1], plan.seconds_per_step
         if steps >= self.probe_steps:
-            step_s = seconds / steps
-        elif self._trained_steps:
-            step_s = self._trained_s / self._trained_steps
+            step_s = (now - self._stretch[0] - self._paused_s) / steps
         val_images, test_images = self._split_images(trainer)
-        eval_s = (now - self._validation_start) / val_images if val_images else plan.eval_seconds_per_image
         return replan(
             plan,
             self.prior_s + now - self.started,
             step_s,
-            eval_s,
+            self._eval_s_per_image or plan.eval_seconds_per_image,
             steps_done=trainer.global_step,
             val_images=val_images,
             test_images=test_images * self.test_passes,
