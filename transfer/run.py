@@ -94,8 +94,12 @@ def budget_line(summary: dict, wall_s: float) -> str | None:
 def describe(summary: dict) -> str:
     """The one-line result a run ends with: accuracies in % (two decimals), the epoch numbered from 1 as in the
     log and ``history.json``, seconds to a tenth."""
+    data = summary.get("data") or {}
+    # a photo set without a test/ folder is tested on images held out of train/: say so, and how many
+    held_out = str(data.get("test_from", "")).startswith("held out")
+    tested_on = f" on {data.get('test_scored')} images {data['test_from']}" if held_out else ""
     return (
-        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])} (best checkpoint: epoch "
+        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])}{tested_on} (best checkpoint: epoch "
         f"{summary['best_epoch']}, val accuracy {_percent(summary['best_val_acc'])}); "
         f"trained {summary['train_seconds']:.1f} s at {_rate(summary['images_per_second'])} images/s"
     )

@@ -221,6 +221,25 @@ def test_flat_layout_holds_out_stratified_seeded_splits(tmp_path: Path):
     assert set(again.val_set.indices.tolist()) == rows[1] and set(other.val_set.indices.tolist()) != rows[1]
 
 
+def test_a_set_without_a_test_folder_says_its_test_images_were_held_out_of_train(tmp_path: Path):
+    from transfer.run import describe
+
+    root = make_image_folder(tmp_path / "photos", {"train": 10, "val": 2})
+    dm = ready(ImageFolderData(str(root), num_workers=0, preprocess=pre(32), test_size=0.2))
+    about = dm.describe()
+    assert about["val_from"] == "the val/ folder" and about["test_size"] == 6 == len(dm.test_set)
+    assert about["test_from"] == "held out of the train/ folder (there is no test/ folder; data.test_size=0.2)"
+    summary = {"model": "m", "test_acc": 0.5, "best_epoch": 1, "best_val_acc": 0.5, "train_seconds": 1.0,
+               "images_per_second": 9.0, "data": {**about, "test_scored": 6}}  # fmt: skip
+    assert "test accuracy 50.00% on 6 images held out of the train/ folder (there is no test/ folder" in describe(
+        summary
+    )
+    with_test = ready(ImageFolderData(str(make_image_folder(tmp_path / "full", {"train": 4, "test": 2})),
+                                      num_workers=0, preprocess=pre(32)))  # fmt: skip
+    assert with_test.describe()["test_from"] == "the test/ folder"
+    assert "images" not in describe({**summary, "data": {**with_test.describe(), "test_scored": 6}}).split("(")[0]
+
+
 def test_split_folders_without_train_say_which_layouts_work(tmp_path: Path):
     make_image_folder(tmp_path / "mine", {"test": 2})
     with pytest.raises(DataNotFoundError, match="test/ but no train/ folder"):

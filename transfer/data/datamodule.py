@@ -364,6 +364,7 @@ class ImageFolderData(ClassificationData):
         self.memory_limit_gb = float(memory_limit_gb)
         self.skip_corrupt = bool(skip_corrupt)
         self.skipped: dict[Path, str] = {}
+        self.origins: dict[str, str] = {}  # where the val and test images came from, for the summary
 
     @property
     def classes(self) -> list[str]:
@@ -388,6 +389,7 @@ class ImageFolderData(ClassificationData):
                 split_files, split_targets = list_images(folders[name], classes)
                 check_not_empty(name, folders[name], classes, split_targets)
                 splits[name] = (split_files, split_targets, list(mixed_order(len(split_files), self.split_seed)))
+                self.origins[name] = f"the {folders[name].name}/ folder"
                 continue
             sub_targets = [targets[i] for i in keep]
             # Fractions are of the whole train folder, so val_size=0.1 means 10% whether or not test exists.
@@ -395,6 +397,11 @@ class ImageFolderData(ClassificationData):
             kept, held = stratified_split(sub_targets, min(count, len(keep) - 1), self.split_seed)
             splits[name] = (files, targets, [keep[i] for i in held])
             keep = [keep[i] for i in kept]
+            self.origins[name] = (
+                f"held out of the {train_dir.name}/ folder (there is no {name}/ folder; data.{name}_size={size})"
+                if train_dir != self.root
+                else f"held out of the class folders (data.{name}_size={size})"
+            )
         splits["train"] = (files, targets, keep)
         return splits
 
@@ -466,6 +473,7 @@ class ImageFolderData(ClassificationData):
     def describe(self) -> dict[str, Any]:
         """Split sizes, origin and the undecodable files left out (``skip_corrupt``), for the run summary."""
         return super().describe() | {
+            **{f"{name}_from": origin for name, origin in self.origins.items()},
             "corrupt_skipped": len(self.skipped),
             "corrupt_files": [str(p) for p in list(self.skipped)[:20]],
         }
