@@ -141,7 +141,7 @@ class Killed(BaseException):
 
 
 class KillAfterFirstValidation(L.Callback):
-    """Kill the run at the first step after its first validation since the probe (and last.ckpt) ran."""
+    """Kill the run at the first step after its first validation (and last.ckpt) ran."""
 
     def __init__(self) -> None:
         self.validations = 0
@@ -150,7 +150,7 @@ class KillAfterFirstValidation(L.Callback):
         self.validations += not trainer.sanity_checking
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.validations >= 2:
+        if self.validations >= 1:
             raise Killed
 
 
@@ -213,8 +213,12 @@ class SlowsDown(L.LightningModule):
         self.clock.now += 1.0 if self.global_step < self.fast else 1.5
         return self.net(batch[0]).pow(2).mean()
 
+    def forward(self, x):
+        self.clock.now += 0.01 * len(x)
+        return self.net(x)
+
     def validation_step(self, batch, batch_idx):
-        self.clock.now += 0.01 * len(batch[0])
+        self(batch[0])
 
     test_step = validation_step
 

@@ -7,8 +7,8 @@ run (no epoch limit, a provisional length); :class:`BudgetPlanner` then
 
 1. times the first :data:`PROBE_STEPS` training steps, the first :data:`WARMUP_STEPS` of them left out
    (``torch.compile``, cuDNN's autotuning and the loader workers' start land there; the probe steps train on the
-   schedule's start), then one validation run right after them, checkpoint writing included (seconds per
-   evaluated image: the validations and the test to come are planned from it);
+   schedule's start), then a few eval-mode forward passes of an eval batch (seconds per evaluated image: the
+   validations and the test to come are planned from it);
 2. plans (:func:`~transfer.training.budget_plan.make_plan`, pure arithmetic): the optimizer steps that fit into
    what is left of the budget after the time already spent since the process started, the planned validations
    and the final test (split sizes x the measured time per image) and a fixed margin for writing the outputs;
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PROBE_STEPS = 20  # timed training steps before the plan (the warm-up steps below included)
 REPLAN_FRACTION = 1 / 8  # a re-plan every eighth of the planned steps, and after every validation
+EVAL_PROBE_PASSES = 2  # timed eval-mode forward passes of one eval batch, after one untimed
 WARMUP_STEPS = 3  # the first steps' times are left out of the probe: compilation, autotuning, worker start
 # Until the plan, the run is open-ended: no epoch limit, and a schedule this long (its start is what the probe
 # steps train on; it is rebuilt over the planned length once the probe has run).
@@ -265,19 +266,37 @@ class BudgetPlanner(L.Callback):
             self._probe_start = (_now(trainer), trainer.global_step)
         elif self._probe_start is not None and self._probe_end is None and done >= self.probe_steps:
             self._probe_end = (_now(trainer), trainer.global_step, len(as_batch(batch).y))
-            if sum(trainer.num_val_batches) > 0:
-                # validate at this very batch: the time of a whole validation is the eval cost the plan needs
-                trainer.val_check_batch = trainer.fit_loop.epoch_loop.total_batch_idx + 1
-            else:
-                self._plan(trainer, self._measured_plan)
+            self._eval_s_per_image = self._time_eval(trainer, pl_module, as_batch(batch).x)
+            self._plan(trainer, self._measured_plan)
+            self._stretch = (_now(trainer), trainer.global_step)
+
+    def _time_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor) -> float:
+        """Seconds per image of an evaluation forward pass: the probe's last batch, repeated to an eval batch.
+
+        A few forward passes stand in for the whole validation the probe once ran (9 s of a 2-minute CIFAR-10
+        budget on a 2-core CPU); the validations of the run itself then re-measure it, checkpoint writing
+        included (:meth:`_maybe_replan`).
+        """
+        data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit time, undeclared
+        size = max(len(x), int(getattr(data, "eval_batch_size", len(x))))
+        images = x.repeat(math.ceil(size / len(x)), *([1] * (x.ndim - 1)))[:size]
+        modes = {module: module.training for module in pl_module.modules()}  # a frozen BN stays in eval mode
+        pl_module.eval()
+        try:
+            with torch.inference_mode():
+                pl_module(images)  # the first eval-mode pass: its kernels' warm-up
+                start = _now(trainer)
+                for _ in range(EVAL_PROBE_PASSES):
+                    pl_module(images)
+                return (_now(trainer) - start) / (EVAL_PROBE_PASSES * size)
+        finally:
+            for module, training in modes.items():
+                module.training = training
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._probe_end is not None and self.plan is None:
-            self._plan(trainer, self._measured_plan)  # the probe's validation (and its checkpoint writing) has run
-            self._validation_start, self._stretch = None, (_now(trainer), trainer.global_step)
-        elif self.plan is not None:
+        if self.plan is not None:
             self._maybe_replan(trainer)
         if self.plan is not None and trainer.global_step == self.plan.planned_steps - 1:
             self._record_lr(trainer)  # the rates the last step trains at (a one-cycle's floor)
@@ -327,10 +346,8 @@ class BudgetPlanner(L.Callback):
         step_s = (end - start) / max(1, end_step - start_step)
         val_images, test_images = self._split_images(trainer)
         now = _now(trainer)
-        if self._validation_start is not None and val_images:
-            eval_s = (now - self._validation_start) / val_images
-        else:  # nothing validated to time: a training step's time per image bounds it from above
-            eval_s = step_s / max(1, batch_images * trainer.accumulate_grad_batches)
+        # a training step's time per image bounds an eval pass's from above, for a model that could not be timed
+        eval_s = self._eval_s_per_image or step_s / max(1, batch_images * trainer.accumulate_grad_batches)
         return make_plan(
             self.budget_s,
             self.prior_s + now - self.started,
