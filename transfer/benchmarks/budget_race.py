@@ -154,13 +154,14 @@ def budget_race(
         ``{"table": markdown, "results": [{"data", "minutes", "ours", "plain"}]}``.
     """
     out = Path.cwd() / "outputs" / "benchmarks" / time.strftime("race-budgets-%Y-%m-%d_%H-%M-%S")
-    results, order = [], 0
-    for minutes in budgets:
-        for data, sides in budget_commands(cifar, clothing, out, minutes, ours_extra, plain_extra).items():
-            # which side runs first alternates, so that a machine slowing down or speeding up over the race
-            # does not always favour the same side
-            first, second = ("ours", "plain") if order % 2 == 0 else ("plain", "ours")
-            order += 1
+    results = []
+    for b, minutes in enumerate(budgets):
+        for d, (data, sides) in enumerate(
+            budget_commands(cifar, clothing, out, minutes, ours_extra, plain_extra).items()
+        ):
+            # which side runs first alternates from budget to budget on each data set, so that a machine slowing
+            # down or speeding up over the race does not always favour the same side
+            first, second = ("ours", "plain") if (b + d) % 2 == 0 else ("plain", "ours")
             print(f"  {data} at {minutes:g} min: {first}, then {second}", flush=True)
             runs = {side: run_cold(sides[side]) for side in (first, second)}
             ours, plain = ours_result(sides["ours"], runs["ours"]), plain_result(runs["plain"])
