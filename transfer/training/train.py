@@ -188,6 +188,7 @@ def train(
         The summary written to ``summary.json``.
     """
     started = time.time() if started is None else started
+    code_version()  # cached at the start: the summary names the code the run started with, not the tree at its end
     run_dir = Path(run_dir)
     check_fresh(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
