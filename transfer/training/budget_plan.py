@@ -8,6 +8,7 @@ much as a fifth; every validation is a longer and later measurement).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from transfer.core.errors import ConfigError
@@ -72,6 +73,27 @@ def count_validations(done: int, total: int, every: int) -> int:
     return total // every - done // every + (0 if total % every == 0 else 1)
 
 
+def _settle(
+    available: float,
+    val_s: float,
+    seconds_per_step: float,
+    steps_done: int,
+    validations: int,
+    interval: Callable[[int], int],
+) -> tuple[int, int, int]:
+    """Steps, validation interval and validations that fit ``available`` seconds together: each depends on the
+    others, and a few rounds from the guess ``validations`` settle them."""
+    steps, every = 0, 1
+    for _ in range(4):
+        steps = math.floor((available - validations * val_s) / seconds_per_step)
+        every = interval(max(steps, 1))
+        settled = count_validations(steps_done, steps_done + max(steps, 1), every)
+        if settled == validations:
+            break
+        validations = settled
+    return steps, every, validations
+
+
 def make_plan(
     budget_s: float,
     spent_s: float,
@@ -104,14 +126,10 @@ def make_plan(
     margin = output_margin(budget_s)
     val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
     available = budget_s - spent_s - test_s - margin
-    validations, steps, every = MAX_VALIDATIONS + 1, 0, 1
-    for _ in range(4):  # validations and steps depend on each other: a few rounds settle them
-        steps = math.floor((available - validations * val_s) / seconds_per_step)
-        every = validation_interval(max(steps, 1), steps_per_epoch)
-        settled = count_validations(steps_done, steps_done + max(steps, 1), every)
-        if settled == validations:
-            break
-        validations = settled
+    steps, every, validations = _settle(
+        available, val_s, seconds_per_step, steps_done, MAX_VALIDATIONS + 1,
+        lambda steps: validation_interval(steps, steps_per_epoch),
+    )  # fmt: skip
     if steps < 1:
         minimum = (spent_s + seconds_per_step + val_s + test_s + MARGIN_FIXED_S) / (1 - MARGIN_FRACTION)
         raise ConfigError(
@@ -162,14 +180,11 @@ def replan(
     """
     val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
     available = plan.budget_s - spent_s - test_s - plan.margin_s
-    every, steps = plan.val_every_steps, 1
-    validations = count_validations(steps_done, plan.planned_steps, every)
-    for _ in range(4):
-        steps = max(1, math.floor((available - validations * val_s) / seconds_per_step))
-        settled = count_validations(steps_done, steps_done + steps, every)
-        if settled == validations:
-            break
-        validations = settled
+    guess = count_validations(steps_done, plan.planned_steps, plan.val_every_steps)
+    steps, _, validations = _settle(
+        available, val_s, seconds_per_step, steps_done, guess, lambda steps: plan.val_every_steps
+    )
+    steps = max(1, steps)
     return replace(
         plan,
         planned_steps=steps_done + steps,
