@@ -1,7 +1,7 @@
 """The race at budgets: for each budget B (minutes), ``python -m transfer.run budget=Bm`` against the plain loop made
 budget-aware the simple way (``plain_loop --budget``: it times 20 probe steps after decoding its data and sizes its
 one-cycle schedule so that training and its final test end at B), on the same data, one after the other (which
-side goes first alternates from race to race).
+side goes first alternates from budget to budget on each data set).
 
     python -m transfer.benchmarks time_to_accuracy=true skip_speed=true budgets=[2,4,8,15] [clothing_root=DIR]
 

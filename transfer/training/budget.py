@@ -226,7 +226,7 @@ class BudgetPlanner(L.Callback):
         # validations (and their checkpoint writing) took inside it.
         self._stretch: tuple[float, int] = (0.0, 0)
         self._paused_s = 0.0
-        self._eval_s_per_image: float | None = None  # the latest validation's
+        self._eval_s_per_image: float | None = None  # the probe's, then the latest validation's
         self.replans = 0
         self._start_step = 0
         self._stage: str | None = None
@@ -305,10 +305,10 @@ class BudgetPlanner(L.Callback):
         """Re-plan after each validation and every :data:`REPLAN_FRACTION` of the planned steps (the same steps
         on every rank: the plan is a collective)."""
         assert self.plan is not None
-        now, validated = _now(trainer), self._validation_start is not None
-        if self._validation_start is not None:
+        validated = self._validation_start is not None
+        if self._validation_start is not None:  # the clock is read only here and at a re-plan: no sync per step
             val_images, _ = self._split_images(trainer)
-            paused = now - self._validation_start
+            paused = _now(trainer) - self._validation_start
             self._paused_s, self._validation_start = self._paused_s + paused, None
             self._eval_s_per_image = paused / val_images if val_images else None
         every = max(self.probe_steps, math.ceil(self.plan.planned_steps * REPLAN_FRACTION))
