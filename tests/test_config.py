@@ -14,7 +14,7 @@ from transfer.models import REGISTRY, create_model, resolve_adapt
 MODEL_FILES = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 # What every model file composed to before they shared conf/model/_base/defaults.yaml: the base's values, and per
 # model the ones that differ. `python -m transfer.run model=<name>` must compose exactly this.
-BASE = {"pretrained": True, "weights": None, "adapt": "auto", "drop_rate": 0.0, "freeze_convs": 0}
+BASE = {"pretrained": True, "weights": None, "adapt": "auto", "drop_rate": 0.0, "frozen_layers": 0}
 DIFFERS = {
     **{f"efficientnet_b{i}": {"drop_rate": d} for i, d in enumerate((0.2, 0.2, 0.25, 0.25, 0.3, 0.3, 0.35, 0.35))},
     **{f"efficientnet_lite{i}": {"drop_rate": 0.2} for i in range(3)},
@@ -22,7 +22,7 @@ DIFFERS = {
     **{name: {"drop_rate": 0.2} for name in ("mobilenet_v3_large", "mobilenet_v3_small")},
     "inception_v3": {"drop_rate": 0.5},
     "lenet5": {"pretrained": False},
-    "vgg16": {"freeze_convs": 10},
+    "vgg16": {"frozen_layers": 10},
 }
 
 
@@ -125,6 +125,15 @@ def test_seed_experiment_restores_every_setting_of_the_source_recipe(compose_cfg
         and cfg.callbacks.divergence_guard._target_ == "transfer.training.guard.DivergenceGuard"
     )
     assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.hflip
+
+
+def test_a_scratch_model_trains_the_layers_frozen_layers_would_keep(compose_cfg, caplog):
+    from transfer.training.train import model_args
+
+    assert model_args(compose_cfg("model=vgg16"), "native")["frozen_layers"] == 10
+    with caplog.at_level("WARNING"):
+        assert model_args(compose_cfg("model=vgg16", "model.pretrained=false"), "native")["frozen_layers"] == 0
+    assert "model.frozen_layers=10" in caplog.text and "every layer trains" in caplog.text
 
 
 def test_pretrained_vs_scratch_is_a_two_job_sweep():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from transfer.core.errors import ConfigError
 from transfer.models import REGISTRY, backbone_layers, create_model
 from transfer.models.layers import numbered
 
@@ -67,7 +68,25 @@ def test_torchvision_vit_layers_are_its_encoder_layers():
 
 
 def test_parameters_that_never_train_are_in_no_layer():
-    model = _on_meta("vgg16", freeze_convs=10)
+    model = _on_meta("vgg16", frozen_layers=10)
     layers = backbone_layers(model)
     assert len(layers) == 3  # the 13 convs less the 10 kept frozen
     assert not {n for layer in layers for n, _ in layer} & set(model.fixed)
+
+
+def test_frozen_layers_keep_the_lowest_layers_of_the_split_out_of_training():
+    split = [[n for n, _ in layer] for layer in backbone_layers(_on_meta("efficientnet_lite0"))]
+    assert split[0] == ["conv_stem.weight", "bn1.weight", "bn1.bias"]  # the stem, then one layer per block
+    model = _on_meta("efficientnet_lite0", frozen_layers=4)
+    frozen = [n for layer in split[:4] for n in layer]
+    assert model.fixed == frozen
+    assert [n for n, p in model.backbone.named_parameters() if not p.requires_grad] == frozen
+    assert [[n for n, _ in layer] for layer in backbone_layers(model)] == split[4:]
+
+
+@pytest.mark.parametrize("count", [-1, 17])
+def test_frozen_layers_outside_the_split_are_refused_with_the_range(count: int):
+    layers = len(backbone_layers(_on_meta("efficientnet_lite0")))
+    assert layers == 17
+    with pytest.raises(ConfigError, match=f"splits into {layers} layers .* 0 to {layers - 1}"):
+        _on_meta("efficientnet_lite0", frozen_layers=count)

@@ -147,7 +147,7 @@ def test_reduce_strides_changes_only_the_first_strided_convs():
 
 
 def test_vgg16_keeps_its_first_ten_convs_frozen():
-    model = create_model("vgg16", 10, pretrained=False, freeze_convs=10)
+    model = create_model("vgg16", 10, pretrained=False, frozen_layers=10)
     convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 13
     assert all(not p.requires_grad for c in convs[:10] for p in c.parameters())

@@ -136,7 +136,7 @@ def test_unfreeze_at_zero_never_touches_requires_grad(tiny_cifar: Path, monkeypa
         return original(self, flag)
 
     monkeypatch.setattr(torch.Tensor, "requires_grad_", spy)
-    model = {"name": "tiny_test_neck", "pretrained": False, "freeze_convs": 1}
+    model = {"name": "tiny_test_neck", "pretrained": False, "frozen_layers": 1}
     module, probe = fit(tiny_cifar, 1, model=model, unfreeze_at_epoch=0, backbone_lr_ratio=0.5)
     assert switched == [False, False]  # the model fixing its first conv, and nothing after
     assert probe.rows[0]["requires_grad"] == [False, False, True, True, True, True]
@@ -303,7 +303,7 @@ def test_the_callbacks_defaults_are_the_configs():
 
 
 def test_neck_trains_with_the_head_and_fixed_convs_never_train(tiny_cifar: Path):
-    model = {"name": "tiny_test_neck", "pretrained": False, "freeze_convs": 1}
+    model = {"name": "tiny_test_neck", "pretrained": False, "frozen_layers": 1}
     module, probe = fit(tiny_cifar, 2, model=model, unfreeze_at_epoch=1)
     groups = {g["name"]: {id(p) for p in g["params"]} for g in module.trainer.optimizers[0].param_groups}
     head = groups["head"] | groups["head.no_decay"]

@@ -85,6 +85,17 @@ def test_the_model_line_counts_what_the_first_step_trains():
     assert line.endswith("backbone frozen in epoch 1, trained from epoch 2")
 
 
+def test_the_model_line_names_the_layers_that_never_train():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))
+    model[0].requires_grad_(False)
+    line = parameter_line("tiny", model, 0, fixed=110)
+    assert "22 (22) trainable" in line and "nothing frozen" not in line
+    assert line.endswith(
+        "110 in the lowest layers kept at their weights throughout (model.frozen_layers), the rest "
+        "trains from the start"
+    )
+
+
 def test_the_freezing_schedule_is_told_in_epochs_numbered_from_1():
     assert frozen_phrase(0) == "nothing frozen"
     assert frozen_phrase(3) == "backbone frozen in epochs 1-3, trained from epoch 4"

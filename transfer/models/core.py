@@ -145,7 +145,8 @@ class TransferModel(nn.Module):
         neck: pretrained layers trained with the head from the start (``nn.Identity`` when the family has none).
         head: new part, features -> class logits.
         meta: a :class:`ModelMeta`.
-        fixed: names of backbone parameters that never train (e.g. VGG16's first 10 convs).
+        fixed: names of backbone parameters that never train (``model.frozen_layers``; e.g. VGG16's first 10
+            convs).
     """
 
     def __init__(
@@ -161,7 +162,12 @@ class TransferModel(nn.Module):
         self.neck = neck if neck is not None else nn.Identity()
         self.head = head
         self.meta = meta
-        self.fixed = list(fixed or [])
+        self.fixed: list[str] = []
+        self.fix(fixed or [])
+
+    def fix(self, names: list[str]) -> None:
+        """Keep the backbone parameters ``names`` at their weights for good: no gradient, in no param group."""
+        self.fixed += [name for name in names if name not in self.fixed]
         for name, p in self.backbone.named_parameters():
             if name in self.fixed:
                 p.requires_grad_(False)
@@ -260,7 +266,7 @@ def create_model(
     weights: str | None = None,
     adapt: str = "auto",
     drop_rate: float = 0.0,
-    freeze_convs: int = 0,
+    frozen_layers: int = 0,
 ) -> TransferModel:
     """Build a registry model with a new ``num_classes`` head.
 
@@ -273,8 +279,10 @@ def create_model(
             and resize inputs to its pretrained size, ``auto`` for the model's rule at its pretrained size (a run
             calls :func:`resolve_adapt` with its input size first and passes the result).
         drop_rate: dropout before the head's linear layer.
-        freeze_convs: keep the backbone's first ``freeze_convs`` conv layers frozen for the whole run
-            (VGG16's recipe: generic low-level filters need no tuning and it halves the trainable convs).
+        frozen_layers: keep the backbone's lowest ``frozen_layers`` layers (its layer split, stem first:
+            :func:`transfer.models.layers.backbone_layers`) at their weights for the whole run, as fastai's
+            ``freeze_to``. No gradient flows into them, so backpropagation stops above them: the high-resolution
+            low layers are the costly end of a step (VGG16's first 10 convs: generic filters need no tuning).
 
     Returns:
         The :class:`TransferModel`.
@@ -313,12 +321,25 @@ def create_model(
         num_features=num_features,
         small_input_size=cfg.small_input_size,
     )
-    return TransferModel(backbone, head, meta, neck=neck, fixed=_first_convs(backbone, freeze_convs))
+    model = TransferModel(backbone, head, meta, neck=neck)
+    model.fix(_lowest_layers(model, frozen_layers))
+    return model
 
 
-def _first_convs(backbone: nn.Module, count: int) -> list[str]:
-    convs = [name for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)][: max(0, count)]
-    return [f"{conv}.{p}" for conv in convs for p, _ in backbone.get_submodule(conv).named_parameters()]
+def _lowest_layers(model: TransferModel, count: int) -> list[str]:
+    """Names of the parameters in the backbone's lowest ``count`` layers; refuses a count the split cannot give."""
+    if count == 0:
+        return []
+    from transfer.models.layers import backbone_layers  # layers.py builds on this module
+
+    layers = backbone_layers(model)
+    if not 0 < count < len(layers):
+        raise ConfigError(
+            f"model.frozen_layers={count}: {model.meta.name}'s backbone splits into {len(layers)} layers (stem "
+            f"first), so 0 to {len(layers) - 1} of them can stay frozen while the rest trains. Pass a count in "
+            f"that range, or finetune.unfreeze_at_epoch=null to keep the whole backbone frozen (a linear probe)."
+        )
+    return [name for layer in layers[:count] for name, _ in layer]
 
 
 def _load_pretrained(arch: Architecture, net: nn.Module, weights: str | None) -> LoadReport:

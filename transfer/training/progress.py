@@ -97,20 +97,25 @@ def frozen_phrase(unfreeze_at_epoch: int | None) -> str:
     return f"backbone frozen in {first}, trained from epoch {unfreeze_at_epoch + 1}"
 
 
-def parameter_line(name: str, module: nn.Module, unfreeze_at_epoch: int | None) -> str:
+def parameter_line(name: str, module: nn.Module, unfreeze_at_epoch: int | None, fixed: int = 0) -> str:
     """The model summary a run logs: name, parameters in all, those trainable now, and the freezing schedule.
 
     Args:
         name: the model's name.
         module: the module being trained (its ``requires_grad`` flags as the next step will see them).
         unfreeze_at_epoch: ``finetune.unfreeze_at_epoch`` (see :func:`frozen_phrase`).
+        fixed: parameters that never train (``model.frozen_layers``).
     """
     params = list(module.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
+    phrase = frozen_phrase(unfreeze_at_epoch)
+    if fixed:
+        rest = "the rest trains from the start" if unfreeze_at_epoch == 0 else phrase
+        phrase = f"{_count(fixed)} in the lowest layers kept at their weights throughout (model.frozen_layers), {rest}"
     return (
         f"model {name}: {_count(total)} parameters ({total:,}), {_count(trainable)} ({trainable:,}) trainable at "
-        f"the first step; {frozen_phrase(unfreeze_at_epoch)}"
+        f"the first step; {phrase}"
     )
 
 
@@ -125,5 +130,9 @@ class FitSummary(L.Callback):
         model = getattr(pl_module, "model", pl_module)
         meta = getattr(model, "meta", None)
         name = getattr(meta, "name", None) or type(model).__name__
+        fixed = set(getattr(model, "fixed", []))
+        backbone = getattr(model, "backbone", None)
+        named = backbone.named_parameters() if isinstance(backbone, nn.Module) else []
+        count = sum(p.numel() for n, p in named if n in fixed)
         if trainer.is_global_zero:
-            log.info("%s", parameter_line(name, pl_module, finetune_plan(trainer).unfreeze_at_epoch))
+            log.info("%s", parameter_line(name, pl_module, finetune_plan(trainer).unfreeze_at_epoch, count))

@@ -134,6 +134,23 @@ def resolve_input(cfg: DictConfig) -> tuple[str, Preprocess]:
     return adapt, model_preprocess(cfg.model.name, adapt, image_size, native_size)
 
 
+def model_args(cfg: DictConfig, adapt: str) -> dict[str, Any]:
+    """``create_model``'s arguments from the ``model`` group, ``adapt`` resolved.
+
+    ``model.frozen_layers`` keeps pretrained layers as they are; a model trained from scratch has nothing there to
+    keep (its low layers would stay random), so it trains them all, and the log says so.
+    """
+    args = {**_container(cfg.model), "adapt": adapt}
+    if args.get("frozen_layers") and not (args.get("pretrained") or args.get("weights")):
+        log.warning(
+            "model.frozen_layers=%s keeps the lowest layers at their pretrained weights, and model.pretrained=false "
+            "starts from random ones: every layer trains (pass model.frozen_layers=0 to say so)",
+            args["frozen_layers"],
+        )
+        args["frozen_layers"] = 0
+    return args
+
+
 def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationData | CachedFeatureData, Classifier]:
     """The data module and the LightningModule of a composed config, checked against each other.
 
@@ -157,7 +174,7 @@ def build(cfg: DictConfig, cache_features: bool = True) -> tuple[ClassificationD
         cache = FeatureCache(cfg.finetune.unfreeze_at_epoch, views=int(cfg.finetune.get("cache_views", 1)))
         datamodule = CachedFeatureData(data, cache)
     module = Classifier(
-        model={**_container(cfg.model), "adapt": adapt},
+        model=model_args(cfg, adapt),
         class_names=data.classes,
         optimizer=_container(cfg.optimizer),
         scheduler=_container(cfg.scheduler),
@@ -369,6 +386,7 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
         "model.name",
         "model.pretrained",
         "model.adapt",
+        "model.frozen_layers",
         "optimizer._target_",
         "optimizer.lr",
         "optimizer.weight_decay",
