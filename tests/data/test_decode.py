@@ -15,7 +15,7 @@ from PIL import Image
 from tests.helpers import CLASSES, make_image_folder
 from transfer.core.errors import ConfigError, CorruptImagesError, DataNotFoundError
 from transfer.core.preprocess import Preprocess
-from transfer.data import ImageFolderData
+from transfer.data import ImageFolderData, datasets
 from transfer.data.datasets import decode_checked, list_images
 from transfer.data.decode import read_rgb, to_rgb
 
@@ -148,6 +148,19 @@ def test_decode_reports_corrupt_rows_instead_of_raising(tiny_cifar: Path):
     images, failed = decode_checked(files, size=16)
     assert sorted(files[i] for i in failed) == sorted(bad) and images.shape == (len(files), 16, 16, 3)
     assert all(images[i].max() == 0 for i in failed) and images[0].max() > 0
+
+
+def test_decoding_in_processes_gives_the_rows_of_decoding_in_order(tiny_cifar: Path, monkeypatch):
+    bad = corrupt_files(tiny_cifar / "train" / "dog")
+    files, _ = list_images(tiny_cifar / "train", list(CLASSES))
+    monkeypatch.setattr(datasets, "_POOL_MIN_FILES", len(files) + 1)  # one process
+    alone, failed_alone = decode_checked(files, size=16)
+    monkeypatch.setattr(datasets, "_POOL_MIN_FILES", 1)
+    monkeypatch.setattr(datasets, "_POOL_CHUNK", 3)  # several tasks, so order is what is tested
+    monkeypatch.setattr(datasets.os, "sched_getaffinity", lambda pid: {0, 1})
+    pooled, failed_pooled = decode_checked(files, size=16)
+    assert np.array_equal(alone, pooled) and failed_alone == failed_pooled
+    assert sorted(files[i] for i in failed_pooled) == sorted(bad)
 
 
 @pytest.mark.parametrize("augment_on", ["device", "cpu_pil"])
