@@ -17,7 +17,8 @@ MODEL_FILES = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 BASE = {"pretrained": True, "weights": None, "adapt": "auto", "drop_rate": 0.0, "frozen_layers": 0}
 DIFFERS = {
     **{f"efficientnet_b{i}": {"drop_rate": d} for i, d in enumerate((0.2, 0.2, 0.25, 0.25, 0.3, 0.3, 0.35, 0.35))},
-    **{f"efficientnet_lite{i}": {"drop_rate": 0.2} for i in range(3)},
+    **{f"efficientnet_lite{i}": {"drop_rate": 0.2} for i in range(1, 3)},
+    "efficientnet_lite0": {"drop_rate": 0.2, "frozen_layers": 4},
     **{name: {"drop_rate": 0.2} for name in ("googlenet", "inception_resnet_v2", "mobilenet_v2")},
     **{name: {"drop_rate": 0.2} for name in ("mobilenet_v3_large", "mobilenet_v3_small")},
     "inception_v3": {"drop_rate": 0.5},
@@ -91,6 +92,7 @@ def test_defaults_are_the_measured_recipe(compose_cfg):
     )
     assert cfg.scheduler.total_steps is None and cfg.scheduler.interval == "step"  # sized by the trainer
     assert (cfg.finetune.unfreeze_at_epoch, cfg.label_smoothing, cfg.tta) == (0, 0.1, True)
+    assert (cfg.model.frozen_layers, cfg.optimizer.lr) == (4, 2e-3)  # docs/recipe.md "Frozen layers"
     assert cfg.callbacks.ema._target_ == "transfer.training.ema.EMA"
     assert cfg.data.augment.color_jitter is None and not cfg.data.augment.rotation
 

@@ -9,6 +9,7 @@ step 0, flip + pad-4 crop, label smoothing 0.1, batch 64, all training images. I
 nothing from ``transfer``.
 
     python -m transfer.benchmarks.plain_loop --data DIR [--epochs 4] [--size 64] [--crop center] [--budget SECONDS]
+        [--lr 1e-3] [--batch-size 64] [--freeze-stages K]
 
 ``DIR`` holds ``train/<class>/*`` and ``test/<class>/*`` (``validation/`` is ignored). Photos of any size are
 resized to ``size/0.875`` and centre-cropped (``--crop center``); CIFAR's 32 px images are upsampled. Each epoch
@@ -19,6 +20,10 @@ With ``--budget SECONDS`` it is made budget-aware the simple way: after decoding
 (at the one-cycle's starting lr) and one test batch, and sizes its one-cycle schedule, in steps, so that training
 and the final test end at the budget, everything from the process start counted; it tests once, at the end, and
 prints one JSON line with the plan, the wall time and the test accuracy.
+
+``--freeze-stages K`` keeps the stem and the first K stages at their ImageNet weights (no gradient, so no backward
+pass through them): the hand-written A/B behind the default recipe's ``model.frozen_layers`` (docs/recipe.md
+"Frozen layers"); the race itself runs the loop as above, everything trained.
 """
 
 import argparse
@@ -176,6 +181,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--freeze-stages", type=int, default=None, help="keep the stem and this many stages frozen")
     ap.add_argument("--budget", type=float, default=None, help="seconds from the process start to the result")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -190,6 +196,9 @@ def main() -> None:
     model.load_state_dict(dict(zip(model.state_dict(), weights.values(), strict=True)))  # same tensors, same order
     model.reset_classifier(len(classes))
     model = model.to(memory_format=torch.channels_last)
+    if args.freeze_stages is not None:
+        for frozen in (model.conv_stem, model.bn1, *model.blocks[: args.freeze_stages]):
+            frozen.requires_grad_(False)
     if args.budget is None:
         epochs(model, data, args)
     else:
