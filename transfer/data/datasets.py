@@ -9,7 +9,7 @@ import multiprocessing as mp
 import os
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -94,10 +94,12 @@ def _decode_all(files: Sequence[Path], size: int | None) -> list[np.ndarray | st
     if workers < 2 or len(files) < _POOL_MIN_FILES:
         return _read_arrays(files, size)
     chunks = [files[i : i + _POOL_CHUNK] for i in range(0, len(files), _POOL_CHUNK)]
-    if sys.platform == "linux":  # fork: the children need nothing re-imported (macOS forks unsafely, Windows not)
-        with ProcessPoolExecutor(min(workers, 8), mp_context=mp.get_context("fork")) as pool:
-            return [row for rows in pool.map(_read_arrays, chunks, repeat(size)) for row in rows]
-    with ThreadPoolExecutor(min(workers, 8)) as pool:
+    pool: Executor = (
+        ProcessPoolExecutor(min(workers, 8), mp_context=mp.get_context("fork"))
+        if sys.platform == "linux"  # fork: the children need nothing re-imported (macOS forks unsafely, Windows not)
+        else ThreadPoolExecutor(min(workers, 8))
+    )
+    with pool:
         return [row for rows in pool.map(_read_arrays, chunks, repeat(size)) for row in rows]
 
 

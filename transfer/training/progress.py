@@ -130,9 +130,10 @@ class FitSummary(L.Callback):
         model = getattr(pl_module, "model", pl_module)
         meta = getattr(model, "meta", None)
         name = getattr(meta, "name", None) or type(model).__name__
+        if not trainer.is_global_zero:
+            return
         fixed = set(getattr(model, "fixed", []))
         backbone = getattr(model, "backbone", None)
         named = backbone.named_parameters() if isinstance(backbone, nn.Module) else []
         count = sum(p.numel() for n, p in named if n in fixed)
-        if trainer.is_global_zero:
-            log.info("%s", parameter_line(name, pl_module, finetune_plan(trainer).unfreeze_at_epoch, count))
+        log.info("%s", parameter_line(name, pl_module, finetune_plan(trainer).unfreeze_at_epoch, count))
