@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.helpers import TINY
 from tests.in_process import run_tool
@@ -17,6 +18,7 @@ from transfer.core.errors import ConfigError
 from transfer.training.budget import budgeted_config, parse_duration
 from transfer.training.budget_plan import (
     MAX_VALIDATIONS,
+    VALIDATION_SHARE,
     count_validations,
     make_plan,
     output_margin,
@@ -71,6 +73,19 @@ def test_validations_come_every_epoch_in_a_few_epoch_run_and_at_most_a_few_times
     every = validation_interval(10_000, 100)
     assert count_validations(0, 10_000, every) == MAX_VALIDATIONS
     assert count_validations(20, 250, 100) == 3  # steps 100 and 200, and one at the last step
+
+
+def test_validations_past_their_share_of_the_budget_score_fewer_whole_batches():
+    args = {"steps_done": 20, "steps_per_epoch": 10_000, "val_images": 5000, "test_images": 10_000}
+    # 2 ms an image: one 10 s validation is 8% of a 2-minute budget
+    short = make_plan(120, 20, 0.3, 0.002, **args, eval_batch_size=256)
+    assert short.validations == 1
+    assert short.val_batches == math.floor(VALIDATION_SHARE * 120 / (256 * 0.002)) == 4
+    assert short.eval_s == pytest.approx(4 * 256 * 0.002 + 20)
+    uncapped = make_plan(120, 20, 0.3, 0.002, **args)  # no batch size given: the whole split
+    assert uncapped.val_batches is None and short.planned_steps > uncapped.planned_steps
+    long = make_plan(7200, 20, 0.3, 0.002, **args, eval_batch_size=256)  # 3 validations, 30 s of 7200: all of it
+    assert long.validations == 3 and long.val_batches is None
 
 
 def test_a_budget_too_small_for_one_step_names_the_minimum_and_the_minimum_fits():
@@ -277,3 +292,48 @@ def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(val_size, mon
     spent = clock.now - 1000.0
     assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600  # the probe's plan alone would end 50% late
     assert planner.lr_end["pg1"] == pytest.approx(LR / 25 / 1e4, rel=1e-6)  # the schedule still ends at its floor
+
+
+class CountsValidation(SlowsDown):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, fast=10**6)
+        self.validated: list[int] = []  # batches of each validation
+
+    def on_validation_epoch_start(self) -> None:
+        self.validated.append(0)
+
+    def validation_step(self, batch, batch_idx):
+        self.validated[-1] += 1
+        self(batch[0])
+
+
+class LongValidation(TwoPoints):
+    """A validation of 2000 images, 20 s of the fake clock: past its share of a 600 s budget."""
+
+    def __init__(self) -> None:
+        super().__init__(val_size=2000)
+
+    def val_dataloader(self):
+        from transfer.data.loader import ResumableLoader
+
+        n = self.val_size
+        return ResumableLoader(torch.utils.data.TensorDataset(torch.randn(n, 2), torch.zeros(n, dtype=torch.long)), 10)
+
+
+def test_validations_score_the_batches_the_plan_gives_them(monkeypatch, tmp_path: Path):
+    import transfer.training.budget as B
+
+    clock = FakeClock()
+    monkeypatch.setattr(B, "time", clock)
+    planner = B.BudgetPlanner(600, started=clock.now, scheduler=ONECYCLE)
+    trainer = L.Trainer(
+        **B.budgeted_config(OmegaConf.create({"budget": 600, "trainer": {}})).trainer,
+        callbacks=[planner], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    model = CountsValidation(clock)
+    trainer.fit(model, datamodule=LongValidation())
+    plan = planner.plan
+    assert plan is not None and plan.val_batches is not None and plan.val_batches < 200
+    assert model.validated and set(model.validated) == {plan.val_batches}  # no sanity check, each one cut
+    assert plan.validations * plan.val_batches * 10 * 0.01 <= VALIDATION_SHARE * 600

@@ -127,6 +127,21 @@ def test_tta_averages_the_logits_of_the_image_and_its_mirror():
         assert torch.allclose(scores.logits, expected) and scores.target is None
 
 
+def test_evaluation_runs_a_folded_copy_built_once_per_evaluation_and_never_saved():
+    module = Classifier(MODEL, ["a", "b", "c"], ADAM).eval()  # tiny_test_cnn: a conv and its BatchNorm
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        logits = module.predict_logits(x)
+        folded = module.inference_model(x)
+        assert folded is not module.model and module.inference_model(x) is folded  # built once
+        assert torch.allclose(logits, module(x), atol=1e-5)
+        module.on_validation_epoch_end()  # each evaluation ends by dropping it: the weights move on
+        assert module.inference_model(x) is not folded
+    assert not any("inference" in key for key in module.state_dict())
+    module.train()
+    assert module.predict_logits(x).requires_grad  # training runs the live model
+
+
 def test_progressive_resize_grows_the_training_size_and_leaves_eval_at_full_size(tiny_cifar: Path):
     resize = ProgressiveResize(start_size=16, full_at_epoch=2)
     assert [resize.size_at(e, 32) for e in range(4)] == [16, 24, 32, 32]

@@ -37,6 +37,7 @@ def accuracy(module: Classifier, datamodule: ClassificationData, loader: DataLoa
             correct += int((module.predict_logits(batch.x).argmax(1) == batch.y).sum())  # flip TTA when on
             total += len(batch.y)
     finally:
+        module.release_inference_model()  # folded from the weights of now: training moves them on
         module.train(was_training)
     return correct / total if total else 0.0
 

@@ -12,6 +12,7 @@ with a permutation seeded by ``seed + epoch`` (Lightning calls ``set_epoch`` bef
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from itertools import islice
 from typing import Any
 
 import torch
@@ -49,20 +50,22 @@ class EpochSampler(RandomSampler):
 
 
 class _Skipping:
-    """The loader's batch sampler, less the batches :meth:`ResumableLoader.start_at` asked to skip (once)."""
+    """The loader's batch sampler, less the batches :meth:`ResumableLoader.start_at` asked to skip (once), and cut
+    to :attr:`ResumableLoader.max_batches`."""
 
     def __init__(self, base: Any, loader: ResumableLoader) -> None:
         self.base, self.loader = base, loader
 
     def __len__(self) -> int:
-        return len(self.base)
+        limit = self.loader.max_batches
+        return len(self.base) if limit is None else min(len(self.base), limit)
 
     def __iter__(self) -> Iterator[Any]:
         skip, self.loader.skip = self.loader.skip, 0
         batches = iter(self.base)
         for _ in range(skip):
             next(batches, None)
-        yield from batches
+        yield from batches if self.loader.max_batches is None else islice(batches, self.loader.max_batches)
 
 
 class ResumableLoader(DataLoader):
@@ -88,6 +91,9 @@ class ResumableLoader(DataLoader):
             shuffle = None
         super().__init__(dataset, shuffle=shuffle, sampler=sampler, **kwargs)
         self.skip = 0
+        # At most this many batches per iteration (None: all). A budgeted run sets it on its validation loader
+        # after Lightning has counted that loader's batches (transfer/training/budget.py).
+        self.max_batches: int | None = None
 
     @property
     def _index_sampler(self) -> Any:

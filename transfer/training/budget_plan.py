@@ -17,6 +17,10 @@ MAX_VALIDATIONS = 4  # validations in a run (one more when the last step falls b
 # Writing outputs (checkpoint load for the test, summary, figures) gets a fixed margin, not a measured one:
 # 1.5 s plus 1% of the budget (epoch boundaries the probe did not see land in it too).
 MARGIN_FIXED_S, MARGIN_FRACTION = 1.5, 0.01
+# The validations of a budgeted run take at most this share of the budget; past it each one scores a subset of
+# whole eval batches. Under a one-cycle schedule the last step's weights are the best ones, so a validation
+# selects little, and a full CIFAR-10 validation was 8% of a 2-minute budget (docs/recipe.md "Budget").
+VALIDATION_SHARE = 0.02
 
 
 def output_margin(budget_s: float) -> float:
@@ -40,6 +44,7 @@ class Plan:
         spent_s: wall time spent when it was planned (from the process start; earlier runs' time on resume).
         eval_s: planned time for the validations and the test.
         margin_s: the margin kept for writing outputs.
+        val_batches: eval batches each validation scores (:data:`VALIDATION_SHARE`); ``None``: the whole split.
     """
 
     budget_s: float
@@ -53,6 +58,7 @@ class Plan:
     spent_s: float
     eval_s: float
     margin_s: float
+    val_batches: int | None = None
 
     @property
     def epochs(self) -> float:
@@ -71,6 +77,15 @@ def validation_interval(steps: int, steps_per_epoch: float) -> int:
 def count_validations(done: int, total: int, every: int) -> int:
     """Validations after step ``done`` up to ``total``: each multiple of ``every``, and one at ``total``."""
     return total // every - done // every + (0 if total % every == 0 else 1)
+
+
+def validation_batches(budget_s: float, validations: int, val_s: float, eval_batch_s: float) -> int | None:
+    """Eval batches per validation that keep ``validations`` within :data:`VALIDATION_SHARE` of the budget (at least
+    one); ``None`` when the whole split (``val_s`` per validation) fits."""
+    allowed = VALIDATION_SHARE * budget_s
+    if validations == 0 or validations * val_s <= allowed or eval_batch_s <= 0:
+        return None
+    return max(1, math.floor(allowed / validations / eval_batch_s))
 
 
 def _settle(
@@ -104,6 +119,7 @@ def make_plan(
     steps_per_epoch: float,
     val_images: int,
     test_images: int,
+    eval_batch_size: int = 0,
 ) -> Plan:
     """Size the rest of a run to the budget: ``(budget - spent - validations - test - margin) / seconds per step``.
 
@@ -116,6 +132,8 @@ def make_plan(
         steps_per_epoch: optimizer steps per epoch.
         val_images: images one validation evaluates (on this rank).
         test_images: image evaluations of the final test (on this rank; twice the images with flip TTA).
+        eval_batch_size: images per eval batch: with it, validations past :data:`VALIDATION_SHARE` of the budget
+            score fewer batches (``Plan.val_batches``); 0: always the whole split.
 
     Returns:
         The plan.
@@ -126,10 +144,21 @@ def make_plan(
     margin = output_margin(budget_s)
     val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
     available = budget_s - spent_s - test_s - margin
-    steps, every, validations = _settle(
-        available, val_s, seconds_per_step, steps_done, MAX_VALIDATIONS + 1,
-        lambda steps: validation_interval(steps, steps_per_epoch),
-    )  # fmt: skip
+
+    def settle(val_s: float, validations: int) -> tuple[int, int, int]:
+        return _settle(
+            available, val_s, seconds_per_step, steps_done, validations,
+            lambda steps: validation_interval(steps, steps_per_epoch),
+        )  # fmt: skip
+
+    steps, every, validations = settle(val_s, MAX_VALIDATIONS + 1)
+    val_batches = validation_batches(budget_s, validations, val_s, eval_batch_size * eval_seconds_per_image)
+    if val_batches is not None and val_batches * eval_batch_size < val_images:
+        val_images = val_batches * eval_batch_size
+        val_s = val_images * eval_seconds_per_image
+        steps, every, validations = settle(val_s, validations)
+    else:
+        val_batches = None
     if steps < 1:
         minimum = (spent_s + seconds_per_step + val_s + test_s + MARGIN_FIXED_S) / (1 - MARGIN_FRACTION)
         raise ConfigError(
@@ -151,6 +180,7 @@ def make_plan(
         spent_s=spent_s,
         eval_s=validations * val_s + test_s,
         margin_s=margin,
+        val_batches=val_batches,
     )
 
 
@@ -199,9 +229,10 @@ def replan(
 
 def describe_plan(plan: Plan) -> str:
     """One line for the log: the plan and what it is made of."""
+    scored = "" if plan.val_batches is None else f", {plan.val_batches} batches each"
     return (
         f"budget {plan.budget_s:g} s: {plan.planned_steps} steps ({plan.epochs:.2f} epochs) at "
-        f"{plan.seconds_per_step:.4g} s/step, {plan.validations} validations (every {plan.val_every_steps} steps) "
-        f"and the test planned at {plan.eval_s:.1f} s, {plan.spent_s:.1f} s spent so far, {plan.margin_s:.1f} s kept "
-        f"for the outputs"
+        f"{plan.seconds_per_step:.4g} s/step, {plan.validations} validations (every {plan.val_every_steps} steps"
+        f"{scored}) and the test planned at {plan.eval_s:.1f} s, {plan.spent_s:.1f} s spent so far, "
+        f"{plan.margin_s:.1f} s kept for the outputs"
     )

@@ -23,6 +23,7 @@ from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
 from transfer.data.batch import Batch, as_batch
 from transfer.models import REGISTRY, TransferModel, create_model
+from transfer.models.fold import fold_batchnorm
 from transfer.training.finetune import finetune_plan
 from transfer.training.mix import BatchMix
 from transfer.training.optim import build_optimizer, build_scheduler, optimizer_lr
@@ -76,6 +77,7 @@ class Classifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_acc = MulticlassAccuracy(n, average="micro")
         self.test_acc = MulticlassAccuracy(n, average="micro")
+        self._inference: list[nn.Module] = []  # in a list: not a submodule, so never in the state_dict
 
     @property
     def backbone(self) -> nn.Module:
@@ -90,11 +92,44 @@ class Classifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def predict_logits(self, x: Tensor) -> Tensor:
-        """Logits as the run's test uses them: with ``tta``, the mean of the image's and its mirror's."""
-        if self.hparams.get("tta"):
-            return (self.model(x) + self.model(x.flip(-1))) / 2
-        return self.model(x)
+    def inference_model(self, x: Tensor) -> nn.Module:
+        """The network the evaluation runs: the model with its BatchNorms folded into their convolutions
+        (:func:`~transfer.models.fold.fold_batchnorm`, 0.72x the eval forward of Lite0 on a CPU), built from the
+        weights of the moment on the first call and kept until :meth:`release_inference_model` (each validation,
+        test and prediction ends with it: the weights move in between, and the EMA swaps its own in first).
+
+        Args:
+            x: a batch the model takes (two of its images check the folded copy against the model).
+        """
+        if not self._inference:
+            compiled = getattr(self.model, "_compiled_call_impl", None) is not None  # the compiler fuses itself
+            self._inference.append(self.model if compiled else fold_batchnorm(self.model, x[:2]))
+        return self._inference[0]
+
+    def release_inference_model(self) -> None:
+        """Drop the folded copy :meth:`inference_model` built (the next evaluation folds the weights it finds)."""
+        self._inference.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self.release_inference_model()
+
+    def on_test_epoch_end(self) -> None:
+        self.release_inference_model()
+
+    def on_predict_epoch_end(self) -> None:
+        self.release_inference_model()
+
+    def predict_logits(self, x: Tensor, tta: bool | None = None) -> Tensor:
+        """Logits as the run's test uses them: with ``tta``, the mean of the image's and its mirror's.
+
+        Args:
+            x: normalised images.
+            tta: flip TTA; ``None``: the run's ``tta`` setting.
+        """
+        model = self.model if self.training else self.inference_model(x)
+        if self.hparams.get("tta") if tta is None else tta:
+            return (model(x) + model(x.flip(-1))) / 2
+        return model(x)
 
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
         # y: class indices, or class probabilities after MixUp/CutMix (cross_entropy takes both)
@@ -104,7 +139,9 @@ class Classifier(L.LightningModule):
         batch = as_batch(batch)
         if batch.features:  # cached backbone features (finetune.cache_features): neck and head only
             return self.model.head(self.model.neck(batch.x)), batch.y
-        return (self.predict_logits(batch.x) if test else self(batch.x)), batch.y
+        if self.training:
+            return self(batch.x), batch.y
+        return self.predict_logits(batch.x, tta=None if test else False), batch.y
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         batch = as_batch(batch)
