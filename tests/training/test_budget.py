@@ -18,6 +18,7 @@ from transfer.core.errors import ConfigError
 from transfer.training.budget import budgeted_config, parse_duration
 from transfer.training.budget_plan import (
     MAX_VALIDATIONS,
+    MIN_VALIDATION_IMAGES,
     VALIDATION_SHARE,
     count_validations,
     make_plan,
@@ -86,6 +87,11 @@ def test_validations_past_their_share_of_the_budget_score_fewer_whole_batches():
     assert uncapped.val_batches is None and short.planned_steps > uncapped.planned_steps
     long = make_plan(7200, 20, 0.3, 0.002, **args, eval_batch_size=256)  # 3 validations, 30 s of 7200: all of it
     assert long.validations == 3 and long.val_batches is None
+    # a small photo set at 10 ms an image: past the share, but 341 images are fewer than the floor, so all of them
+    photos = {**args, "val_images": 341, "test_images": 372, "steps_per_epoch": 95}
+    assert make_plan(120, 20, 0.5, 0.01, **photos, eval_batch_size=128).val_batches is None
+    floor = {**args, "test_images": 1000}  # 10 s of test; one 50 s validation would be 42% of the budget
+    assert make_plan(120, 20, 0.3, 0.01, **floor, eval_batch_size=128).val_batches == MIN_VALIDATION_IMAGES // 128
 
 
 def test_a_budget_too_small_for_one_step_names_the_minimum_and_the_minimum_fits():
