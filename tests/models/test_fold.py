@@ -22,8 +22,9 @@ def _with_moved_statistics(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
     return model
 
 
@@ -73,3 +74,28 @@ def test_a_model_without_norms_after_convolutions_is_evaluated_as_it_is():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))  # the norm follows the ReLU
     assert conv_norm_pairs(model, torch.randn(2, 3, 8, 8)) == []
     assert fold_batchnorm(model, torch.randn(2, 3, 8, 8)) is model
+
+
+def test_a_biased_convolution_and_a_norm_without_affine_parameters_fold_too():
+    model = _with_moved_statistics(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, bias=True),
+            nn.BatchNorm2d(4, affine=False),
+            nn.Conv2d(4, 2, 1, groups=2),  # grouped
+            nn.BatchNorm2d(2),
+        )
+    )
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold_batchnorm(model, x)
+    with torch.no_grad():
+        assert _norms(folded) == 0 and torch.allclose(folded(x), model.eval()(x), atol=1e-5)
+
+
+def test_folding_under_autocast_still_folds_and_keeps_each_modules_own_mode():
+    model = create_model(name="efficientnet_lite0", num_classes=10, adapt="resize")
+    kept_in_eval = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()  # a frozen norm
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as an evaluation under trainer.precision=bf16-mixed
+        folded = fold_batchnorm(model, x)
+    assert folded is not model and _norms(folded) == 0
+    assert model.training and not kept_in_eval.training

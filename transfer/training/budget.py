@@ -149,8 +149,7 @@ def budgeted_config(cfg: DictConfig) -> DictConfig:
         trainer = run.trainer
         trainer.max_epochs, trainer.max_steps = -1, PROVISIONAL_STEPS
         trainer.check_val_every_n_epoch, trainer.val_check_interval = None, PROVISIONAL_STEPS
-        # The eval probe runs the validation's forward pass; and the validation loop, first set up at the first
-        # validation, then scores the batches the plan gives it (validation_batches).
+        # The eval probe times the validation's forward pass instead (2 batches of a 2-minute budget saved).
         trainer.num_sanity_val_steps = 0
         if run.get("scheduler"):
             scheduler = scheduler_config(run) or {}
@@ -191,15 +190,20 @@ def _now(trainer: L.Trainer) -> float:
 def _limit_validation(trainer: L.Trainer, batches: int) -> None:
     """Validate on the first ``batches`` eval batches from now on (fewer than ``limit_val_batches`` allowed).
 
-    Lightning counted the validation loader's batches when training started; the loader itself then stops early
-    (:attr:`~transfer.data.loader.ResumableLoader.max_batches`), and ``limit_val_batches`` says the same to
-    whatever sets the loader up again.
+    Lightning set the validation loop up, counting its loader's batches, when training started, so
+    ``limit_val_batches`` no longer acts on it; the loader itself stops early
+    (:attr:`~transfer.data.loader.ResumableLoader.max_batches`). ``limit_val_batches`` is set too, for the split
+    sizes the re-plans count and for a loop set up again. A loader that cannot be cut validates whole, and the
+    re-plan after it measures that.
     """
     trainer.limit_val_batches = batches
     loaders = trainer.val_dataloaders
+    cut = 0
     for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
         if loader is not None and hasattr(loader, "max_batches"):
-            loader.max_batches = batches
+            loader.max_batches, cut = batches, cut + 1
+    if not cut:
+        log.warning("budget: the validation loader has no max_batches, so each validation scores the whole split")
 
 
 def _images(size: int, limit: int | float, batch_size: int, world_size: int) -> int:

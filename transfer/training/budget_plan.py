@@ -115,6 +115,27 @@ def _settle(
     return steps, every, validations
 
 
+def _no_time(
+    budget_s: float,
+    spent_s: float,
+    seconds_per_step: float,
+    steps_done: int,
+    validation: tuple[float, int],
+    test_s: float,
+    margin: float,
+) -> ConfigError:
+    """The refusal of a budget that cannot fit one more step, naming the minimum that would."""
+    val_s, val_images = validation
+    minimum = (spent_s + seconds_per_step + val_s + test_s + MARGIN_FIXED_S) / (1 - MARGIN_FRACTION)
+    return ConfigError(
+        f"budget={budget_s:g}s leaves no time to train: by this run's own measurements it needs at least "
+        f"{math.ceil(minimum)} s to train one more step ({spent_s:.1f} s already spent on start-up, data, the "
+        f"model and {steps_done} steps; {seconds_per_step:.3g} s per step; {val_s:.2f} s per validation of "
+        f"{val_images} images; {test_s:.2f} s for the test; {margin:.1f} s kept for writing outputs). Pass "
+        f"budget={math.ceil(minimum)}s or more, or budget=null to train trainer.max_epochs epochs."
+    )
+
+
 def make_plan(
     budget_s: float,
     spent_s: float,
@@ -166,14 +187,7 @@ def make_plan(
     else:
         val_batches = None
     if steps < 1:
-        minimum = (spent_s + seconds_per_step + val_s + test_s + MARGIN_FIXED_S) / (1 - MARGIN_FRACTION)
-        raise ConfigError(
-            f"budget={budget_s:g}s leaves no time to train: by this run's own measurements it needs at least "
-            f"{math.ceil(minimum)} s to train one more step ({spent_s:.1f} s already spent on start-up, data, the "
-            f"model and {steps_done} steps; {seconds_per_step:.3g} s per step; {val_s:.2f} s per validation of "
-            f"{val_images} images; {test_s:.2f} s for the test; {margin:.1f} s kept for writing outputs). Pass "
-            f"budget={math.ceil(minimum)}s or more, or budget=null to train trainer.max_epochs epochs."
-        )
+        raise _no_time(budget_s, spent_s, seconds_per_step, steps_done, (val_s, val_images), test_s, margin)
     return Plan(
         budget_s=budget_s,
         planned_steps=steps_done + steps,

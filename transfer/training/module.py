@@ -110,14 +110,12 @@ class Classifier(L.LightningModule):
         """Drop the folded copy :meth:`inference_model` built (the next evaluation folds the weights it finds)."""
         self._inference.clear()
 
-    def on_validation_epoch_end(self) -> None:
+    # Dropped at each evaluation's start (an earlier one may have stopped part-way) and end (training moves on).
+    def on_validation_epoch_start(self) -> None:
         self.release_inference_model()
 
-    def on_test_epoch_end(self) -> None:
-        self.release_inference_model()
-
-    def on_predict_epoch_end(self) -> None:
-        self.release_inference_model()
+    on_validation_epoch_end = on_test_epoch_start = on_test_epoch_end = on_validation_epoch_start
+    on_predict_epoch_start = on_predict_epoch_end = on_validation_epoch_start
 
     def predict_logits(self, x: Tensor, tta: bool | None = None) -> Tensor:
         """Logits as the run's test uses them: with ``tta``, the mean of the image's and its mirror's.
