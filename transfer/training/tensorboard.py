@@ -83,3 +83,7 @@ def log_hparams(trainer: L.Trainer, params: dict[str, Any], metrics: dict[str, f
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, {f"hp/{k}": v for k, v in metrics.items() if v is not None})
+            # The Trainer finalized its loggers when the test ended, so this entry reopened a writer whose
+            # thread would flush it at some later moment: close it here, so the run's files are final when the
+            # run returns (a caller that hashes them, or copies the folder, sees them whole).
+            logger.finalize("success")
