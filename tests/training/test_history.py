@@ -117,3 +117,21 @@ def test_rows_are_numbered_from_1_and_the_scored_images_are_counted(tmp_path: Pa
     trainer.limit_test_batches = 1.0
     trainer.test(module, verbose=False)
     assert history.test_scored == 10 and history.val_scored == 8
+
+
+def test_an_epoch_without_a_validation_has_no_val_columns(tmp_path: Path):
+    # a budget validates every k steps, not every epoch: the rows in between must not repeat the last score
+    history = History()
+    trainer = L.Trainer(
+        max_epochs=3,
+        check_val_every_n_epoch=2,
+        callbacks=[history],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,  # its metrics are in callback_metrics too before the first epoch ends
+    )
+    trainer.fit(_Scored())
+    assert ["val/acc" in row for row in history.epochs] == [False, True, False]

@@ -87,9 +87,11 @@ class History(L.Callback):
         self.val_scored: int | None = None
         self.test_scored: int | None = None
         self._scoring = 0
+        self._validated = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._last_batch_end = time.perf_counter()
+        self._validated = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -100,7 +102,8 @@ class History(L.Callback):
         self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning runs validation before this hook, so val metrics of this epoch are in callback_metrics.
+        # Lightning runs validation before this hook, so val metrics of this epoch are in callback_metrics; an
+        # epoch without one (a budget validates every k steps) would find the last one's there and gets none.
         self.train_batch_seconds += self._last_batch_end - self._epoch_start
         if self._pending:
             self.step_loss += torch.stack(self._pending).float().cpu().tolist()
@@ -108,7 +111,7 @@ class History(L.Callback):
         metrics = trainer.callback_metrics
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
         for key in _EPOCH_KEYS:
-            if key in metrics:
+            if key in metrics and (self._validated or not key.startswith("val/")):
                 row[key.replace("_epoch", "")] = float(metrics[key])
         row.update(_monitored_lrs(trainer))
         self.epochs.append(row)
@@ -134,6 +137,7 @@ class History(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.val_scored = _sum_over_ranks(trainer, pl_module, self._scoring)
+            self._validated = True
 
     # a test counts its images as a validation does
     on_test_epoch_start = on_validation_epoch_start
