@@ -98,8 +98,9 @@ def describe(summary: dict) -> str:
     # a photo set without a test/ folder is tested on images held out of train/: say so, and how many
     held_out = str(data.get("test_from", "")).startswith("held out")
     tested_on = f" on {data.get('test_scored')} images {data['test_from']}" if held_out else ""
+    which = "final" if summary.get("selected_by") == "final" else "best"  # a budget tests its last step's weights
     return (
-        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])}{tested_on} (best checkpoint: epoch "
+        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])}{tested_on} ({which} checkpoint: epoch "
         f"{summary['best_epoch']}, val accuracy {_percent(summary['best_val_acc'])}); "
         f"trained {summary['train_seconds']:.1f} s at {_rate(summary['images_per_second'])} images/s"
     )

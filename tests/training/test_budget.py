@@ -155,6 +155,11 @@ def test_a_tiny_run_ends_near_its_budget_with_the_lr_at_the_schedules_floor(tiny
     assert 0 < budget["spent_before_training_s"] < budget["wall_s"] and budget["image_size"] == 32
     assert budget["lr_end"]["head"] == pytest.approx(FLOOR, rel=1e-6)
     assert re.search(r"budget 25 s, actual [\d.]+ s \([+-][\d.]+%\)$", out.stdout.strip())
+    # what was tested: the final step's weights (the schedule's floor), whatever the earlier validations scored
+    summary = _summary(run_dir)
+    tested = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert summary["selected_by"] == "final" and tested["global_step"] == budget["planned_steps"]
+    assert "(final checkpoint: epoch" in out.stdout
 
 
 class Killed(BaseException):

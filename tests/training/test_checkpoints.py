@@ -107,3 +107,51 @@ def test_checkpoint_settings_are_validated(compose_cfg, override: str, expected:
 
     found = problems(compose_cfg(override))
     assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def _fit_scripted(tmp_path: Path, scores: list[float], select_final: bool):
+    """Fit a toy module whose validations score ``scores`` in turn; returns the checkpoint and the history."""
+    import lightning as L
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transfer.training.history import History
+    from transfer.training.train import best_and_last_checkpoint
+
+    class Toy(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.layer(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/acc", scores[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1])), batch_size=2)
+    checkpoint, history = best_and_last_checkpoint(tmp_path, select_final=select_final), History()
+    trainer = L.Trainer(
+        max_epochs=len(scores),
+        callbacks=[checkpoint, history],
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Toy(), train_dataloaders=data, val_dataloaders=data)
+    return checkpoint, history
+
+
+@pytest.mark.parametrize(("select_final", "kept", "val_acc"), [(False, 1, 0.9), (True, 3, 0.7)])
+def test_a_budget_keeps_and_reports_the_final_checkpoint_not_the_best_scored(tmp_path, select_final, kept, val_acc):
+    from transfer.training.train import _selected
+
+    checkpoint, history = _fit_scripted(tmp_path, [0.9, 0.5, 0.7], select_final)
+    assert Path(checkpoint.best_model_path).name == f"best-epoch{kept:02d}.ckpt"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt")) == [f"best-epoch{kept:02d}.ckpt"]
+    assert _selected(history, checkpoint) == (pytest.approx(val_acc), kept)
