@@ -97,16 +97,24 @@ class _Scored(_TwoPart):
         return self.val_dataloader()
 
 
-def test_rows_are_numbered_from_1_and_the_scored_images_are_counted(tmp_path: Path):
-    history = History()
-    trainer = L.Trainer(
-        max_epochs=2,
+def _quiet_trainer(history: History, **args) -> L.Trainer:
+    """A CPU trainer with ``history`` and nothing else: no logger, checkpoints, bar or summary."""
+    return L.Trainer(
         callbacks=[history],
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **args,
+    )
+
+
+def test_rows_are_numbered_from_1_and_the_scored_images_are_counted(tmp_path: Path):
+    history = History()
+    trainer = _quiet_trainer(
+        history,
+        max_epochs=2,
         num_sanity_val_steps=1,  # the sanity check's batch is not a validation: it must not count
         limit_val_batches=2,  # 2 of the 3 batches: 8 of the 10 images
     )
@@ -122,15 +130,10 @@ def test_rows_are_numbered_from_1_and_the_scored_images_are_counted(tmp_path: Pa
 def test_an_epoch_without_a_validation_has_no_val_columns(tmp_path: Path):
     # a budget validates every k steps, not every epoch: the rows in between must not repeat the last score
     history = History()
-    trainer = L.Trainer(
+    trainer = _quiet_trainer(
+        history,
         max_epochs=3,
         check_val_every_n_epoch=2,
-        callbacks=[history],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=1,  # its metrics are in callback_metrics too before the first epoch ends
     )
     trainer.fit(_Scored())
