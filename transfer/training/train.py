@@ -213,9 +213,9 @@ def train(
     run_cfg = budgeted_config(cfg)  # budget=: an open-ended trainer and schedule, planned after a probe
     datamodule, module = build(run_cfg)
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    checkpoint = best_and_last_checkpoint(run_dir, cfg.get("checkpoint"), select_final=cfg.get("budget") is not None)
-    history = History()
     planner = budget_planner(run_cfg, started)
+    history = History()
+    checkpoint = best_and_last_checkpoint(run_dir, cfg.get("checkpoint"), select_final=planner is not None)
     callbacks = [*build_callbacks(run_cfg, run_dir, history, checkpoint), *([planner] if planner else [])]
     trainer = build_trainer(run_cfg, run_dir, callbacks)
 
