@@ -242,6 +242,10 @@ def train(
     return summary
 
 
+# What a checkpoint that keeps the latest validation monitors: the global step, which only grows.
+FINAL_MONITOR = "step"
+
+
 def best_and_last_checkpoint(
     run_dir: Path, settings: Mapping[str, Any] | None = None, select_final: bool = False
 ) -> EpochCheckpoint:
@@ -259,7 +263,7 @@ def best_and_last_checkpoint(
         keep_last=bool(settings.get("keep_last", True)),
         save_optimizer=bool(settings.get("save_optimizer", False)),
         dirpath=run_dir / "checkpoints",
-        monitor="step" if select_final else "val/acc",
+        monitor=FINAL_MONITOR if select_final else "val/acc",
         mode="max",
         filename="best-epoch{epoch:02d}",
         auto_insert_metric_name=False,
@@ -366,7 +370,7 @@ def _summary(
         "epochs_run": len(history.epochs),
         "best_val_acc": val_acc,
         "best_epoch": epoch,
-        "selected_by": "final" if checkpoint.monitor == "step" else checkpoint.monitor,
+        "selected_by": "final" if checkpoint.monitor == FINAL_MONITOR else checkpoint.monitor,
         "test_acc": test[0].get("test/acc") if test else None,
         "test_loss": test[0].get("test/loss") if test else None,
         "train_seconds": round(train_seconds, 2),
@@ -391,7 +395,7 @@ def _selected(history: History, checkpoint: ModelCheckpoint) -> tuple[float | No
     """The tested checkpoint's validation accuracy and its epoch, numbered from 1 as ``history.json``, the figures
     and the log are: the best validation's, or with ``select_final`` the latest one's."""
     validated = [row for row in history.epochs if "val/acc" in row]
-    if checkpoint.monitor == "step":
+    if checkpoint.monitor == FINAL_MONITOR:
         row = validated[-1] if validated else None
         return (row["val/acc"], int(row["epoch"])) if row else (None, None)
     row = max(validated, key=lambda r: r["val/acc"]) if validated else None  # the first of equal scores
