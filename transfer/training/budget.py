@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transfer.core.errors import ConfigError
 from transfer.data.batch import as_batch
 from transfer.training.budget_plan import Plan, describe_plan, make_plan, replan
+from transfer.training.budget_recipe import apply_budget_size
 from transfer.training.optim import FreezeGate, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,15 @@ def budgeted_config(cfg: DictConfig) -> DictConfig:
     """``cfg`` as a budgeted run is built from it: ``cfg`` itself without a budget.
 
     With one, a copy whose trainer runs open-ended until the plan (no epoch limit, :data:`PROVISIONAL_STEPS`,
-    validation by steps and none before the probe's) and whose schedule runs per step over a provisional length.
+    validation by steps and none before the probe's), whose schedule runs per step over a provisional length, and
+    whose input size is the one measured best at the budget where the user left it to the model
+    (:func:`~transfer.training.budget_recipe.apply_budget_size`).
     """
-    if parse_duration(cfg.get("budget")) is None:
+    budget = parse_duration(cfg.get("budget"))
+    if budget is None:
         return cfg
     run = copy.deepcopy(cfg)
+    apply_budget_size(run, budget)
     with open_dict(run):
         trainer = run.trainer
         trainer.max_epochs, trainer.max_steps = -1, PROVISIONAL_STEPS
