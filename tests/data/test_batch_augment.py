@@ -105,6 +105,50 @@ def test_random_resized_crop_for_photos_keeps_output_size():
     assert torch.allclose(centre, x[..., 2:26, 2:26].float() / 255, atol=1e-6)  # eval: the centre 24 of 27 px
 
 
+def test_random_crop_for_photos_takes_whole_pixel_windows_of_the_stored_square():
+    """Every output is an exact window of the stored square (maybe mirrored), at offsets spread over the margin."""
+    pre = Preprocess(24, (0.0,) * 3, (1.0,) * 3, crop_pct=0.875, native_size=None)  # stored at 27 px
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (64, 27, 27, 3), dtype=np.uint8)).permute(0, 3, 1, 2)
+    out = BatchAugment(pre, {"random_crop": True, "hflip": True}, generator=torch.Generator().manual_seed(0))(x)
+    assert out.shape == (64, 3, 24, 24)
+    src, offsets = x.float() / 255, set()
+    for i in range(len(x)):
+        hits = [
+            (dy, dx)
+            for dy in range(4)
+            for dx in range(4)
+            for window in (src[i, :, dy : dy + 24, dx : dx + 24],)
+            if torch.allclose(out[i], window, atol=1e-6) or torch.allclose(out[i], window.flip(-1), atol=1e-6)
+        ]
+        assert hits, f"sample {i} is not a window of its stored square"
+        offsets.update(hits)
+    assert len(offsets) > 8  # of the 16 possible: the offsets are drawn, not fixed
+
+
+def test_random_crop_is_refused_on_small_images_and_beside_a_resized_crop():
+    with pytest.raises(ConfigError, match="crop_padding"):
+        BatchAugment(PIXELS, {"random_crop": True})
+    photo = Preprocess(24, (0.0,) * 3, (1.0,) * 3, native_size=None)
+    with pytest.raises(ConfigError, match="resized_crop_scale=null"):
+        BatchAugment(photo, {"random_crop": True, "resized_crop_scale": (0.35, 1.0)})
+    with pytest.raises(ConfigError, match="crop_padding"):
+        train_transform(PIXELS, {"random_crop": True})
+
+
+def test_the_pil_path_crops_windows_of_the_eval_square_like_the_batched_path():
+    import torchvision.transforms.v2 as T
+
+    pre = Preprocess(24, (0.0,) * 3, (1.0,) * 3, crop_pct=0.875, native_size=None)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    square = T.Compose([T.PILToTensor(), T.Resize(27), T.CenterCrop(27), T.ToDtype(torch.float32, scale=True)])(img)
+    tf = train_transform(pre, {"random_crop": True})
+    torch.manual_seed(0)
+    for _ in range(8):
+        out = tf(img)
+        windows = [square[:, dy : dy + 24, dx : dx + 24] for dy in range(4) for dx in range(4)]
+        assert any(torch.allclose(out, w, atol=1.5 / 255) for w in windows)  # PIL and tensor resizes round apart
+
+
 def test_rejects_float_input_and_bad_jitter():
     with pytest.raises(ConfigError, match="uint8"):
         BatchAugment(PIXELS, {})(torch.rand(2, 3, 32, 32))

@@ -3,11 +3,11 @@
 The per-image PIL pipeline (:func:`~transfer.data.transforms.train_transform`) costs ~0.4 ms per 32 px image on
 a CPU core, which a GPU step outruns by far. Here a whole uint8 batch is augmented in two tensor passes:
 
-* geometry: padded random crop (or random resized crop), horizontal flip, rotation *and* the resize to the
-  model's input size are composed into one affine matrix per sample and applied with a single
-  ``grid_sample``. Crop and flip move whole pixels, so composing them with the rotation before sampling gives
-  the same image as applying them one after another (nearest sampling at the native size); a resize is
-  folded into the same warp with bilinear sampling, one interpolation instead of two.
+* geometry: padded random crop (or random resized crop, or a window of a photo's stored square), horizontal
+  flip, rotation *and* the resize to the model's input size are composed into one affine matrix per sample and
+  applied with a single ``grid_sample``. Crop and flip move whole pixels, so composing them with the rotation
+  before sampling gives the same image as applying them one after another (nearest sampling at the native size);
+  a resize is folded into the same warp with bilinear sampling, one interpolation instead of two.
 * colour: brightness, saturation and hue are one 3x3 matrix per sample (hue is a rotation about the grey
   axis in YIQ space, as NVIDIA DALI's ``ColorTwist`` does, instead of a shift in HSV), contrast blends with
   each image's mean grey, and the normalisation is folded in at the end.
@@ -68,7 +68,7 @@ class BatchAugment(nn.Module):
         super().__init__()
         self.pre = pre
         self.augment = dict(augment or {})
-        check_augment(self.augment)
+        check_augment(self.augment, pre.native_size)
         self.generator = generator
         # The training output size, None for pre.image_size: progressive resizing lowers it for early epochs through
         # the data module's set_train_size. Evaluation always keeps pre.image_size.
@@ -117,7 +117,8 @@ class BatchAugment(nn.Module):
             return self._eval_view(x), None
         theta = self._theta(b, h, w, aug, x.device)
         # Nearest keeps whole-pixel crops and flips exact when nothing is resized; resizing needs interpolation.
-        mode = "nearest" if (h, w) == (size, size) else self._mode()
+        exact = (h, w) == (size, size) or (aug.get("random_crop") and size == self.pre.image_size)
+        mode = "nearest" if exact else self._mode()
         # The grid by broadcasting (cheaper than affine_grid's batched matmul for 3x3 maps): output pixel centres
         # p in [-1, 1], rotated (u, v) in the crop window's own units, then scaled and shifted into the source.
         p = (torch.arange(size, device=x.device, dtype=x.dtype) * 2 + 1) / size - 1
@@ -152,6 +153,8 @@ class BatchAugment(nn.Module):
         sx, sy = torch.ones(b, device=device), torch.ones(b, device=device)
         if aug.get("resized_crop_scale") is not None:
             cx, cy, sx, sy = self._resized_crop_box(b, aug["resized_crop_scale"], gen, device)
+        elif aug.get("random_crop"):
+            cx, cy, sx, sy = self._random_crop_box(b, h, w, self.pre.image_size, gen, device)
         elif aug.get("crop_padding"):
             pad = int(aug["crop_padding"])  # integer offsets in [-pad, pad] pixels, as RandomCrop(padding=pad)
             cx = torch.randint(-pad, pad + 1, (b,), generator=gen, device=device).float() * 2 / w
@@ -160,6 +163,19 @@ class BatchAugment(nn.Module):
             sx = torch.where(torch.rand(b, generator=gen, device=device) < 0.5, -sx, sx)
         angle = _uniform(b, -1.0, 1.0, gen, device) * math.radians(float(aug.get("rotation") or 0))
         return torch.cos(angle), torch.sin(angle), sx, sy, cx, cy
+
+    @staticmethod
+    def _random_crop_box(
+        b: int, h: int, w: int, crop: int, gen: torch.Generator | None, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """RandomCrop's box: a ``crop``-px window at a whole-pixel offset, so every sample lands on a source pixel's
+        centre (the output pixel i of a window at offset o is the source pixel o + i). Photos are stored at the
+        eval view's ``resize_size`` square, larger than ``crop``; small images are refused by
+        :func:`~transfer.data.transforms.check_augment`."""
+        oy = torch.randint(0, h - crop + 1, (b,), generator=gen, device=device).float()
+        ox = torch.randint(0, w - crop + 1, (b,), generator=gen, device=device).float()
+        cx, cy = (2 * ox - (w - crop)) / w, (2 * oy - (h - crop)) / h
+        return cx, cy, torch.full_like(ox, crop / w), torch.full_like(oy, crop / h)
 
     @staticmethod
     def _resized_crop_box(

@@ -32,7 +32,7 @@ def _interp(pre: Preprocess) -> T.InterpolationMode:
     return _INTERPOLATION[pre.interpolation]
 
 
-AUGMENT_KEYS = ("crop_padding", "resized_crop_scale", "hflip", "color_jitter", "rotation")
+AUGMENT_KEYS = ("crop_padding", "resized_crop_scale", "random_crop", "hflip", "color_jitter", "rotation")
 
 
 def _numbers(value: Any, count: int) -> bool:
@@ -55,6 +55,7 @@ _AUGMENT_RULES: dict[str, tuple[Any, str]] = {
         lambda v: _numbers(v, 2) and 0 < v[0] <= v[1] <= 1,
         "two area fractions [low, high] with 0 < low <= high <= 1 (e.g. [0.35, 1.0])",
     ),
+    "random_crop": (lambda v: isinstance(v, bool), "true or false"),
     "hflip": (lambda v: isinstance(v, bool), "true or false"),
     "color_jitter": (
         lambda v: _numbers(v, 4) and min(v) >= 0 and v[3] <= 0.5,
@@ -64,8 +65,12 @@ _AUGMENT_RULES: dict[str, tuple[Any, str]] = {
 }
 
 
-def check_augment(augment: Mapping[str, Any]) -> None:
+def check_augment(augment: Mapping[str, Any], native_size: int | None = None) -> None:
     """Reject ``data.augment`` keys neither augmentation path knows, and values neither could use.
+
+    Args:
+        augment: ``data.augment``.
+        native_size: the data's own side (32 for CIFAR-10), ``None`` for photos of any size.
 
     Raises:
         ConfigError: naming every bad key with what it must be.
@@ -78,6 +83,16 @@ def check_augment(augment: Mapping[str, Any]) -> None:
         for key, (ok, what) in _AUGMENT_RULES.items()
         if augment.get(key) is not None and not ok(augment[key])
     ]
+    if augment.get("random_crop") and native_size is not None:
+        bad.append(
+            f"data.augment.random_crop=true crops a photo's stored margin, and {native_size} px data is used at "
+            f"its own size with no margin: use data.augment.crop_padding (a padded random crop) instead"
+        )
+    if augment.get("random_crop") and augment.get("resized_crop_scale") is not None:
+        bad.append(
+            "data.augment.random_crop=true and data.augment.resized_crop_scale are two crops of a photo: set "
+            "data.augment.resized_crop_scale=null to crop the stored margin, or random_crop=false"
+        )
     if bad:
         raise ConfigError(f"Invalid augmentation: {'; '.join(bad)}. A null value turns that step off.")
 
@@ -87,19 +102,24 @@ def train_transform(pre: Preprocess, augment: Mapping[str, Any]) -> T.Compose:
 
     Args:
         pre: the model's :class:`Preprocess`.
-        augment: ``data.augment``; keys ``crop_padding`` (padded random crop at the native size) or
-            ``resized_crop_scale`` (RandomResizedCrop, for photos), ``hflip``, ``color_jitter`` (four
-            numbers), ``rotation`` (degrees). A missing or null key disables that step.
+        augment: ``data.augment``; keys ``crop_padding`` (padded random crop at the native size),
+            ``resized_crop_scale`` (RandomResizedCrop, for photos) or ``random_crop`` (for photos: an
+            ``image_size`` window of the eval view's ``resize_size`` square, torchvision's Resize + RandomCrop),
+            ``hflip``, ``color_jitter`` (four numbers), ``rotation`` (degrees). A missing or null key disables that
+            step.
 
     Returns:
         A composed transform taking a PIL image.
     """
     native_size = pre.native_size
-    check_augment(augment)
+    check_augment(augment, native_size)
     steps: list[Any] = []
     if augment.get("resized_crop_scale") is not None:
         scale = tuple(augment["resized_crop_scale"])
         steps.append(T.RandomResizedCrop(pre.image_size, scale=scale, interpolation=_interp(pre)))
+    elif native_size is None and augment.get("random_crop"):  # the eval view's square, then a window of it
+        steps += [T.Resize(pre.resize_size, interpolation=_interp(pre)), T.CenterCrop(pre.resize_size)]
+        steps.append(T.RandomCrop(pre.image_size))
     elif native_size is None:
         steps.append(T.Resize((pre.image_size, pre.image_size), interpolation=_interp(pre)))
     elif augment.get("crop_padding") is not None:
