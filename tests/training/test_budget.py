@@ -21,6 +21,7 @@ from transfer.training.budget_plan import (
     MIN_VALIDATION_IMAGES,
     VALIDATION_SHARE,
     count_validations,
+    drifted_eval_seconds,
     make_plan,
     output_margin,
     replan,
@@ -303,6 +304,47 @@ def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(val_size, mon
     spent = clock.now - 1000.0
     assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600  # the probe's plan alone would end 50% late
     assert planner.lr_end["pg1"] == pytest.approx(LR / 25 / 1e4, rel=1e-6)  # the schedule still ends at its floor
+
+
+class SlowsDownEverywhere(SlowsDown):
+    """The machine slows 1.5x after ``fast`` steps for evaluation too, as a shared machine's load does."""
+
+    def forward(self, x):
+        self.clock.now += 0.01 * len(x) * (1.5 if self.global_step >= self.fast else 1.0)
+        return self.net(x)
+
+
+class LargeTest(TwoPoints):
+    def describe(self) -> dict:
+        return {"val_size": 0, "test_size": 6000}
+
+    def test_dataloader(self):
+        return self._loader(6000)  # 60 s of evaluation at the probe's speed, 90 s once the machine slows
+
+
+def test_the_test_is_planned_at_the_speed_the_machine_has_slowed_to(monkeypatch, tmp_path: Path):
+    import transfer.training.budget as B
+
+    clock = FakeClock()
+    monkeypatch.setattr(B, "time", clock)
+    planner = B.BudgetPlanner(600, started=clock.now, scheduler=ONECYCLE)
+    trainer = L.Trainer(
+        max_steps=10**7, val_check_interval=10**7, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        callbacks=[planner], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    model = SlowsDownEverywhere(clock, fast=60)
+    trainer.fit(model, datamodule=LargeTest(val_size=0))
+    trainer.test(model, datamodule=LargeTest(val_size=0), verbose=False)
+    assert planner.plan is not None and planner.plan.eval_seconds_per_image == pytest.approx(0.015, rel=0.02)
+    spent = clock.now - 1000.0
+    assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600  # the probe's eval time would end 30 s late
+
+
+def test_the_eval_time_follows_the_step_time_from_its_measurement():
+    assert drifted_eval_seconds(0.002, 0.4, 0.6) == pytest.approx(0.003)
+    assert drifted_eval_seconds(0.002, 0.4, 0.2) == pytest.approx(0.001)
+    assert drifted_eval_seconds(0.002, 0.0, 0.6) == 0.002  # nothing to scale by
 
 
 class CountsValidation(SlowsDown):

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer.core.errors import ConfigError
 from transfer.data.batch import as_batch
-from transfer.training.budget_plan import Plan, describe_plan, make_plan, replan
+from transfer.training.budget_plan import Plan, describe_plan, drifted_eval_seconds, make_plan, replan
 from transfer.training.budget_recipe import apply_budget_size
 from transfer.training.optim import FreezeGate, build_scheduler
 
@@ -253,6 +253,7 @@ class BudgetPlanner(L.Callback):
         self._stretch: tuple[float, int] = (0.0, 0)
         self._paused_s = 0.0
         self._eval_s_per_image: float | None = None  # the probe's, then the latest validation's
+        self._eval_step_s: float | None = None  # the training step time when that was measured
         self.replans = 0
         self._start_step = 0
         self._stage: str | None = None
@@ -345,6 +346,7 @@ class BudgetPlanner(L.Callback):
             paused = _now(trainer) - self._validation_start
             self._paused_s, self._validation_start = self._paused_s + paused, None
             self._eval_s_per_image = paused / val_images if val_images else None
+            self._eval_step_s = None  # measured now: the re-plan's step time is its reference
         every = max(self.probe_steps, math.ceil(self.plan.planned_steps * REPLAN_FRACTION))
         if validated or trainer.global_step - self._stretch[1] >= every:
             self._plan(trainer, self._replanned)
@@ -384,6 +386,7 @@ class BudgetPlanner(L.Callback):
         now = _now(trainer)
         # a training step's time per image bounds an eval pass's from above, for a model that could not be timed
         eval_s = self._eval_s_per_image or step_s / max(1, batch_images * trainer.accumulate_grad_batches)
+        self._eval_s_per_image, self._eval_step_s = eval_s, step_s
         return make_plan(
             self.budget_s,
             self.prior_s + now - self.started,
@@ -405,11 +408,14 @@ class BudgetPlanner(L.Callback):
         if steps >= self.probe_steps:
             step_s = (now - self._stretch[0] - self._paused_s) / steps
         val_images, test_images = self._split_images(trainer)
+        eval_s = self._eval_s_per_image or plan.eval_seconds_per_image
+        if self._eval_step_s is None:  # a validation has just timed the evaluation at this stretch's speed
+            self._eval_step_s = step_s
         return replan(
             plan,
             self.prior_s + now - self.started,
             step_s,
-            self._eval_s_per_image or plan.eval_seconds_per_image,
+            drifted_eval_seconds(eval_s, self._eval_step_s, step_s),
             steps_done=trainer.global_step,
             val_images=val_images,
             test_images=test_images * self.test_passes,
