@@ -129,7 +129,7 @@ def test_random_crop_is_refused_on_small_images_and_beside_a_resized_crop():
     with pytest.raises(ConfigError, match="crop_padding"):
         BatchAugment(PIXELS, {"random_crop": True})
     photo = Preprocess(24, (0.0,) * 3, (1.0,) * 3, native_size=None)
-    with pytest.raises(ConfigError, match="resized_crop_scale=null"):
+    with pytest.raises(ConfigError, match="random_crop=false"):
         BatchAugment(photo, {"random_crop": True, "resized_crop_scale": (0.35, 1.0)})
     with pytest.raises(ConfigError, match="crop_padding"):
         train_transform(PIXELS, {"random_crop": True})

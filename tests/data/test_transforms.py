@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from transfer.core.errors import ConfigError
@@ -28,6 +30,17 @@ def test_a_value_the_step_cannot_use_is_refused_by_name(key: str, value, said: s
     assert said in str(err.value)
 
 
-def test_the_shipped_recipes_and_null_steps_pass():
+@pytest.mark.parametrize(("group", "native_size"), [("cifar10", 32), ("imagefolder", None)])
+def test_the_shipped_recipes_pass(group: str, native_size: int | None):
+    from omegaconf import OmegaConf
+
+    from transfer.conf import CONF_DIR
+
+    augment = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "data" / f"{group}.yaml").augment)
+    assert isinstance(augment, dict) and augment
+    check_augment(augment, native_size)
+
+
+def test_the_classic_recipes_and_null_steps_pass():
     check_augment({"crop_padding": 4, "hflip": True, "color_jitter": [0.2, 0.2, 0.2, 0.1], "rotation": 15})
     check_augment({"resized_crop_scale": (0.35, 1.0), "hflip": True, "color_jitter": None, "rotation": 0})

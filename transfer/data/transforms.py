@@ -90,8 +90,8 @@ def check_augment(augment: Mapping[str, Any], native_size: int | None = None) ->
         )
     if augment.get("random_crop") and augment.get("resized_crop_scale") is not None:
         bad.append(
-            "data.augment.random_crop=true and data.augment.resized_crop_scale are two crops of a photo: set "
-            "data.augment.resized_crop_scale=null to crop the stored margin, or random_crop=false"
+            "data.augment.random_crop=true (the photo default) and data.augment.resized_crop_scale are two crops: "
+            "for RandomResizedCrop pass data.augment.random_crop=false with it, or resized_crop_scale=null"
         )
     if bad:
         raise ConfigError(f"Invalid augmentation: {'; '.join(bad)}. A null value turns that step off.")

@@ -1,9 +1,10 @@
 """What a budget chooses besides the schedule's length: the input size measured best at that budget.
 
 A longer budget buys more epochs, and past a point a larger input is worth more than further epochs at the small
-one: on CIFAR-10 Lite0 upsampled to 80 px beat the default 64 px from 4 minutes on (docs/recipe.md, "Resolution
-at a budget"). The choice is a table of measured cells, consulted only where the user left the size to the model
-(``data.image_size=null``, ``model.adapt=auto``); a cell that was not measured keeps the model's own size.
+one: on CIFAR-10 Lite0 upsampled to 80 px beat the default 64 px from 4 minutes on
+(docs/recipe.md#resolution-at-a-budget). The choice is a table of measured cells, consulted only where the user
+left the size to the model (``data.image_size=null``, ``model.adapt=auto``); a cell that was not measured keeps
+the model's own size.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class SizeRule:
     image_size: int
 
 
-# Measured on the 2-core CPU (Lite0 trained 64 px at 144-420 images/s on the days of the runs): 80 px against
-# 64 px was 85.94/88.00/90.08% against 83.68/87.24/88.99% at 4/8/15 minutes, and 70.40/70.71% against 69.69/73.24%
-# at 2 (docs/recipe.md#budget). The 2-minute budget's few steps are worth more than their size, so 64 px stays there.
+# Measured on the 2-core CPU (Lite0 trained 64 px at 144-420 images/s on the days of the runs): 80 px against 64 px
+# was 85.94/88.00/90.08% against 83.68/87.24/88.99% at 4/8/15 minutes (83.05 against 81.32% at 4 on a slower day),
+# and 70.40/70.71% against 69.69/73.24% at 2, where its fewer steps are worth more than their size
+# (docs/recipe.md#resolution-at-a-budget).
 CPU_SIZE_RULES: tuple[SizeRule, ...] = (SizeRule("efficientnet_lite0", 32, 240.0, 80),)
 
 
@@ -87,7 +89,7 @@ def apply_budget_size(cfg: DictConfig, budget_s: float) -> int | None:
         cfg.data.image_size = size
     log.info(
         "budget=%s on a CPU: %s at %d px, the size measured best on %d px data at this budget "
-        "(docs/recipe.md#budget); pass data.image_size=<px> to choose another",
+        "(docs/recipe.md#resolution-at-a-budget); pass data.image_size=<px> to choose another",
         cfg.get("budget"),
         cfg.model.name,
         size,
