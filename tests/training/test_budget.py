@@ -283,8 +283,8 @@ class TwoPoints(L.LightningDataModule):
 ONECYCLE = {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": LR, "total_steps": 10**7, "interval": "step"}
 
 
-@pytest.mark.parametrize("val_size", [20, 0])  # validations, and none to re-plan at: every eighth of the steps then
-def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(val_size, monkeypatch, tmp_path: Path):
+def _fake_clock_run(monkeypatch, tmp_path: Path):
+    """A 600 s budget's planner on the fake clock, and an open-ended trainer that follows it."""
     import transfer.training.budget as B
 
     clock = FakeClock()
@@ -295,6 +295,12 @@ def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(val_size, mon
         callbacks=[planner], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
+    return clock, planner, trainer
+
+
+@pytest.mark.parametrize("val_size", [20, 0])  # validations, and none to re-plan at: every eighth of the steps then
+def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(val_size, monkeypatch, tmp_path: Path):
+    clock, planner, trainer = _fake_clock_run(monkeypatch, tmp_path)
     model = SlowsDown(clock, fast=60)
     trainer.fit(model, datamodule=TwoPoints(val_size))
     trainer.test(model, datamodule=TwoPoints(val_size), verbose=False)
@@ -323,16 +329,7 @@ class LargeTest(TwoPoints):
 
 
 def test_the_test_is_planned_at_the_speed_the_machine_has_slowed_to(monkeypatch, tmp_path: Path):
-    import transfer.training.budget as B
-
-    clock = FakeClock()
-    monkeypatch.setattr(B, "time", clock)
-    planner = B.BudgetPlanner(600, started=clock.now, scheduler=ONECYCLE)
-    trainer = L.Trainer(
-        max_steps=10**7, val_check_interval=10**7, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        callbacks=[planner], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    clock, planner, trainer = _fake_clock_run(monkeypatch, tmp_path)
     model = SlowsDownEverywhere(clock, fast=60)
     trainer.fit(model, datamodule=LargeTest(val_size=0))
     trainer.test(model, datamodule=LargeTest(val_size=0), verbose=False)
