@@ -152,11 +152,13 @@ def test_sigusr1_on_slurm_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path:
         while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.5)
-        proc.send_signal(signal.SIGUSR1)
+        assert (run_dir / "checkpoints" / "last.ckpt").exists(), "no epoch finished in 240 s"
+        proc.send_signal(signal.SIGUSR1)  # lands anywhere in an epoch: logging, validation, a checkpoint write
         deadline = time.monotonic() + 60
         while not calls.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert calls.exists(), "scontrol was never called"
+        state = "still running" if proc.poll() is None else f"exited with {proc.returncode}"
+        assert calls.exists(), f"scontrol was never called; the run is {state}"
         assert calls.read_text().split() == ["requeue", "4242"]
         assert list(run_dir.rglob("hpc_ckpt_*.ckpt")), sorted(p.name for p in run_dir.rglob("*.ckpt"))
     finally:

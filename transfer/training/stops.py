@@ -10,8 +10,9 @@ resumes it. A stop before the first training step (decoding, feature caching) ha
 :func:`~transfer.core.exit_status.graceful_exit` gives the process the conventional status, 128 + the signal number
 (130 for SIGINT, 143 for SIGTERM), where Lightning would exit 1 (SIGINT) or 0 (SIGTERM).
 
-On SLURM, Lightning's own SIGUSR1 handler (auto-requeue: save ``hpc_ckpt_<n>.ckpt``, ``scontrol requeue``) is
-left in place; the SIGTERM SLURM sends at the end of the grace period is handled as above.
+On SLURM, the requeue signal (SIGUSR1: save ``hpc_ckpt_<n>.ckpt``, ``scontrol requeue``) is handled at the next
+batch boundary by :class:`~transfer.training.requeue.SlurmRequeue`; the SIGTERM SLURM sends at the end of the
+grace period is handled as above.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from transfer.training.history import History
 from transfer.training.module import Classifier
 from transfer.training.preflight import check_fresh
 from transfer.training.progress import FitSummary, TimedProgressBar
+from transfer.training.requeue import SlurmRequeue
 from transfer.training.resume import EpochCheckpoint, RunState
 from transfer.training.stops import GracefulStop, Stopped, announce_untested, stoppable, writing_outputs
 from transfer.training.tensorboard import TensorBoardExtras, log_hparams
@@ -290,6 +291,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, history: History, checkpoint
         LearningRateMonitor("epoch"),
         TensorBoardExtras(),
         GracefulStop(run_dir / "checkpoints"),
+        SlurmRequeue(),  # takes SLURM's requeue signal from Lightning, whose handler can deadlock in TensorBoard
         RunState(history),  # RNG streams, pending plateau step and history ride in the checkpoint
         FitSummary(),  # after the fine-tuning callback: counts what the first step trains
     ]
