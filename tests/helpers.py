@@ -64,3 +64,29 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         timeout=600,
         env={**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": child_cache(), **(env or {})},
     )
+
+
+def fake_slurm(folder: Path) -> tuple[dict[str, str], Path]:
+    """The environment of a one-task SLURM batch job (what ``SLURMEnvironment`` reads; no srun, so the task is the
+    process itself) with a stub ``scontrol`` first on ``PATH`` that appends its arguments to a file.
+
+    Returns:
+        The environment variables to add, and the file the stub writes.
+    """
+    bin_dir, calls = folder / "bin", folder / "scontrol.calls"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "transfer",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NNODES": "1",
+        "SLURM_NODELIST": "127.0.0.1",
+    }
+    return env, calls

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import child_cache, make_image_folder
+from tests.helpers import child_cache, fake_slurm, make_image_folder
 from tests.tiny_models import TINY_MAIN
 
 pytestmark = pytest.mark.slow
@@ -125,25 +125,9 @@ def one_process(root: Path, run_dir: Path, batch_size: int) -> dict[str, torch.T
 
 def test_sigusr1_on_slurm_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path: Path):
     root = make_image_folder(tmp_path / "data", {"train": 4, "test": 1})
-    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
-    bin_dir.mkdir()
-    stub = bin_dir / "scontrol"
-    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    stub.chmod(0o755)
+    slurm, calls = fake_slurm(tmp_path)
+    slurm["MASTER_PORT"] = str(free_port())
     run_dir = tmp_path / "run"
-    slurm = {  # what SLURMEnvironment reads for a one-task job; no srun, so the task is this process
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "transfer",
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_NNODES": "1",
-        "SLURM_NODELIST": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
     args = [*RUN, "trainer=cpu", f"data.root={root}", f"hydra.run.dir={run_dir}", "trainer.max_epochs=100000"]
     proc = tiny_run([a for a in args if not a.startswith(("trainer=ddp_cpu", "trainer.sync", "trainer.devices"))],
                     env=slurm)  # fmt: skip

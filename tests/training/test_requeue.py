@@ -16,21 +16,9 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import TINY, TINY_CNN
+from tests.helpers import TINY, TINY_CNN, fake_slurm
 from tests.in_process import run_tool
 from transfer.training.requeue import hpc_checkpoint_path
-
-SLURM = {  # what SLURMEnvironment reads for a one-task batch job
-    "SLURM_JOB_ID": "4242",
-    "SLURM_JOB_NAME": "transfer",
-    "SLURM_NTASKS": "1",
-    "SLURM_NTASKS_PER_NODE": "1",
-    "SLURM_PROCID": "0",
-    "SLURM_LOCALID": "0",
-    "SLURM_NODEID": "0",
-    "SLURM_NNODES": "1",
-    "SLURM_NODELIST": "127.0.0.1",
-}
 
 
 class SignalInsideStep(L.Callback):
@@ -52,14 +40,13 @@ class SignalInsideStep(L.Callback):
             self.right_after = (self.calls.exists(), sorted(p.name for p in self.run_dir.rglob("hpc_ckpt_*")))
 
 
-def run_signalled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data: Path, env: dict[str, str], send: bool):
+def run_signalled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data: Path, slurm: bool, send: bool):
     import transfer.training.train as T
 
-    run_dir, calls = tmp_path / "run", tmp_path / "scontrol.calls"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
+    env, calls = fake_slurm(tmp_path)
+    if not slurm:
+        env = {"PATH": env["PATH"]}
+    run_dir = tmp_path / "run"
     probe = SignalInsideStep(run_dir, calls, send)
     configured = T._configured_callbacks
     monkeypatch.setattr(T, "_configured_callbacks", lambda cfg: [*configured(cfg), probe])
@@ -69,7 +56,7 @@ def run_signalled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data: Path, e
         *TINY,
         f"data.root={data}",
         f"hydra.run.dir={run_dir}",
-        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env},
+        env=env,
     )
     return proc, probe, run_dir, calls
 
@@ -78,7 +65,7 @@ def test_the_requeue_waits_for_the_batch_boundary_then_saves_and_requeues(
     tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     previous = signal.getsignal(signal.SIGUSR1)
-    proc, probe, run_dir, calls = run_signalled(monkeypatch, tmp_path, tiny_cifar, SLURM, send=True)
+    proc, probe, run_dir, calls = run_signalled(monkeypatch, tmp_path, tiny_cifar, slurm=True, send=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert probe.right_after == (False, [])  # the handler only noted the signal: no save, no scontrol inside it
     saved = list(run_dir.rglob("hpc_ckpt_*.ckpt"))
@@ -91,10 +78,10 @@ def test_the_requeue_waits_for_the_batch_boundary_then_saves_and_requeues(
 def test_outside_slurm_the_signal_is_left_alone(
     tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    for name in SLURM:
-        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
     previous = signal.getsignal(signal.SIGUSR1)
-    proc, probe, _, _ = run_signalled(monkeypatch, tmp_path, tiny_cifar, {}, send=False)
+    proc, probe, _, _ = run_signalled(monkeypatch, tmp_path, tiny_cifar, slurm=False, send=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert probe.handler == previous  # during the fit: neither SlurmRequeue nor Lightning took it
 
