@@ -40,6 +40,13 @@ def test_long_runs_get_whole_number_ticks_and_the_best_epoch_of_the_rows(drawn: 
     assert "best: epoch 21, 99.00%" in _texts(fig)
 
 
+def test_a_budget_run_marks_its_final_checkpoint_as_final(drawn: list[Any], tmp_path: Path):
+    rows = [{"epoch": 1, "val/acc": 0.9, "val/loss": 0.4}, {"epoch": 2, "val/acc": 0.8, "val/loss": 0.5}]
+    plots.plot_epoch_curves(rows, tmp_path / "curves.png", best_epoch=2, kept="final")
+    (fig,) = drawn
+    assert "final: epoch 2, 80.00%" in _texts(fig) and not any(t.startswith("best") for t in _texts(fig))
+
+
 def test_the_sweep_overlay_marks_each_jobs_best_epoch(drawn: list[Any], tmp_path: Path):
     curves = {"0: lr=1e-3": ([1, 2, 3], [0.5, 0.8, 0.7]), "1: lr=1e-2": ([1, 2], [0.6, 0.65])}
     plots.overlay_curves(curves, "validation acc", tmp_path / "val_acc.png", best={"0: lr=1e-3": 2, "1: lr=1e-2": 2})

@@ -63,15 +63,18 @@ def plot_epoch_curves(
     title: str = "",
     unfreeze_epoch: int | None = None,
     best_epoch: int | None = None,
+    kept: str = "best",
 ) -> None:
-    """Accuracy and loss per epoch, train vs validation, the unfreeze and the best epoch marked.
+    """Accuracy and loss per epoch, train vs validation, the unfreeze and the kept checkpoint's epoch marked.
 
     Args:
         epochs: ``history.json``'s rows, ``epoch`` numbered from 1.
         path: PNG to write.
         title: the figure's title.
         unfreeze_epoch: ``finetune.unfreeze_at_epoch``: epochs trained with the backbone frozen.
-        best_epoch: the epoch the best checkpoint was taken at (``summary.json``'s ``best_epoch``).
+        best_epoch: the epoch the kept checkpoint was taken at (``summary.json``'s ``best_epoch``).
+        kept: how that checkpoint was chosen, the mark's label: ``"best"`` (by validation) or ``"final"`` (a
+            budget keeps its last step's).
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = [int(row["epoch"]) for row in epochs]
@@ -85,7 +88,7 @@ def plot_epoch_curves(
         if best is not None and f"val/{metric}" in best:
             value = best[f"val/{metric}"]
             shown = f"{100 * value:.2f}%" if metric == "acc" else f"{value:.3g}"
-            mark_best(ax, int(best["epoch"]), value, f"best: epoch {best_epoch}, {shown}")
+            mark_best(ax, int(best["epoch"]), value, f"{kept}: epoch {best_epoch}, {shown}")
         epoch_ticks(ax, x)
         ax.set(
             xlabel="epoch",

@@ -41,7 +41,8 @@ class SizeRule:
 # Measured on the 2-core CPU (Lite0 trained 64 px at 144-420 images/s on the days of the runs): 80 px against 64 px
 # was 85.94/88.00/90.08% against 83.68/87.24/88.99% at 4/8/15 minutes (83.05 against 81.32% at 4 on a slower day),
 # and 70.40/70.71% against 69.69/73.24% at 2, where its fewer steps are worth more than their size
-# (docs/recipe.md#resolution-at-a-budget).
+# (docs/recipe.md#resolution-at-a-budget). Photos have no rule: on the clothing photos at 5 minutes 128, 160 and 224 px
+# (and Lite1/Lite2 at 128) tested within 6 photos of 372 of each other (docs/recipe.md, the photos' size and backbone).
 CPU_SIZE_RULES: tuple[SizeRule, ...] = (SizeRule("efficientnet_lite0", 32, 240.0, 80),)
 
 

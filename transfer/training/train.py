@@ -324,6 +324,7 @@ def _write_outputs(
             f"{cfg.model.name} ({'pretrained' if cfg.model.pretrained else 'scratch'})",
             cfg.finetune.unfreeze_at_epoch,
             summary.get("best_epoch"),
+            "final" if summary.get("selected_by") == "final" else "best",
         )
     log_hparams(trainer, _hparams(cfg), {k: summary[k] for k in ("test_acc", "best_val_acc", "images_per_second")})
 
@@ -433,9 +434,11 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
 
 
-def _figures(history: History, run_dir: Path, title: str, unfreeze_epoch: int | None, best_epoch: int | None) -> None:
+def _figures(
+    history: History, run_dir: Path, title: str, unfreeze_epoch: int | None, best_epoch: int | None, kept: str
+) -> None:
     history.save(run_dir / "history.json")
     if history.step_loss:
         plot_step_loss(history.step_loss, run_dir / "loss_per_iteration.png", f"Training loss per iteration: {title}")
     if history.epochs:
-        plot_epoch_curves(history.epochs, run_dir / "curves_per_epoch.png", title, unfreeze_epoch, best_epoch)
+        plot_epoch_curves(history.epochs, run_dir / "curves_per_epoch.png", title, unfreeze_epoch, best_epoch, kept)
