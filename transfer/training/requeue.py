@@ -11,6 +11,8 @@ random moments of a tiny run: 2 of 25 hung there (py-spy showed ``_AsyncWriter.f
 notes it in the handler, and does Lightning's requeue at the next training batch end or validation end: save
 ``hpc_ckpt_<n>.ckpt`` in the run directory, then ``scontrol requeue <job id>`` on rank 0. Training then goes on,
 as with Lightning's handler, until SLURM's SIGTERM, which :class:`~transfer.training.stops.GracefulStop` handles.
+A signal during the final test is taken and left: training has finished, so there is nothing to requeue for, and
+the SIGTERM that follows stops the test with the trained run's outputs written.
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ class SlurmRequeue(L.Callback):
         self._noted = False
         self.saved: Path | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         env = _requeue_environment(trainer)
         if env is None or env.requeue_signal is None or threading.current_thread() is not threading.main_thread():
             return
         self._signum = int(env.requeue_signal)
-        # Before Lightning registers its handlers (after on_fit_start): it then leaves this signal to us.
+        # Before Lightning registers its handlers (after the setup hooks): it then leaves this signal to us. In the
+        # test the note is never acted on: training has finished, and SLURM's SIGTERM stops the test with the
+        # trained run's outputs written (GracefulStop), where Lightning would requeue the whole job.
         self._previous = signal.signal(self._signum, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
