@@ -369,7 +369,12 @@ def health_latency(port: int, until: Callable[[], bool], most: int = 100) -> lis
 def test_health_answers_quickly_while_huge_images_decode(plain_server):
     """Six 6000x6000 PNGs (under the pixel cap) decode in the gate's threads, not on the event loop: /health
     answers within 100 ms, or, on a machine so loaded that even an idle server's /health is slower, within
-    twice the idle time (decoding on the loop held /health for seconds)."""
+    twice the idle time (decoding on the loop held /health for seconds).
+
+    Decoding on the loop holds /health in every round, so a slow round gets one more: in one full CI run a round
+    answered in 0.86 and 0.64 s (idle: 0.03 s), where the test alone, its module and the test beside two busy
+    loops all passed: a stall of the whole machine, not of the loop.
+    """
     port = plain_server[0]
     big = huge_png()
     idle = float(np.median(health_latency(port, lambda: False, most=10)))
@@ -379,13 +384,22 @@ def test_health_answers_quickly_while_huge_images_decode(plain_server):
             f"http://127.0.0.1:{port}/predict", files={"image": ("big.png", big, "image/png")}, timeout=120
         ).status_code
 
-    with ThreadPoolExecutor(6) as pool:
-        uploads = [pool.submit(upload, i) for i in range(6)]
-        time.sleep(0.5)  # the uploads are in and decoding
-        busy = health_latency(port, lambda: all(u.done() for u in uploads))
-        codes = [u.result() for u in uploads]
+    def busy_round() -> tuple[list[int], list[float]]:
+        with ThreadPoolExecutor(6) as pool:
+            uploads = [pool.submit(upload, i) for i in range(6)]
+            time.sleep(0.5)  # the uploads are in and decoding
+            busy = health_latency(port, lambda: all(u.done() for u in uploads))
+            return [u.result() for u in uploads], busy
+
+    def quick(busy: list[float]) -> bool:
+        return len(busy) >= 3 and float(np.median(busy)) < max(0.1, 2 * idle + 0.02)
+
+    rounds = [busy_round()]
+    if not quick(rounds[0][1]):
+        rounds.append(busy_round())
+    codes, busy = rounds[-1]
     assert set(codes) <= {200, 503} and 200 in codes  # allowed images are served (or told to retry), never 500
-    assert len(busy) >= 3 and float(np.median(busy)) < max(0.1, 2 * idle + 0.02), (idle, busy)
+    assert quick(busy), (idle, [b for _, b in rounds])
 
 
 @SERVER
