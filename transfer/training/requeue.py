@@ -48,7 +48,6 @@ class SlurmRequeue(L.Callback):
         self._signum: int | None = None
         self._previous: Any = None
         self._noted = False
-        self.saved: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         env = _requeue_environment(trainer)
@@ -92,7 +91,6 @@ class SlurmRequeue(L.Callback):
             logger.save()
         path = hpc_checkpoint_path(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
-        self.saved = path
         if trainer.is_global_zero:
             requeue_job()
 
