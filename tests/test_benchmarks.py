@@ -9,7 +9,16 @@ from tests.helpers import TINY, make_image_folder
 from tests.in_process import run_tool
 from transfer.benchmarks.__main__ import ensure_data, markdown, run_json, table
 from transfer.benchmarks.budget_race import budget_race, budget_table, parse_budgets
-from transfer.benchmarks.race import TIMELINE, accuracy_at, race_table, run_timeline, time_to
+from transfer.benchmarks.race import (
+    CPU_SCALE,
+    GPU_SCALE,
+    TIMELINE,
+    accuracy_at,
+    race_scale,
+    race_table,
+    run_timeline,
+    time_to,
+)
 from transfer.core.errors import ConfigError
 
 
@@ -59,6 +68,21 @@ def test_race_reads_accuracy_at_each_time_point_and_time_to_each_threshold():
     ours, plain = text.splitlines()[2:]
     assert "| 80.00% | 86.00% | 86.00% | 90.50% |" in ours and "| 3.8 min | 8.3 min | 8.3 min |" in ours
     assert "failed" in plain
+
+
+def test_on_a_gpu_the_race_reads_seconds_and_the_high_thresholds_under_airbench_named_as_published():
+    rows = [
+        {"epoch": 1, "seconds": 20.0, "test_acc": 0.93},
+        {"epoch": 2, "seconds": 45.0, "test_acc": 0.955},
+        {"epoch": 3, "seconds": 170.0, "test_acc": 0.972},
+    ]
+    assert race_scale(gpu=True) is GPU_SCALE and race_scale(gpu=False) is CPU_SCALE
+    text = race_table({"cifar10": {"ours": {"rows": rows}}}, GPU_SCALE)
+    reference, _, head, _, ours = text.splitlines()
+    assert reference.startswith("Published, not run here: airbench") and "A100" in reference
+    assert "| acc @30 s | acc @1 min | acc @3 min | to 94% | to 96% | to 97% |" in head
+    assert "| 93.00% | 95.50% | 97.20% | 45.0 s | 2.8 min | 2.8 min |" in ours
+    assert "airbench" not in race_table({"cifar10": {"ours": {"rows": rows}}}, CPU_SCALE)
 
 
 def test_run_timeline_charges_neither_side_for_its_test_evaluations():
