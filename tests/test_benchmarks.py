@@ -31,14 +31,16 @@ def results(bf16: bool = True) -> dict:
         "augment_ours": _rows("batches_per_s", [700, 800, 900], 1000),
         "augment_seed": _rows("batches_per_s", [30, 40, 50], 900),
         "train_seed": _rows("images_per_s", [300, 320, 340], 990),
-        "train_ours": _rows("images_per_s", [400, 410, 420], 1300),
+        "train_ours": _rows("images_per_s", [400, 410, 420], 1300, flops_per_image=1.1e9),
         "train_raw": _rows("images_per_s", [420, 430, 440], 1290),
+        "peak_fp32": _rows("flops_per_s", [1.0e12, 1.2e12, 1.1e12], 200),
         "frozen_uncached": _rows("epoch_s", [10.0], images=6400, val_acc=0.40, setup_s=0.0),
         "frozen_uncached_bn_frozen": _rows("epoch_s", [10.0], images=6400, val_acc=0.60, setup_s=0.0),
         "frozen_cached": _rows("epoch_s", [0.5], images=6400, val_acc=0.62, setup_s=12.0),
     }
     if bf16:
-        out["train_ours_bf16"] = _rows("images_per_s", [480, 500, 520], 1280)
+        out["train_ours_bf16"] = _rows("images_per_s", [480, 500, 520], 1280, flops_per_image=1.1e9)
+        out["peak_bf16"] = _rows("flops_per_s", [2.2e12, 2.0e12, 2.4e12], 300)
     return out
 
 
@@ -50,9 +52,12 @@ def test_table_reports_median_ratios_against_the_references():
     assert rows["2 Lightning overhead vs raw loop"][3] == "+4.9%"  # 430 / 410 - 1
     frozen = rows["3 frozen epoch s (6400 imgs, lite0)"]
     assert frozen[3] == "20x" and "0.600 bn=frozen" in frozen[2] and "+12.0 once" in frozen[1]
-    assert len(table(results(bf16=False))) == len(rows) - 1
+    fp32, bf16 = rows["2 share of the measured peak, fp32"], rows["2 share of the measured peak, bf16"]
+    assert fp32[1:4] == ["451 GFLOP/s", "1100 GFLOP/s (fp32 matmul)", "41.0%"]  # 410 img/s x 1.1 GFLOP, medians
+    assert bf16[3] == "25.0%" and fp32[5] == "1300 / 200"  # 500 x 1.1 GFLOP / 2.2 TFLOP/s
+    assert len(table(results(bf16=False))) == len(rows) - 2
     text = markdown(table(results()), "Machine: test")
-    assert text.startswith("Machine: test") and text.count("\n| ") == 6
+    assert text.startswith("Machine: test") and text.count("\n| ") == 8
 
 
 def test_race_reads_accuracy_at_each_time_point_and_time_to_each_threshold():

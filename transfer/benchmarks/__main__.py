@@ -14,7 +14,8 @@ within each repeat (so a slow minute of the machine hits all of them), and the t
 1. augmented batches/s of 64: batched on-device augmentation vs the seed loop's per-image PIL pipeline;
 2. end-to-end training images/s, the seed loop's ResNet-18 at 32 px, batch 64: ``Trainer.fit`` with this
    project's data path vs ``seed_loop.py`` (fp32, and bf16 autocast where the CPU has bf16), and Lightning's
-   overhead against a plain loop over the same model, data and optimizer;
+   overhead against a plain loop over the same model, data and optimizer; and the share of the device's
+   measured matmul peak that ours' training FLOP/s reach, per precision (:mod:`transfer.benchmarks.flops`);
 3. seconds per frozen-backbone epoch (EfficientNet-Lite0, ImageNet weights): cached features vs not, with
    the head's validation accuracy for each;
 4. peak resident memory of every measured process;
@@ -174,9 +175,11 @@ def collect(data: Path, seed_loop: Path, repeats: int) -> dict[str, list[dict[st
         ],
         "train_ours": measure("train_lightning", data),
         "train_raw": measure("train_raw", data),
+        "peak_fp32": measure("peak_matmul", data),
     }
     if cpu_has_bf16() or torch.cuda.is_available():
         configs["train_ours_bf16"] = measure("train_lightning", data, "--precision", "bf16-mixed")
+        configs["peak_bf16"] = measure("peak_matmul", data, "--precision", "bf16-mixed")
     if importlib.util.find_spec("onnxruntime") is not None:
         configs["infer_ort"] = measure("infer_ort", data, "--repeats", "1")
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
@@ -263,7 +266,28 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
             mem("frozen_cached", "frozen_uncached"),
         ]
     )
-    return rows + ort_rows(results)
+    return rows + peak_rows(results) + ort_rows(results)
+
+
+def peak_rows(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
+    """Row 2's share of the device: ours' training FLOP/s against the measured matmul peak, per precision."""
+    rows = []
+    for train, peak, label in (("train_ours", "peak_fp32", "fp32"), ("train_ours_bf16", "peak_bf16", "bf16")):
+        if train not in results or peak not in results or "flops_per_image" not in results[train][0]:
+            continue
+        achieved = med(results[train], "images_per_s") * med(results[train], "flops_per_image")
+        top = med(results[peak], "flops_per_s")
+        rows.append(
+            [
+                f"2 share of the measured peak, {label}",
+                f"{achieved / 1e9:.0f} GFLOP/s",
+                f"{top / 1e9:.0f} GFLOP/s ({label} matmul)",
+                f"{achieved / top:.1%}",
+                "",
+                f"{med(results[train], 'peak_rss_mb'):.0f} / {med(results[peak], 'peak_rss_mb'):.0f}",
+            ]
+        )
+    return rows
 
 
 def ort_rows(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:

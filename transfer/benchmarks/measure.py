@@ -4,6 +4,7 @@
     python -m transfer.benchmarks.measure augment_seed --data DIR --seed-loop PATH/seed_loop.py
     python -m transfer.benchmarks.measure train_lightning --data DIR [--precision bf16-mixed]
     python -m transfer.benchmarks.measure train_raw --data DIR
+    python -m transfer.benchmarks.measure peak_matmul --data DIR [--precision bf16-mixed]
     python -m transfer.benchmarks.measure frozen_epoch --data DIR --cached
     python -m transfer.benchmarks.measure infer_ort --data DIR [--repeats 5] [--seconds 1]
     python -m transfer.benchmarks.measure eval_folded --data DIR [--repeats 5]
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from transfer.benchmarks.flops import peak_matmul_flops, training_flops_per_image
 from transfer.benchmarks.timeline import accuracy
 from transfer.data import CIFAR10Data
 from transfer.models import model_preprocess
@@ -148,7 +150,13 @@ def train_lightning(args: argparse.Namespace) -> dict[str, Any]:
         callbacks=[timer, History()],
     )
     trainer.fit(module, datamodule=dm)
-    return {"images_per_s": timer.images / (timer.end - timer.start), "precision": args.precision}
+    model = module.model.train()
+    images = torch.randn(2, 3, 32, 32, device=module.device).contiguous(memory_format=torch.channels_last)
+    return {
+        "images_per_s": timer.images / (timer.end - timer.start),
+        "precision": args.precision,
+        "flops_per_image": training_flops_per_image(model, images),
+    }
 
 
 def train_raw(args: argparse.Namespace) -> dict[str, Any]:
@@ -172,6 +180,13 @@ def train_raw(args: argparse.Namespace) -> dict[str, Any]:
         elif step + 1 > args.warmup:
             images += len(y)
     return {"images_per_s": images / (time.perf_counter() - start), "precision": args.precision}
+
+
+def peak_matmul(args: argparse.Namespace) -> dict[str, Any]:
+    """The device's measured matrix-product peak in the training precision (``--precision``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
+    return {"flops_per_s": peak_matmul_flops(device, dtype), "precision": args.precision}
 
 
 def frozen_epoch(args: argparse.Namespace) -> dict[str, Any]:
@@ -298,7 +313,16 @@ def eval_folded(args: argparse.Namespace) -> dict[str, Any]:
 
 MEASURES = {
     f.__name__: f
-    for f in (augment_ours, augment_seed, train_lightning, train_raw, frozen_epoch, infer_ort, eval_folded)
+    for f in (
+        augment_ours,
+        augment_seed,
+        train_lightning,
+        train_raw,
+        peak_matmul,
+        frozen_epoch,
+        infer_ort,
+        eval_folded,
+    )
 }
 
 
