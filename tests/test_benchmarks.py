@@ -8,7 +8,7 @@ import pytest
 from tests.helpers import TINY, make_image_folder
 from tests.in_process import run_tool
 from transfer.benchmarks.__main__ import ensure_data, markdown, run_json, table
-from transfer.benchmarks.budget_race import budget_race, budget_table, parse_budgets
+from transfer.benchmarks.budget_race import budget_commands, budget_race, budget_table, parse_budgets, parse_seeds
 from transfer.benchmarks.race import (
     CPU_SCALE,
     GPU_SCALE,
@@ -211,6 +211,46 @@ def test_budgets_are_positive_minutes_and_the_table_gives_both_sides_per_budget(
         "budgets=[2,0]",
     )
     assert refused.returncode == 2 and "budgets=" in refused.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_with_seeds_each_side_runs_once_per_seed_and_the_table_gives_its_mean_and_spread(tmp_path: Path):
+    assert parse_seeds(None) == [None] and parse_seeds([0, 1, 2]) == [0, 1, 2] and parse_seeds(3) == [3]
+    for bad in ([], [1, 1], [0.5], ["0"], True):
+        with pytest.raises(ConfigError, match=r"seeds=.*distinct integer"):
+            parse_seeds(bad)
+    seeded = budget_commands(tmp_path / "c", tmp_path / "p", tmp_path / "out", 4, seed=7)
+    for data in ("cifar10", "clothing-10"):
+        ours, plain = seeded[data]["ours"], seeded[data]["plain"]
+        assert "seed=7" in ours and plain[plain.index("--seed") + 1] == "7"
+        assert any(a.startswith("hydra.run.dir=") and a.endswith("-4min-seed7") for a in ours)
+    unseeded = budget_commands(tmp_path / "c", None, tmp_path / "out", 4)["cifar10"]
+    assert not any(a.startswith("seed=") for a in unseeded["ours"]) and "--seed" not in unseeded["plain"]
+
+    def row(seed: int, ours: float | None, plain: float) -> dict:
+        return {
+            "data": "clothing-10",
+            "minutes": 4,
+            "seed": seed,
+            "ours": {"wall_s": 240.0, "test_acc": ours},
+            "plain": {"wall_s": 252.0 + seed * 6, "test_acc": plain},
+        }
+
+    text = budget_table([row(0, 0.90, 0.91), row(1, 0.92, 0.92), row(2, 0.94, 0.93)])
+    assert text.splitlines()[2:] == [
+        "| clothing-10 | 4 min | 92.00 ± 2.00% (n=3) | 4.00 min | 92.00 ± 1.00% (n=3) | 4.30 min |"
+    ]
+    failed = budget_table([row(0, 0.90, 0.91), row(1, None, 0.92)]).splitlines()[2]
+    assert "| 90.00 ± 0.00% (n=1), 1 failed |" in failed
+    refused = run_tool(
+        "transfer.benchmarks.__main__",
+        f"data_root={make_image_folder(tmp_path / 'cifar', {'train': 1})}",
+        "skip_speed=true",
+        "time_to_accuracy=true",
+        "clothing_root=null",
+        "budgets=[2]",
+        "seeds=[1,1]",
+    )
+    assert refused.returncode == 2 and "seeds=" in refused.stderr and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.slow  # two child processes with 1 min budgets (start-up and imports count against them)

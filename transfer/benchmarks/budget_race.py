@@ -4,18 +4,23 @@ one-cycle schedule so that training and its final test end at B), on the same da
 side goes first alternates from budget to budget on each data set).
 
     python -m transfer.benchmarks time_to_accuracy=true skip_speed=true budgets=[2,4,8,15] [clothing_root=DIR]
+        [seeds=[0,1,2]]
 
 Both sides start cold (an empty decode cache each) and everything from the process start counts. Before the
 first run every image file is read once, so that neither side pays for a cold disk the other then finds warm (60k
 small JPEGs off a cold disk took 110 s, against 8.6 s from the page cache). Each side tests
 once, at the end; the table gives both sides' test accuracy and wall time per budget, on CIFAR-10 and on the
-clothing photos (as in :mod:`transfer.benchmarks.race`: 128 px, batch 32 for the plain loop).
+clothing photos (as in :mod:`transfer.benchmarks.race`: 128 px, batch 32 for the plain loop). With ``seeds``, every
+side runs once per seed at every budget and the table gives each side's mean ± std: on the 372 clothing test
+photos one setting moved by 3.2 points between two seeds at 4 minutes (docs/recipe.md), more than the leads the
+race is held to.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +52,24 @@ def parse_budgets(value: Any) -> list[float]:
     return [float(v) for v in values]
 
 
+def parse_seeds(value: Any) -> list[int | None]:
+    """``seeds=[0,1,2]``: distinct integers; ``null``: one run per side, each with its own default seed.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if value is None:
+        return [None]
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    ok = values and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    if not ok or len(set(values)) != len(values):
+        raise ConfigError(
+            f"seeds={value!r}: pass a list of distinct integer seeds, e.g. seeds=[0,1,2] (seeds=null runs each "
+            f"side once with its own default seed)."
+        )
+    return [int(v) for v in values]
+
+
 def budget_commands(
     cifar: Path,
     clothing: Path | None,
@@ -54,12 +77,17 @@ def budget_commands(
     minutes: float,
     ours_extra: Sequence[str] = (),
     plain_extra: Sequence[str] = (),
+    seed: int | None = None,
 ) -> dict[str, dict[str, list[str]]]:
-    """The two command lines per data set for one budget: ``{"cifar10": {"ours": [...], "plain": [...]}, ...}``."""
+    """The two command lines per data set for one budget: ``{"cifar10": {"ours": [...], "plain": [...]}, ...}``.
+
+    ``seed`` (``None``: each side's default) goes to both sides and names ours' run directory.
+    """
     py, seconds = sys.executable, f"{minutes * 60:g}"
-    ours = [py, "-m", "transfer.run", f"budget={seconds}", *QUIET, *ours_extra]
-    plain = [py, "-m", "transfer.benchmarks.plain_loop", "--budget", seconds, *plain_extra]
-    label = f"{minutes:g}min"
+    seeded = ([f"seed={seed}"], ["--seed", str(seed)]) if seed is not None else ([], [])
+    ours = [py, "-m", "transfer.run", f"budget={seconds}", *QUIET, *seeded[0], *ours_extra]
+    plain = [py, "-m", "transfer.benchmarks.plain_loop", "--budget", seconds, *seeded[1], *plain_extra]
+    label = f"{minutes:g}min" + (f"-seed{seed}" if seed is not None else "")
     races = {
         "cifar10": {
             "ours": [*ours, f"data.root={cifar}", f"hydra.run.dir={out / f'cifar10-{label}'}"],
@@ -114,24 +142,31 @@ def plain_result(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, "test_acc": plan.get("test_acc"), "plan": plan}
 
 
-def _acc(value: float | None) -> str:
-    return "failed" if value is None else f"{value * 100:.2f}%"
+def _acc(runs: list[dict[str, Any]]) -> str:
+    """One run's test accuracy, or the mean ± sample std of several (``n`` and the failures named)."""
+    accs = [r["test_acc"] for r in runs if r.get("test_acc") is not None]
+    failed = len(runs) - len(accs)
+    if len(runs) == 1 or not accs:
+        return "failed" if failed else f"{accs[0] * 100:.2f}%"
+    spread = statistics.stdev(accs) * 100 if len(accs) > 1 else 0.0
+    text = f"{statistics.mean(accs) * 100:.2f} ± {spread:.2f}% (n={len(accs)})"
+    return text + (f", {failed} failed" if failed else "")
+
+
+def _wall(runs: list[dict[str, Any]]) -> str:
+    return f"{statistics.mean(r['wall_s'] for r in runs) / 60:.2f} min"
 
 
 def budget_table(results: list[dict[str, Any]]) -> str:
-    """Markdown: one row per data set and budget, both sides' test accuracy and wall time."""
+    """Markdown: one row per data set and budget, both sides' test accuracy and wall time (means over seeds)."""
     head = ["data", "budget", "ours test acc", "ours wall", "plain test acc", "plain wall"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in results:
-        ours, plain = row["ours"], row["plain"]
-        cells = [
-            row["data"],
-            f"{row['minutes']:g} min",
-            _acc(ours.get("test_acc")),
-            f"{ours['wall_s'] / 60:.2f} min",
-            _acc(plain.get("test_acc")),
-            f"{plain['wall_s'] / 60:.2f} min",
-        ]
+        groups.setdefault((row["data"], row["minutes"]), []).append(row)
+    for (data, minutes), rows in groups.items():
+        ours, plain = [r["ours"] for r in rows], [r["plain"] for r in rows]
+        cells = [data, f"{minutes:g} min", _acc(ours), _wall(ours), _acc(plain), _wall(plain)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -151,6 +186,7 @@ def budget_race(
     budgets: Sequence[float],
     ours_extra: Sequence[str] = (),
     plain_extra: Sequence[str] = (),
+    seeds: Sequence[int | None] = (None,),
 ) -> dict[str, Any]:
     """Race at every budget (minutes); write ``outputs/benchmarks/race-budgets-<time>.{md,json}``.
 
@@ -160,9 +196,10 @@ def budget_race(
         budgets: the budgets in minutes.
         ours_extra: more ``transfer.run`` overrides (the tests' tiny settings).
         plain_extra: more plain loop arguments.
+        seeds: each side runs once per seed at every budget (``None``: its default seed).
 
     Returns:
-        ``{"table": markdown, "results": [{"data", "minutes", "ours", "plain"}]}``.
+        ``{"table": markdown, "results": [{"data", "minutes", "seed", "ours", "plain"}]}``.
     """
     out = Path.cwd() / "outputs" / "benchmarks" / time.strftime("race-budgets-%Y-%m-%d_%H-%M-%S")
     for root in (cifar, clothing):
@@ -170,16 +207,17 @@ def budget_race(
             read_once(root)
     results = []
     for b, minutes in enumerate(budgets):
-        for d, (data, sides) in enumerate(
-            budget_commands(cifar, clothing, out, minutes, ours_extra, plain_extra).items()
-        ):
-            # which side runs first alternates from budget to budget on each data set, so that a machine slowing
-            # down or speeding up over the race does not always favour the same side
-            first, second = ("ours", "plain") if (b + d) % 2 == 0 else ("plain", "ours")
-            print(f"  {data} at {minutes:g} min: {first}, then {second}", flush=True)
-            runs = {side: run_cold(sides[side]) for side in (first, second)}
-            ours, plain = ours_result(sides["ours"], runs["ours"]), plain_result(runs["plain"])
-            results.append({"data": data, "minutes": minutes, "ours": ours, "plain": plain})
+        for r, seed in enumerate(seeds):
+            commands = budget_commands(cifar, clothing, out, minutes, ours_extra, plain_extra, seed)
+            for d, (data, sides) in enumerate(commands.items()):
+                # which side runs first alternates from budget to budget and seed to seed on each data set, so
+                # that a machine slowing down or speeding up over the race does not always favour the same side
+                first, second = ("ours", "plain") if (b + r + d) % 2 == 0 else ("plain", "ours")
+                label = "" if seed is None else f", seed {seed}"
+                print(f"  {data} at {minutes:g} min{label}: {first}, then {second}", flush=True)
+                runs = {side: run_cold(sides[side]) for side in (first, second)}
+                ours, plain = ours_result(sides["ours"], runs["ours"]), plain_result(runs["plain"])
+                results.append({"data": data, "minutes": minutes, "seed": seed, "ours": ours, "plain": plain})
     text = budget_table(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.md").write_text(text + "\n")
