@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -194,6 +195,13 @@ def test_plain_loop_and_the_framework_print_one_timeline_row_per_epoch(tmp_path:
         assert 0 < out["rows"][0]["seconds"] <= out["rows"][1]["seconds"]
 
 
+def _race_at_budgets(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m transfer.benchmarks`` racing at budgets on a one-image folder, in this process."""
+    root = make_image_folder(tmp_path / "cifar", {"train": 1})
+    args = ("skip_speed=true", "time_to_accuracy=true", "clothing_root=null", *overrides)
+    return run_tool("transfer.benchmarks.__main__", f"data_root={root}", *args)
+
+
 def test_budgets_are_positive_minutes_and_the_table_gives_both_sides_per_budget(tmp_path: Path):
     assert parse_budgets([2, 4, 8, 15]) == [2, 4, 8, 15] and parse_budgets(0.5) == [0.5]
     for bad in ([], [2, -1], ["2m"], True):
@@ -202,14 +210,7 @@ def test_budgets_are_positive_minutes_and_the_table_gives_both_sides_per_budget(
     side = {"wall_s": 123.0, "test_acc": 0.8512}
     text = budget_table([{"data": "cifar10", "minutes": 2, "ours": side, "plain": {**side, "test_acc": None}}])
     assert "| cifar10 | 2 min | 85.12% | 2.05 min | failed | 2.05 min |" in text.splitlines()[2]
-    refused = run_tool(
-        "transfer.benchmarks.__main__",
-        f"data_root={make_image_folder(tmp_path / 'cifar', {'train': 1})}",
-        "skip_speed=true",
-        "time_to_accuracy=true",
-        "clothing_root=null",
-        "budgets=[2,0]",
-    )
+    refused = _race_at_budgets(tmp_path, "budgets=[2,0]")
     assert refused.returncode == 2 and "budgets=" in refused.stderr and not (tmp_path / "outputs").exists()
 
 
@@ -241,15 +242,7 @@ def test_with_seeds_each_side_runs_once_per_seed_and_the_table_gives_its_mean_an
     ]
     failed = budget_table([row(0, 0.90, 0.91), row(1, None, 0.92)]).splitlines()[2]
     assert "| 90.00 ± 0.00% (n=1), 1 failed |" in failed
-    refused = run_tool(
-        "transfer.benchmarks.__main__",
-        f"data_root={make_image_folder(tmp_path / 'cifar', {'train': 1})}",
-        "skip_speed=true",
-        "time_to_accuracy=true",
-        "clothing_root=null",
-        "budgets=[2]",
-        "seeds=[1,1]",
-    )
+    refused = _race_at_budgets(tmp_path, "budgets=[2]", "seeds=[1,1]")
     assert refused.returncode == 2 and "seeds=" in refused.stderr and not (tmp_path / "outputs").exists()
 
 
