@@ -148,6 +148,19 @@ def test_benchmarks_refuse_a_missing_setting_before_running_anything(tmp_path: P
     assert not (tmp_path / "outputs").exists()
 
 
+def test_without_cifar10_only_the_race_at_budgets_runs_and_it_races_the_photos_alone(tmp_path: Path):
+    clothing = make_image_folder(tmp_path / "clothing", {"train": 1})
+    assert list(budget_commands(None, clothing, tmp_path / "out", 4)) == ["clothing-10"]
+    base = ("data_root=null", f"clothing_root={clothing}", "skip_speed=true", "time_to_accuracy=true")
+    by_epochs = run_tool("transfer.benchmarks.__main__", *base)
+    at_budgets = run_tool("transfer.benchmarks.__main__", *base, "budgets=[0]")
+    for refused in (by_epochs, at_budgets):
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "data_root= is not set" in by_epochs.stderr and "races" in by_epochs.stderr
+    assert "budgets=" in at_budgets.stderr and "data_root" not in at_budgets.stderr  # past the data check
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_nothing_in_the_package_assumes_a_checkout_beside_shared_data():
     import transfer
 

@@ -321,11 +321,12 @@ def _path(value: Any) -> Path | None:
     return Path(str(value)).expanduser() if value else None
 
 
-def inputs(cfg: DictConfig) -> tuple[Path, Path | None, Path | None]:
+def inputs(cfg: DictConfig) -> tuple[Path | None, Path | None, Path | None]:
     """Check and prepare the inputs the chosen benchmarks need, before any of them runs.
 
     Returns:
-        ``(cifar10 folders, seed loop or None when the speed benchmarks are skipped, clothing folders or None)``.
+        ``(cifar10 folders, seed loop or None when the speed benchmarks are skipped, clothing folders or None)``;
+        the CIFAR-10 folders are ``None`` only for the race at budgets on the photos alone (``data_root=null``).
 
     Raises:
         ConfigError: naming the missing setting.
@@ -340,14 +341,18 @@ def inputs(cfg: DictConfig) -> tuple[Path, Path | None, Path | None]:
                 f"it (a script with an InMemoryImages dataset and a --data/--model/--steps/--batch-size command "
                 f"line), or skip_speed=true time_to_accuracy=true to run the race alone."
             )
-    if not cfg.data_root:
+    at_budgets = bool(cfg.time_to_accuracy) and cfg.get("budgets") is not None
+    photos_alone = at_budgets and seed_loop is None and bool(cfg.clothing_root)
+    if not cfg.data_root and not photos_alone:
         raise ConfigError(
-            "data_root= is not set: pass data_root=DIR, the CIFAR-10 image folders (DIR/train/<class>/*)."
+            "data_root= is not set: pass data_root=DIR, the CIFAR-10 image folders (DIR/train/<class>/*). Only the "
+            "race at budgets runs without them (skip_speed=true time_to_accuracy=true budgets=[...] with "
+            "clothing_root=DIR races the photos alone)."
         )
-    if cfg.time_to_accuracy and cfg.get("budgets") is not None:
+    if at_budgets:
         parse_budgets(cfg.budgets)
         parse_seeds(cfg.get("seeds"))
-    data = ensure_data(Path(str(cfg.data_root)).expanduser(), _path(cfg.archive))
+    data = ensure_data(Path(str(cfg.data_root)).expanduser(), _path(cfg.archive)) if cfg.data_root else None
     clothing = None
     if cfg.time_to_accuracy and cfg.clothing_root:
         clothing = ensure_data(
@@ -356,11 +361,12 @@ def inputs(cfg: DictConfig) -> tuple[Path, Path | None, Path | None]:
     return data, seed_loop, clothing
 
 
-def _race(cfg: DictConfig, data: Path, clothing: Path | None) -> dict[str, Any] | None:
+def _race(cfg: DictConfig, data: Path | None, clothing: Path | None) -> dict[str, Any] | None:
     """The race ``time_to_accuracy=true`` asks for: by epochs, or at ``budgets`` (minutes) when they are set."""
     if not cfg.time_to_accuracy:
         return None
     if cfg.get("budgets") is None:
+        assert data is not None  # inputs() refuses data_root=null outside the race at budgets
         return {"title": "Time-to-accuracy race (python -m transfer.benchmarks.race)", **race(data, clothing)}
     result = budget_race(data, clothing, parse_budgets(cfg.budgets), seeds=parse_seeds(cfg.get("seeds")))
     return {"title": "Race at budgets (transfer.run budget=B against the budget-aware plain loop)", **result}
@@ -373,9 +379,9 @@ def main(cfg: DictConfig) -> None:
     """Command-line entry: measure, print the table, write ``outputs/benchmarks/<time>.{md,json}``."""
     data, seed_loop, clothing = inputs(cfg)
     repeats = int(cfg.repeats)
-    header = f"Machine: {machine()}. Medians of {repeats} interleaved repeats; data {data}."
+    header = f"Machine: {machine()}. Medians of {repeats} interleaved repeats; data {data or clothing}."
     print(header, flush=True)
-    results = {} if seed_loop is None else collect(data, seed_loop, repeats)
+    results = {} if seed_loop is None or data is None else collect(data, seed_loop, repeats)
     text = header if seed_loop is None else markdown(table(results), header)
     print("\n" + text)
     race_result = _race(cfg, data, clothing)

@@ -4,7 +4,7 @@ one-cycle schedule so that training and its final test end at B), on the same da
 side goes first alternates from budget to budget on each data set).
 
     python -m transfer.benchmarks time_to_accuracy=true skip_speed=true budgets=[2,4,8,15] [clothing_root=DIR]
-        [seeds=[0,1,2]]
+        [seeds=[0,1,2]] [data_root=null: the photos alone]
 
 Both sides start cold (an empty decode cache each) and everything from the process start counts. Before the
 first run every image file is read once, so that neither side pays for a cold disk the other then finds warm (60k
@@ -71,7 +71,7 @@ def parse_seeds(value: Any) -> list[int | None]:
 
 
 def budget_commands(
-    cifar: Path,
+    cifar: Path | None,
     clothing: Path | None,
     out: Path,
     minutes: float,
@@ -81,19 +81,20 @@ def budget_commands(
 ) -> dict[str, dict[str, list[str]]]:
     """The two command lines per data set for one budget: ``{"cifar10": {"ours": [...], "plain": [...]}, ...}``.
 
-    ``seed`` (``None``: each side's default) goes to both sides and names ours' run directory.
+    ``seed`` (``None``: each side's default) goes to both sides and names ours' run directory; a data set whose
+    folders are ``None`` has no entry.
     """
     py, seconds = sys.executable, f"{minutes * 60:g}"
     seeded = ([f"seed={seed}"], ["--seed", str(seed)]) if seed is not None else ([], [])
     ours = [py, "-m", "transfer.run", f"budget={seconds}", *QUIET, *seeded[0], *ours_extra]
     plain = [py, "-m", "transfer.benchmarks.plain_loop", "--budget", seconds, *seeded[1], *plain_extra]
     label = f"{minutes:g}min" + (f"-seed{seed}" if seed is not None else "")
-    races = {
-        "cifar10": {
+    races = {}
+    if cifar is not None:
+        races["cifar10"] = {
             "ours": [*ours, f"data.root={cifar}", f"hydra.run.dir={out / f'cifar10-{label}'}"],
             "plain": [*plain, "--data", str(cifar)],
         }
-    }
     if clothing is not None:
         races["clothing-10"] = {
             "ours": [
@@ -181,7 +182,7 @@ def read_once(root: Path) -> int:
 
 
 def budget_race(
-    cifar: Path,
+    cifar: Path | None,
     clothing: Path | None,
     budgets: Sequence[float],
     ours_extra: Sequence[str] = (),
@@ -191,7 +192,7 @@ def budget_race(
     """Race at every budget (minutes); write ``outputs/benchmarks/race-budgets-<time>.{md,json}``.
 
     Args:
-        cifar: CIFAR-10 image folders.
+        cifar: CIFAR-10 image folders, or ``None`` to race the photos alone.
         clothing: the clothing-10 folders, or ``None`` to skip them.
         budgets: the budgets in minutes.
         ours_extra: more ``transfer.run`` overrides (the tests' tiny settings).
