@@ -378,12 +378,16 @@ def _race(cfg: DictConfig, data: Path | None, clothing: Path | None) -> dict[str
 def main(cfg: DictConfig) -> None:
     """Command-line entry: measure, print the table, write ``outputs/benchmarks/<time>.{md,json}``."""
     data, seed_loop, clothing = inputs(cfg)
-    repeats = int(cfg.repeats)
-    header = f"Machine: {machine()}. Medians of {repeats} interleaved repeats; data {data or clothing}."
-    print(header, flush=True)
-    results = {} if seed_loop is None or data is None else collect(data, seed_loop, repeats)
-    text = header if seed_loop is None else markdown(table(results), header)
-    print("\n" + text)
+    if seed_loop is None or data is None:  # the race alone
+        results: dict[str, list[dict[str, Any]]] = {}
+        text = f"Machine: {machine()}; data {data or clothing}."
+        print(text, flush=True)
+    else:
+        header = f"Machine: {machine()}. Medians of {cfg.repeats} interleaved repeats; data {data}."
+        print(header, flush=True)
+        results = collect(data, seed_loop, int(cfg.repeats))
+        text = markdown(table(results), header)
+        print("\n" + text)
     race_result = _race(cfg, data, clothing)
     if race_result:
         text += f"\n\n{race_result['title']}:\n\n" + race_result["table"]
