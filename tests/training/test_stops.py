@@ -192,3 +192,28 @@ def test_sigint_during_export_removes_the_unchecked_file(tmp_path: Path, monkeyp
     lines = stop_lines(proc.stderr)
     assert len(lines) == 1 and "was not written" in lines[0], proc.stderr[-2000:]
     assert files(tmp_path / "run") == before  # the export folder holds nothing, the run is untouched
+
+
+@pytest.mark.parametrize("hook", ["on_validation_start", "on_train_epoch_end"])
+def test_a_stop_at_an_epochs_end_resumes_with_every_epoch_in_the_history(
+    tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hook: str
+):
+    """A signal while an epoch ends stops the run during its validation (run again on resume) or after its end
+    (history row, checkpoints): never halfway through the end, which a resume would skip."""
+    run_dir = tmp_path / "run"
+    proc = run_with(monkeypatch, SignalAt(hook, signal.SIGINT), f"data.root={tiny_cifar}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    saved = run_dir / "checkpoints" / "interrupted.ckpt"
+    epoch = torch.load(saved, weights_only=True)["epoch"]
+    monkeypatch.undo()
+    resumed = run_tool(
+        "transfer.run",
+        *TINY_MODEL,
+        f"data.root={tiny_cifar}",
+        f"resume={saved}",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+        f"trainer.max_epochs={epoch + 2}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = json.loads((tmp_path / "resumed" / "history.json").read_text())["epochs"]
+    assert [row["epoch"] for row in rows] == list(range(1, epoch + 3))

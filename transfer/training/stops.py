@@ -2,8 +2,10 @@
 
 :func:`~transfer.core.exit_status.stop_on_signals` (active around every run) raises
 :class:`~transfer.core.exit_status.Stopped` at the first signal, except while training steps run: there the
-signal waits for the next batch boundary (:class:`GracefulStop` defers it from each training epoch's start to its
-end, validation excepted), so no optimizer step is cut in half. Lightning calls every callback's
+signal waits for the next batch boundary (:class:`GracefulStop` defers it from the start of training to its end,
+validation excepted), so no optimizer step is cut in half. A signal held at an epoch's end stops the run at the next
+epoch's first batch: the end of an epoch (its history row, checkpoints, scheduler step) is never cut in half either,
+since a resume does not run it again. Lightning calls every callback's
 ``on_exception``; :class:`GracefulStop` then saves ``checkpoints/interrupted.ckpt`` (the current step: weights,
 optimizer, scheduler, loop progress, the data loader's position) and prints one line with the command that
 resumes it. A stop before the first training step (decoding, feature caching) has nothing to save and says so.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from transfer.core.exit_status import (
@@ -69,10 +72,8 @@ class GracefulStop(L.Callback):
         self._act_now()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        defer_stops(trainer.training)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._act_now()
+        # back to holding signals inside a fit (Lightning sets trainer.training again only after this hook)
+        defer_stops(trainer.state.fn == TrainerFn.FITTING)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._act_now()
