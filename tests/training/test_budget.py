@@ -25,6 +25,7 @@ from transfer.training.budget_plan import (
     make_plan,
     output_margin,
     replan,
+    steps_at_cost,
     validation_interval,
 )
 from transfer.training.preflight import validate
@@ -217,6 +218,25 @@ def test_a_replan_sizes_the_rest_from_the_speed_kept_since_the_plan():
     assert faster.planned_steps > plan.planned_steps > later.planned_steps
     over = replan(plan, 650, 0.5, 0.001, steps_done=220, val_images=1000, test_images=1000)
     assert over.planned_steps == 221  # already past the budget: one more step and stop, not an error
+
+
+class CheapFirstHalf:
+    """Steps in the first half of a plan cost ``cheap`` of a full-size step (progressive resizing's shape)."""
+
+    def __init__(self, cheap: float) -> None:
+        self.cheap = cheap
+
+    def trained(self, start: int, end: int) -> float:
+        return float(end - start)
+
+    def ahead(self, done: int, planned: int) -> float:
+        return sum(self.cheap if step < planned / 2 else 1.0 for step in range(done, planned))
+
+
+def test_a_plan_is_lengthened_by_what_its_steps_ahead_cost():
+    assert steps_at_cost(CheapFirstHalf(0.25), 0, 100) == 160  # 80 steps at 0.25 and 80 at 1 cost 100 full steps
+    assert steps_at_cost(CheapFirstHalf(1.0), 0, 100) == 100  # no cheaper steps: the plan as sized
+    assert steps_at_cost(CheapFirstHalf(0.25), 200, 100) == 300  # past the half: every step ahead costs a full one
 
 
 class FakeClock:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import pytest
 
 from tests.helpers import make_image_folder
+from tests.training.test_budget import FakeClock, SlowsDown, TwoPoints, _fake_clock_run
 from transfer.core.errors import ConfigError
 from transfer.data import CIFAR10Data, ClassificationData, ImageFolderData
 from transfer.models import model_preprocess
@@ -96,3 +98,49 @@ def test_the_cached_feature_wrapper_passes_the_size_on(tiny_cifar: Path, tmp_pat
     data = CachedFeatureData(cifar(tiny_cifar), FeatureCache(1, root=tmp_path / "features"))
     sizes = fit(data, ProgressiveResize(start_size=16, full_at_epoch=2), 3, StagedFinetuning(unfreeze_at_epoch=1))
     assert sizes.sizes[1] == {24} and sizes.sizes[2] == {32}
+
+
+class SizedPoints(TwoPoints):
+    """The budget tests' data, with the data module API progressive resizing drives (32 px, batched)."""
+
+    preprocess = SimpleNamespace(image_size=32)
+    batched_augment, source, augment_on = True, "points", "device"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_size: int | None = None
+
+    def set_train_size(self, size: int | None) -> None:
+        self.train_size = size
+
+
+class CostsItsPixels(SlowsDown):
+    """A step 'takes' 1 s at 32 px and its share of the pixels below; records the size of every step."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, fast=0)
+        self.sizes: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        size = self.trainer.datamodule.train_size or 32
+        self.sizes.append(size)
+        self.clock.now += (size / 32) ** 2
+        return self.net(batch[0]).pow(2).mean()
+
+
+def test_under_a_budget_the_size_follows_the_plan_and_the_run_still_ends_at_the_budget(monkeypatch, tmp_path: Path):
+    """The epochs are the planner's output: the size grows with the planned steps and is full from half of them."""
+    clock, planner, trainer = _fake_clock_run(monkeypatch, tmp_path)
+    resize = ProgressiveResize(start_size=16, full_at_epoch=99, budget_full_at=0.5)  # no epoch limit to refuse
+    trainer.callbacks.insert(0, resize)
+    model, data = CostsItsPixels(clock), SizedPoints()
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data, verbose=False)
+    assert planner.plan is not None and planner.plan.planned_steps == trainer.global_step == len(model.sizes)
+    steps = len(model.sizes)
+    assert model.sizes[: planner.probe_steps] == [16] * planner.probe_steps  # the probe trains at the start size
+    assert model.sizes == sorted(model.sizes) and set(model.sizes) == {16, 24, 32}
+    # 16 px growing to 32 by half of the steps: 28 px (3/8 of the steps) is the first to round to 32
+    assert abs(model.sizes.index(32) - 3 / 8 * steps) <= 0.02 * steps
+    spent = clock.now - 1000.0
+    assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600  # the probe's speed alone: 3x the steps

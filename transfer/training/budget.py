@@ -35,7 +35,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
@@ -44,7 +44,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer.core.errors import ConfigError
 from transfer.data.batch import as_batch
-from transfer.training.budget_plan import Plan, describe_plan, drifted_eval_seconds, make_plan, replan
+from transfer.training.budget_plan import (
+    Plan,
+    StepCost,
+    count_validations,
+    describe_plan,
+    drifted_eval_seconds,
+    make_plan,
+    replan,
+    steps_at_cost,
+)
 from transfer.training.budget_recipe import apply_budget_size
 from transfer.training.optim import FreezeGate, build_scheduler
 
@@ -255,6 +264,9 @@ class BudgetPlanner(L.Callback):
         self._eval_s_per_image: float | None = None  # the probe's, then the latest validation's
         self._eval_step_s: float | None = None  # the training step time when that was measured
         self.replans = 0
+        # steps that cost differently on a schedule of the plan (set by progressive resizing): the plan counts
+        # in steps at the full size and sizes its length by what the steps ahead cost
+        self.step_cost: StepCost | None = None
         self._start_step = 0
         self._stage: str | None = None
 
@@ -307,6 +319,9 @@ class BudgetPlanner(L.Callback):
         data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit time, undeclared
         size = max(len(x), int(getattr(data, "eval_batch_size", len(x))))
         layout = torch.channels_last if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
+        full = self.image_size
+        if full and x.ndim == 4 and x.shape[-1] != full:  # a training batch at a progressive size: evaluation's is full
+            x = torch.nn.functional.interpolate(x, size=(full, full), mode="bilinear", antialias=False)
         images = x.repeat(math.ceil(size / len(x)), *([1] * (x.ndim - 1)))[:size]
         images = images.contiguous(memory_format=layout) if layout else images  # repeat() gives NCHW: 1.12x slower
         # the evaluation's own forward pass (BatchNorm folded), without TTA: the test's passes are counted apart
@@ -381,23 +396,38 @@ class BudgetPlanner(L.Callback):
     def _measured_plan(self, trainer: L.Trainer) -> Plan:
         assert self._probe_start is not None and self._probe_end is not None
         (start, start_step), (end, end_step, batch_images) = self._probe_start, self._probe_end
-        step_s = (end - start) / max(1, end_step - start_step)
+        step_s = (end - start) / self._full_steps(start_step, end_step)
         val_images, test_images = self._split_images(trainer)
         now = _now(trainer)
         # a training step's time per image bounds an eval pass's from above, for a model that could not be timed
         eval_s = self._eval_s_per_image or step_s / max(1, batch_images * trainer.accumulate_grad_batches)
         self._eval_s_per_image, self._eval_step_s = eval_s, step_s
-        return make_plan(
-            self.budget_s,
-            self.prior_s + now - self.started,
-            step_s,
-            eval_s,
-            steps_done=trainer.global_step,
-            steps_per_epoch=max(1.0, trainer.num_training_batches / trainer.accumulate_grad_batches),
-            val_images=val_images,
-            test_images=test_images * self.test_passes,
-            eval_batch_size=int(getattr(trainer.datamodule, "eval_batch_size", 0)),  # type: ignore[attr-defined]
+        return self._at_cost(
+            make_plan(
+                self.budget_s,
+                self.prior_s + now - self.started,
+                step_s,
+                eval_s,
+                steps_done=trainer.global_step,
+                steps_per_epoch=max(1.0, trainer.num_training_batches / trainer.accumulate_grad_batches),
+                val_images=val_images,
+                test_images=test_images * self.test_passes,
+                eval_batch_size=int(getattr(trainer.datamodule, "eval_batch_size", 0)),  # type: ignore[attr-defined]
+            )
         )
+
+    def _full_steps(self, start: int, end: int) -> float:
+        """Steps ``start`` to ``end - 1`` counted as steps at the full size (each one, without a step cost)."""
+        count = self.step_cost.trained(start, end) if self.step_cost is not None else float(end - start)
+        return max(count, 1e-9) if end > start else 1.0
+
+    def _at_cost(self, plan: Plan) -> Plan:
+        """``plan`` (sized in steps at the full size) lengthened to the steps the time fits at their own cost."""
+        if self.step_cost is None:
+            return plan
+        steps = steps_at_cost(self.step_cost, plan.steps_done, plan.planned_steps - plan.steps_done)
+        validations = count_validations(plan.steps_done, steps, plan.val_every_steps)
+        return replace(plan, planned_steps=steps, validations=validations)
 
     def _replanned(self, trainer: L.Trainer) -> Plan:
         assert self.plan is not None
@@ -406,19 +436,25 @@ class BudgetPlanner(L.Callback):
         # time well (a validation soon after the last re-plan): then the plan's.
         steps, step_s = trainer.global_step - self._stretch[1], plan.seconds_per_step
         if steps >= self.probe_steps:
-            step_s = (now - self._stretch[0] - self._paused_s) / steps
+            step_s = (now - self._stretch[0] - self._paused_s) / self._full_steps(self._stretch[1], trainer.global_step)
         val_images, test_images = self._split_images(trainer)
         eval_s = self._eval_s_per_image or plan.eval_seconds_per_image
         if self._eval_step_s is None:  # a validation has just timed the evaluation at this stretch's speed
             self._eval_step_s = step_s
-        return replan(
-            plan,
-            self.prior_s + now - self.started,
-            step_s,
-            drifted_eval_seconds(eval_s, self._eval_step_s, step_s),
-            steps_done=trainer.global_step,
-            val_images=val_images,
-            test_images=test_images * self.test_passes,
+        # Under a step cost the step time moves with the cost model's error as well as the machine's load, so the
+        # evaluation keeps its own measurement (the probe's at the full size, then each validation's).
+        if self.step_cost is None:
+            eval_s = drifted_eval_seconds(eval_s, self._eval_step_s, step_s)
+        return self._at_cost(
+            replan(
+                plan,
+                self.prior_s + now - self.started,
+                step_s,
+                eval_s,
+                steps_done=trainer.global_step,
+                val_images=val_images,
+                test_images=test_images * self.test_passes,
+            )
         )
 
     def _split_images(self, trainer: L.Trainer) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from transfer.core.errors import ConfigError
 
@@ -41,7 +42,7 @@ class Plan:
         steps_done: optimizer steps trained when it was planned (the probe, and those of a resumed checkpoint).
         val_every_steps: a validation every this many steps (and one at the last step).
         validations: validations still to come when it was planned.
-        seconds_per_step: measured time per optimizer step.
+        seconds_per_step: measured time per optimizer step (at the full input size, under progressive resizing).
         eval_seconds_per_image: measured time per evaluated image.
         steps_per_epoch: optimizer steps per epoch.
         spent_s: wall time spent when it was planned (from the process start; earlier runs' time on resume).
@@ -269,3 +270,37 @@ def describe_plan(plan: Plan) -> str:
         f"{scored}) and the test planned at {plan.eval_s:.1f} s, {plan.spent_s:.1f} s spent so far, "
         f"{plan.margin_s:.1f} s kept for the outputs"
     )
+
+
+class StepCost(Protocol):
+    """The cost of training steps relative to a step at the full input size (1.0), for a run whose steps change
+    cost on a schedule of its plan (progressive resizing: a step's compute grows with its pixel count)."""
+
+    def trained(self, start: int, end: int) -> float:
+        """Summed relative cost of the steps ``start`` to ``end - 1``, as trained."""
+        ...
+
+    def ahead(self, done: int, planned: int) -> float:
+        """Summed relative cost of the steps ``done`` to ``planned - 1`` under a plan of ``planned`` steps."""
+        ...
+
+
+def steps_at_cost(cost: StepCost, done: int, full_steps: int) -> int:
+    """The planned length whose steps after ``done`` cost what ``full_steps`` steps at the full size cost.
+
+    Args:
+        cost: the run's step costs.
+        done: steps trained.
+        full_steps: steps at the full size the time left fits (what :func:`make_plan` sized).
+
+    Returns:
+        The largest planned length (``done + full_steps`` at least) whose steps ahead fit, found by bisection:
+        the cost ahead grows with the planned length (a longer plan adds steps and reaches each size later).
+    """
+    low, high = done + full_steps, done + 2 * max(1, full_steps)
+    while cost.ahead(done, high) <= full_steps:  # cheaper steps than the full size: more of them fit
+        low, high = high, done + 2 * (high - done)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if cost.ahead(done, middle) <= full_steps else (low, middle)
+    return low
