@@ -66,10 +66,12 @@ class ProgressiveResize(L.Callback):
 
     def _grown(self, fraction: float, full_size: int) -> int:
         """The side ``fraction`` of the way from the start size to the full one, rounded to the multiple."""
-        if fraction >= 1:
-            return full_size
-        size = self.start_size + (full_size - self.start_size) * fraction
-        return min(full_size, max(self.multiple, round(size / self.multiple) * self.multiple))
+        return int(self._grown_sizes(np.asarray([fraction]), full_size)[0])
+
+    def _grown_sizes(self, fractions: np.ndarray, full_size: int) -> np.ndarray:
+        """:meth:`_grown` of every fraction at once (the planner sums the sizes of thousands of steps)."""
+        grown = np.round((self.start_size + (full_size - self.start_size) * fractions) / self.multiple) * self.multiple
+        return np.where(fractions >= 1, full_size, np.clip(grown, self.multiple, full_size))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse, in one paragraph, settings under which resizing would not act (the data is set up by now)."""
@@ -135,22 +137,19 @@ class ProgressiveResize(L.Callback):
     def ahead(self, done: int, planned: int) -> float:
         """Summed relative cost of the steps ``done`` to ``planned - 1`` under a plan of ``planned`` steps (as
         :meth:`size_at_progress` sizes them, in one pass over the steps: the planner asks for a few lengths)."""
-        fraction = np.arange(done, planned) / planned / self.budget_full_at
-        grown = np.round((self.start_size + (self._full - self.start_size) * fraction) / self.multiple) * self.multiple
-        sizes = np.where(fraction >= 1, self._full, np.clip(grown, self.multiple, self._full))
+        sizes = self._grown_sizes(np.arange(done, planned) / planned / self.budget_full_at, self._full)
         return float(((np.maximum(sizes, self._size or 0) / self._full) ** 2).sum())
 
     def _follow_plan(self, trainer: L.Trainer) -> None:
         """Under a budget: the size for the coming step, from the share of the planned steps trained (the start
         size until the probe has planned)."""
         assert self._planner is not None
-        plan, datamodule = self._planner.plan, _datamodule(trainer)
-        full = datamodule.preprocess.image_size
+        plan = self._planner.plan
         progress = trainer.global_step / plan.planned_steps if plan is not None else 0.0
         # never smaller again: a re-plan that adds steps (a faster stretch) lowers the share trained
-        size = max(self.size_at_progress(progress, full), self._size or 0)
+        size = max(self.size_at_progress(progress, self._full), self._size or 0)
         if size != self._size:
-            datamodule.set_train_size(size if size != full else None)
+            _datamodule(trainer).set_train_size(size if size != self._full else None)
             log.info("step %d (%.0f%% of the plan): training at %d px", trainer.global_step, 100 * progress, size)
             self._size = size
 
