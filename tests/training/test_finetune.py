@@ -89,13 +89,14 @@ def fit(
     ckpt_dir: Path | None = None,
     resume: str | None = None,
     model: dict | None = None,
+    optimizer: dict | None = None,
     **finetune: Any,
 ) -> tuple[Classifier, Probe]:
     L.seed_everything(0)
     model = model or {"name": "tiny_test_cnn", "pretrained": False}
     pre = model_preprocess(model["name"], model.get("adapt", "native"), None, CIFAR10Data.native_size)
     dm = CIFAR10Data(str(data_root), download=False, val_size=6, num_workers=0, batch_size=8, preprocess=pre)
-    module = Classifier(model, dm.classes, ADAM, scheduler)
+    module = Classifier(model, dm.classes, optimizer or ADAM, scheduler)
     probe = Probe()
     callbacks: list[L.Callback] = [StagedFinetuning(**finetune), probe]
     if ckpt_dir:
@@ -335,3 +336,45 @@ def test_a_scheduler_target_that_is_not_a_scheduler_class_is_a_config_error():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ConfigError, match="not an lr scheduler class"):
         build_scheduler({"_target_": "builtins.dict"}, opt)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_fused_optimizer_steps_fused_unless_gradients_are_clipped_in_mixed_precision(
+    tiny_cifar: Path, clip: float | None
+):
+    # Lightning refuses to clip in mixed precision with an optimizer that unscales inside its step (a fused one).
+    L.seed_everything(0)
+    pre = model_preprocess("tiny_test_cnn", "native", None, CIFAR10Data.native_size)
+    dm = CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0, batch_size=8, preprocess=pre)
+    model = {"name": "tiny_test_cnn", "pretrained": False}
+    module = Classifier(model, dm.classes, {**ADAM, "fused": True}, None)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=clip,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    assert {g["fused"] for g in trainer.optimizers[0].param_groups} == {clip is None}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_resumed_optimizer_steps_with_this_runs_kernel(tiny_cifar: Path, tmp_path: Path, fused: bool):
+    fit(tiny_cifar, 1, ckpt_dir=tmp_path / "ckpt", optimizer={**ADAM, "fused": not fused}, unfreeze_at_epoch=0)
+    module, _ = fit(
+        tiny_cifar,
+        2,
+        ckpt_dir=tmp_path / "resumed",
+        resume=str(tmp_path / "ckpt" / "last.ckpt"),
+        optimizer={**ADAM, "fused": fused},
+        unfreeze_at_epoch=0,
+    )
+    optimizer = module.trainer.optimizers[0]
+    assert {g["fused"] for g in optimizer.param_groups} == {fused}
+    assert {int(s["step"]) for s in optimizer.state.values()} == {2 * module.trainer.num_training_batches}

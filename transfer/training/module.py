@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -26,7 +27,7 @@ from transfer.models import REGISTRY, TransferModel, create_model
 from transfer.models.fold import fold_batchnorm
 from transfer.training.finetune import finetune_plan
 from transfer.training.mix import BatchMix
-from transfer.training.optim import build_optimizer, build_scheduler, optimizer_lr
+from transfer.training.optim import build_optimizer, build_scheduler, optimizer_lr, optimizer_settings
 from transfer.training.param_groups import build_param_groups, describe
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class Classifier(L.LightningModule):
         plan = finetune_plan(self._trainer)
         lr = optimizer_lr(self.hparams["optimizer"])
         groups = build_param_groups(self.model, plan, lr)
-        optimizer = build_optimizer(self.hparams["optimizer"], groups)
+        optimizer = build_optimizer(self._optimizer_settings(), groups)
         scheduler = build_scheduler(
             self.hparams["scheduler"],
             optimizer,
@@ -192,13 +193,25 @@ class Classifier(L.LightningModule):
             log.info("optimizer: %s", describe(groups, lr))
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    def _optimizer_settings(self) -> dict[str, Any]:
+        trainer = self._trainer
+        clips = trainer is not None and bool(trainer.gradient_clip_val)
+        mixed = clips and isinstance(trainer.precision_plugin, MixedPrecision)  # type: ignore[union-attr]
+        return optimizer_settings(self.hparams["optimizer"], clips_in_mixed_precision=mixed)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint whose optimizer was built over other param groups (other ``finetune``
         settings, or a version of this code that grouped differently): Lightning would fail on it with a size
-        mismatch, or restore moments into the wrong tensors."""
+        mismatch, or restore moments into the wrong tensors. The saved groups take this run's kernel (``fused``),
+        so torch restores the state in the layout that kernel steps (a fused step counter lives on the device)."""
         if self._trainer is None or self.trainer.state.fn != "fit" or not checkpoint.get("optimizer_states"):
             return
-        saved = [g.get("name") for g in checkpoint["optimizer_states"][0].get("param_groups", [])]
+        groups = checkpoint["optimizer_states"][0].get("param_groups", [])
+        fused = self._optimizer_settings().get("fused")
+        for group in groups:
+            if "fused" in group:
+                group["fused"] = fused
+        saved = [g.get("name") for g in groups]
         lr = optimizer_lr(self.hparams["optimizer"])
         built = [g["name"] for g in build_param_groups(self.model, finetune_plan(self._trainer), lr)]
         if saved != built:

@@ -17,6 +17,7 @@ while it waits.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any, cast
@@ -30,8 +31,13 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from transfer.core.errors import ConfigError
 from transfer.training.param_groups import frozen_at
 
+log = logging.getLogger(__name__)
+
 # Keys of the scheduler group that Lightning reads; the rest are the scheduler's own arguments.
 _LIGHTNING_KEYS = ("monitor", "interval", "frequency")
+# Optimizer settings a resumed run does not reset on its restored groups: the rate has its own rule, and the
+# kernel (``fused``) is chosen before the state is restored, which it must match (Classifier.on_load_checkpoint).
+_NOT_RESETTABLE = ("_target_", "lr", "fused")
 # Scheduler arguments that are rates per param group (OneCycleLR's and CyclicLR's): given as one number they are
 # the head's, and each group gets its own share of it (its ``lr_scale``), as its lr is.
 _PER_GROUP_RATES = ("max_lr", "base_lr")
@@ -51,7 +57,7 @@ def build_optimizer(cfg: Mapping[str, Any], param_groups: list[dict[str, Any]]) 
     """Instantiate the ``optimizer`` config over ``param_groups``.
 
     Args:
-        cfg: the ``optimizer`` config (``_target_``, ``lr``, ...).
+        cfg: the ``optimizer`` config (``_target_``, ``lr``, ...), as :func:`optimizer_settings` gives it.
         param_groups: torch param groups.
 
     Returns:
@@ -67,6 +73,24 @@ def build_optimizer(cfg: Mapping[str, Any], param_groups: list[dict[str, Any]]) 
         return _partial(args, "optimizer")(param_groups)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer {args.get('_target_')} rejected its settings {args}: {err}") from err
+
+
+def optimizer_settings(cfg: Mapping[str, Any], clips_in_mixed_precision: bool = False) -> dict[str, Any]:
+    """The ``optimizer`` config a run builds: as given, but unfused where the trainer cannot step a fused kernel.
+
+    Lightning clips gradients under a mixed-precision plugin only after unscaling them itself, and refuses an
+    optimizer that unscales inside its step, as a fused one does. Such a run steps unfused: the same update by a
+    slower kernel.
+
+    Args:
+        cfg: the ``optimizer`` config group.
+        clips_in_mixed_precision: the trainer clips gradients (``gradient_clip_val``) in mixed precision.
+    """
+    args = dict(cfg)
+    if clips_in_mixed_precision and args.get("fused"):
+        log.info("optimizer: unfused, as gradient clipping in mixed precision needs (optimizer.fused ignored)")
+        args["fused"] = False
+    return args
 
 
 def optimizer_lr(cfg: Mapping[str, Any]) -> float:
@@ -303,7 +327,7 @@ def _set_group_settings(optimizer: Optimizer, cfg: Mapping[str, Any], lr: float 
             for key in ("initial_lr", "max_lr", "min_lr"):  # a new schedule starts from the new rates
                 group.pop(key, None)
         for key, value in cfg.items():
-            if key in ("_target_", "lr") or key not in group or (key == "weight_decay" and group[key] == 0):
+            if key in _NOT_RESETTABLE or key not in group or (key == "weight_decay" and group[key] == 0):
                 continue
             group[key] = tuple(value) if isinstance(value, list) else value
 
