@@ -36,3 +36,18 @@ def test_the_peak_is_the_fastest_product_of_its_repeats(monkeypatch: pytest.Monk
 def test_a_real_product_gives_a_finite_positive_rate():
     peak = peak_matmul_flops(torch.device("cpu"), torch.bfloat16, size=128, repeats=2)
     assert math.isfinite(peak) and peak > 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_depthwise_convolution_costs_its_forward_once_more_for_its_weight_gradient(bias: bool):
+    model = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=bias)
+    forward = 2 * (8 * 1 * 9) * 16 * 16  # each of its 72 weights meets one input per output position
+    assert training_flops_per_image(model, torch.randn(2, 8, 16, 16)) == 2 * forward
+
+
+def test_a_frozen_stem_has_no_backward():
+    stem, top = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    stem.weight.requires_grad_(False)
+    dw = 2 * 72 * 16 * 16
+    # the stem's forward; the top's forward, its weight gradient and none into the frozen stem's output
+    assert training_flops_per_image(nn.Sequential(stem, top), torch.randn(1, 3, 16, 16)) == 2 * 216 * 256 + 2 * dw
