@@ -34,6 +34,8 @@ def results(bf16: bool = True) -> dict:
         "train_seed": _rows("images_per_s", [300, 320, 340], 990),
         "train_ours": _rows("images_per_s", [400, 410, 420], 1300, flops_per_image=1.1e9),
         "train_raw": _rows("images_per_s", [420, 430, 440], 1290),
+        "train_recipe_ours": _rows("images_per_s", [190, 200, 180], 1500, precision="32-true"),
+        "train_recipe_raw": _rows("images_per_s", [205, 210, 215], 1400, precision="32-true"),
         "peak_fp32": _rows("flops_per_s", [1.0e12, 1.2e12, 1.1e12], 200),
         "frozen_uncached": _rows("epoch_s", [10.0], images=6400, val_acc=0.40, setup_s=0.0),
         "frozen_uncached_bn_frozen": _rows("epoch_s", [10.0], images=6400, val_acc=0.60, setup_s=0.0),
@@ -51,6 +53,7 @@ def test_table_reports_median_ratios_against_the_references():
     assert rows["2 train img/s resnet18 32px fp32"][3] == "1.28x"  # 410 / 320
     assert rows["2 train img/s, ours bf16-mixed"][3] == "1.56x"
     assert rows["2 Lightning overhead vs raw loop"][3] == "+4.9%"  # 430 / 410 - 1
+    assert rows["2 overhead, default recipe step (32-true)"][1:4] == ["190", "210 (raw step)", "+10.5%"]
     frozen = rows["3 frozen epoch s (6400 imgs, lite0)"]
     assert frozen[3] == "20x" and "0.600 bn=frozen" in frozen[2] and "+12.0 once" in frozen[1]
     fp32, bf16 = rows["2 share of the measured peak, fp32"], rows["2 share of the measured peak, bf16"]
@@ -58,7 +61,7 @@ def test_table_reports_median_ratios_against_the_references():
     assert bf16[3] == "25.0%" and fp32[5] == "1300 / 200"  # 500 x 1.1 GFLOP / 2.2 TFLOP/s
     assert len(table(results(bf16=False))) == len(rows) - 2
     text = markdown(table(results()), "Machine: test")
-    assert text.startswith("Machine: test") and text.count("\n| ") == 8
+    assert text.startswith("Machine: test") and text.count("\n| ") == 9
 
 
 def test_race_reads_accuracy_at_each_time_point_and_time_to_each_threshold():

@@ -4,6 +4,7 @@
     python -m transfer.benchmarks.measure augment_seed --data DIR --seed-loop PATH/seed_loop.py
     python -m transfer.benchmarks.measure train_lightning --data DIR [--precision bf16-mixed]
     python -m transfer.benchmarks.measure train_raw --data DIR
+    python -m transfer.benchmarks.measure train_lightning --data DIR --recipe [--size 80] [--batch-size 64]
     python -m transfer.benchmarks.measure peak_matmul --data DIR [--precision bf16-mixed]
     python -m transfer.benchmarks.measure frozen_epoch --data DIR --cached
     python -m transfer.benchmarks.measure infer_ort --data DIR [--repeats 5] [--seconds 1]
@@ -34,15 +35,21 @@ from transfer.data import CIFAR10Data
 from transfer.models import model_preprocess
 from transfer.training.compute import apply_compute
 from transfer.training.module import Classifier
+from transfer.training.optim import build_optimizer
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-4}  # the seed's optimizer
 # The seed's model: torchvision ResNet-18 unchanged (7x7/s2 stem) with a new 10-way fc, fed 32 px.
 SEED_RESNET18 = {"name": "resnet18", "pretrained": False, "adapt": "resize"}
+# ``--recipe``: the default recipe's step (conf/ defaults; 80 px is what budget= feeds it on a CPU from 4 minutes):
+# Lite0 with its packaged ImageNet weights and its lowest 4 layers frozen, fused AdamW, label smoothing 0.1 and,
+# on the framework's side, the EMA and divergence guard a default run adds to every step.
+RECIPE = {"name": "efficientnet_lite0", "pretrained": True, "adapt": "resize", "frozen_layers": 4}
+ADAMW = {"_target_": "torch.optim.AdamW", "lr": 2e-3, "weight_decay": 1e-4, "fused": True}
 
 
-def _data(root: str, model: dict[str, Any], batch_size: int = 64, **kwargs: Any) -> CIFAR10Data:
-    """CIFAR-10 at its own 32 px, with ``model``'s normalisation."""
-    preprocess = model_preprocess(model["name"], model.get("adapt", "native"), 32, CIFAR10Data.native_size)
+def _data(root: str, model: dict[str, Any], batch_size: int = 64, size: int = 32, **kwargs: Any) -> CIFAR10Data:
+    """CIFAR-10 fed at ``size`` px, with ``model``'s normalisation."""
+    preprocess = model_preprocess(model["name"], model.get("adapt", "native"), size, CIFAR10Data.native_size)
     return CIFAR10Data(root, download=False, batch_size=batch_size, num_workers=0, preprocess=preprocess, **kwargs)
 
 
@@ -107,35 +114,43 @@ def augment_seed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class StepTimer(L.Callback):
-    """Wall time from the end of step ``warmup`` to the end of the last step (data loading included)."""
+    """Wall time from the end of step ``warmup`` to the end of step ``last`` (data loading included); a GPU is
+    synchronised at those two steps only, as the raw loop is."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.images = warmup, 0.0, 0.0, 0
+    def __init__(self, warmup: int, last: int) -> None:
+        self.warmup, self.last, self.start, self.end, self.images = warmup, last, 0.0, 0.0, 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_step == self.warmup:
+            _sync(pl_module.device)
             self.start = time.perf_counter()
         elif trainer.global_step > self.warmup:
+            if trainer.global_step == self.last:
+                _sync(pl_module.device)
             self.end = time.perf_counter()
             self.images += len(batch[1])
 
 
 def _train_parts(args: argparse.Namespace) -> tuple[CIFAR10Data, Classifier]:
     L.seed_everything(0)
-    dm = _data(args.data, SEED_RESNET18)
-    module = Classifier(SEED_RESNET18, dm.classes, ADAM, preprocess=dm.hparams["preprocess"])
+    model, optimizer, smoothing = (RECIPE, ADAMW, 0.1) if args.recipe else (SEED_RESNET18, ADAM, 0.0)
+    dm = _data(args.data, model, args.batch_size, args.size if args.recipe else 32, val_size=0.1)
+    module = Classifier(model, dm.classes, optimizer, label_smoothing=smoothing, preprocess=dm.hparams["preprocess"])
     apply_compute(module.model, channels_last=True)
     return dm, module
 
 
 def train_lightning(args: argparse.Namespace) -> dict[str, Any]:
     """Training images/s through ``Trainer.fit`` with this project's module and data path (no validation)."""
+    from transfer.training.ema import EMA
+    from transfer.training.guard import DivergenceGuard
     from transfer.training.history import History
 
     dm, module = _train_parts(args)
-    timer = StepTimer(args.warmup)
+    timer = StepTimer(args.warmup, args.warmup + args.steps)
+    recipe = [EMA(decay=0.998, warmup=10), DivergenceGuard()] if args.recipe else []
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
@@ -147,11 +162,12 @@ def train_lightning(args: argparse.Namespace) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=20,
-        callbacks=[timer, History()],
+        callbacks=[timer, History(), *recipe],
     )
     trainer.fit(module, datamodule=dm)
     model = module.model.train()
-    images = torch.randn(2, 3, 32, 32, device=module.device).contiguous(memory_format=torch.channels_last)
+    side = args.size if args.recipe else 32
+    images = torch.randn(2, 3, side, side, device=module.device).contiguous(memory_format=torch.channels_last)
     return {
         "images_per_s": timer.images / (timer.end - timer.start),
         "precision": args.precision,
@@ -165,21 +181,31 @@ def train_raw(args: argparse.Namespace) -> dict[str, Any]:
     dm.setup("fit")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = module.model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(ADAMW if args.recipe else ADAM, [{"params": trainable}])
+    smoothing = 0.1 if args.recipe else 0.0
     bf16 = args.precision.startswith("bf16")
     it, images, start = iter(dm.train_dataloader()), 0, 0.0
     for step in range(args.warmup + args.steps):
         x, y, _ = dm.prepare_batch(tuple(t.to(device) for t in next(it)), train=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step + 1 == args.warmup:
+            _sync(device)
             start = time.perf_counter()
         elif step + 1 > args.warmup:
             images += len(y)
+    _sync(device)
     return {"images_per_s": images / (time.perf_counter() - start), "precision": args.precision}
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads what the GPU did and not what it was sent."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_matmul(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--recipe", action="store_true", help="train_*: the default recipe's step, not the seed's")
+    ap.add_argument("--size", type=int, default=80, help="train_* --recipe: the input side in px")
+    ap.add_argument("--batch-size", type=int, default=64, help="train_*: images per step")
     ap.add_argument("--images", type=int, default=6400)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--cached", action="store_true")
