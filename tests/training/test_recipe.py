@@ -47,13 +47,15 @@ def _fit(root: Path, callbacks: list[L.Callback], epochs: int = 2, **module_args
     return module, trainer
 
 
-def test_ema_update_warms_up_then_holds_the_decay():
-    avg, cur = [torch.zeros(3)], [torch.ones(3)]
-    ema_update(0.9, warmup=10)(avg, cur, torch.tensor(0))  # n=0: decay (1+0)/(10+0) = 0.1
-    assert avg[0] == pytest.approx(torch.full((3,), 0.9))
-    avg = [torch.zeros(3)]
-    ema_update(0.9, warmup=10)(avg, cur, torch.tensor(1000))  # warmed up: decay 0.9
-    assert avg[0] == pytest.approx(torch.full((3,), 0.1))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_ema_update_warms_up_then_holds_the_decay(device: str):
+    # a CPU takes the decay to the host, a GPU keeps it on the device: the same average either way
+    avg, cur = [torch.zeros(3, device=device)], [torch.ones(3, device=device)]
+    ema_update(0.9, warmup=10)(avg, cur, torch.tensor(0, device=device))  # n=0: decay (1+0)/(10+0) = 0.1
+    assert avg[0].cpu() == pytest.approx(torch.full((3,), 0.9))
+    avg = [torch.zeros(3, device=device)]
+    ema_update(0.9, warmup=10)(avg, cur, torch.tensor(1000, device=device))  # warmed up: decay 0.9
+    assert avg[0].cpu() == pytest.approx(torch.full((3,), 0.1))
     ints = [torch.tensor([1])]
     ema_update(0.9, warmup=10)(ints, [torch.tensor([7])], torch.tensor(5))  # integer buffers are copied
     assert ints[0].item() == 7

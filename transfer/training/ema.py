@@ -39,9 +39,14 @@ def ema_update(decay: float, warmup: float) -> Any:
         if not averaged[0].is_floating_point():  # num_batches_tracked: nothing to average
             torch._foreach_copy_(averaged, current)
             return
-        # The decay stays a device tensor: no host sync per step on a GPU.
         n = num_averaged.to(averaged[0].dtype)
         d = torch.clamp((1 + n) / (warmup + n), max=decay) if warmup > 0 else torch.full_like(n, decay)
+        if averaged[0].device.type == "cpu":
+            # Reading d costs nothing here, and one lerp pass over the weights beats three: 1.0 ms against
+            # 2.9 for Lite0's 3.4M values on 2 CPU cores.
+            torch._foreach_lerp_(averaged, current, float(1 - d))
+            return
+        # On a GPU the decay stays a device tensor (a lerp takes its weight from the host): no sync per step.
         torch._foreach_mul_(averaged, d)
         torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
 
