@@ -53,7 +53,7 @@ def test_table_reports_median_ratios_against_the_references():
     assert rows["2 train img/s resnet18 32px fp32"][3] == "1.28x"  # 410 / 320
     assert rows["2 train img/s, ours bf16-mixed"][3] == "1.56x"
     assert rows["2 Lightning overhead vs raw loop"][3] == "+4.9%"  # 430 / 410 - 1
-    assert rows["2 overhead, default recipe step (32-true)"][1:4] == ["190", "210 (raw step)", "+10.5%"]
+    assert rows["2 recipe step, framework + EMA/guard vs raw (32-true)"][1:4] == ["190", "210 (raw step)", "+10.5%"]
     frozen = rows["3 frozen epoch s (6400 imgs, lite0)"]
     assert frozen[3] == "20x" and "0.600 bn=frozen" in frozen[2] and "+12.0 once" in frozen[1]
     fp32, bf16 = rows["2 share of the measured peak, fp32"], rows["2 share of the measured peak, bf16"]

@@ -18,7 +18,6 @@ def test_the_default_recipes_step_is_timed_through_lightning_and_raw(tiny_cifar:
     ours, raw = (json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
     assert ours["measure"] == "train_lightning" and raw["measure"] == "train_raw"
     assert ours["images_per_s"] > 0 and raw["images_per_s"] > 0
-    assert ours["precision"] == raw["precision"] == "32-true"
     # Lite0's training FLOPs at 32 px with its lowest layers frozen: well under the ~0.4 GFLOP forward at 224 px
     assert 0 < ours["flops_per_image"] < 1e8
 

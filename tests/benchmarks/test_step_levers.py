@@ -16,7 +16,6 @@ def test_every_variant_is_timed_and_compared_with_the_fused_step(capsys: pytest.
     step_levers.main([*tiny, "--repeats", "2", "--steps", "1"])
     rows = {r["variant"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert list(rows) == ["loop", "fused", "bf16", "batch 2"]  # the --batch itself is not timed twice
-    assert rows["fused"]["vs_fused"] == 1.0
     for row in rows.values():
         assert row["seconds_per_step"] > 0
         assert row["images_per_s"] == pytest.approx(

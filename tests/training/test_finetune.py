@@ -378,3 +378,10 @@ def test_a_resumed_optimizer_steps_with_this_runs_kernel(tiny_cifar: Path, tmp_p
     optimizer = module.trainer.optimizers[0]
     assert {g["fused"] for g in optimizer.param_groups} == {fused}
     assert {int(s["step"]) for s in optimizer.state.values()} == {2 * module.trainer.num_training_batches}
+
+
+def test_an_optimizer_without_a_fused_kernel_keeps_the_other_settings_and_trains(tiny_cifar: Path):
+    # optimizer._target_=torch.optim.RMSprop beside adamw.yaml's keys, fused among them
+    module, _ = fit(tiny_cifar, 1, optimizer={"_target_": "torch.optim.RMSprop", "lr": 0.01, "fused": True})
+    optimizer = module.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.RMSprop) and module.trainer.global_step > 0

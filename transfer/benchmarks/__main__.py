@@ -268,7 +268,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
         ours, raw = med(results["train_recipe_ours"], "images_per_s"), med(results["train_recipe_raw"], "images_per_s")
         rows.append(
             [
-                f"2 overhead, default recipe step ({results['train_recipe_ours'][0]['precision']})",
+                f"2 recipe step, framework + EMA/guard vs raw ({results['train_recipe_ours'][0]['precision']})",
                 f"{ours:.0f}",
                 f"{raw:.0f} (raw step)",
                 f"{(raw / ours - 1) * 100:+.1f}%",

@@ -8,7 +8,8 @@ so a slow minute of a shared machine hits all of them) and prints medians. The i
 timed is the model's forward and backward and the optimizer's step on this device, not the data path
 (``python -m transfer.benchmarks.measure augment_ours`` times that). The variants, each against ``fused``:
 
-- ``loop``: AdamW stepping its tensors one by one (torch's default off a GPU);
+- ``loop``: AdamW stepping its tensors one by one (torch's default off a GPU; on a GPU its default is the
+  ``foreach`` kernel, which this does not time);
 - ``fused``: AdamW's fused kernel, what ``conf/optimizer/adamw.yaml`` sets;
 - ``bf16``: ``fused`` under bf16 autocast (``trainer.precision=bf16-mixed``);
 - ``compiled``: ``fused`` with the forward compiled (``compute.compile=true``; with ``--compile``, its compile time

@@ -209,7 +209,7 @@ class Classifier(L.LightningModule):
         groups = checkpoint["optimizer_states"][0].get("param_groups", [])
         fused = self._optimizer_settings().get("fused")
         for group in groups:
-            if "fused" in group:
+            if "fused" in group or fused:  # a group saved without the key would restore unfused
                 group["fused"] = fused
         saved = [g.get("name") for g in groups]
         lr = optimizer_lr(self.hparams["optimizer"])

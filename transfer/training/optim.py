@@ -17,6 +17,8 @@ while it waits.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import math
 from collections.abc import Mapping
@@ -71,15 +73,17 @@ def build_optimizer(cfg: Mapping[str, Any], param_groups: list[dict[str, Any]]) 
         )
     try:
         return _partial(args, "optimizer")(param_groups)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: e.g. fused and foreach both true
         raise ConfigError(f"optimizer {args.get('_target_')} rejected its settings {args}: {err}") from err
 
 
 def optimizer_settings(cfg: Mapping[str, Any], clips_in_mixed_precision: bool = False) -> dict[str, Any]:
     """The ``optimizer`` config a run builds: as given, but unfused where the trainer cannot step a fused kernel.
 
-    Lightning clips gradients under a mixed-precision plugin only after unscaling them itself, and refuses an
-    optimizer that unscales inside its step, as a fused one does. Such a run steps unfused: the same update by a
+    ``fused`` is a choice of kernel, not of update, so it is dropped where it cannot apply: for an optimizer class
+    without one (``optimizer._target_=torch.optim.RMSprop`` beside adamw.yaml's keys), and where the trainer clips
+    gradients under a mixed-precision plugin, which Lightning does only after unscaling them itself: it refuses an
+    optimizer that unscales inside its step, as a fused one does. Such a run steps unfused, the same update by a
     slower kernel.
 
     Args:
@@ -87,10 +91,21 @@ def optimizer_settings(cfg: Mapping[str, Any], clips_in_mixed_precision: bool = 
         clips_in_mixed_precision: the trainer clips gradients (``gradient_clip_val``) in mixed precision.
     """
     args = dict(cfg)
+    if "fused" in args and not _takes_fused(args.get("_target_")):
+        args.pop("fused")
     if clips_in_mixed_precision and args.get("fused"):
         log.info("optimizer: unfused, as gradient clipping in mixed precision needs (optimizer.fused ignored)")
         args["fused"] = False
     return args
+
+
+def _takes_fused(target: Any) -> bool:
+    """Whether the optimizer class ``target`` names has a ``fused`` argument (an unknown one: leave it to build)."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        return "fused" in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, ValueError, TypeError, AttributeError):
+        return True
 
 
 def optimizer_lr(cfg: Mapping[str, Any]) -> float:
