@@ -72,6 +72,37 @@ def test_bf16_mixed_training_steps_have_a_finite_loss_and_move_the_weights(tiny_
     assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # every tensor was trained
 
 
+def _fit(module: Classifier, steps: int, precision: str, ckpt_dir: Path, resume: Path | None = None) -> LossRecord:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    record = LossRecord()
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+    )
+    trainer.fit(module, _batches(), ckpt_path=resume)
+    return record
+
+
+def test_an_unfused_checkpoint_resumes_fused_under_a_loss_scaler(tiny_models, tmp_path: Path):
+    # The fused kernel keeps its step counters on the GPU and unscales inside its step: the restored state must be
+    # laid out for it, and GradScaler must step it as a fused optimizer.
+    _fit(Classifier(TINY_MODEL, ["a", "b", "c"], {**ADAM, "fused": False}), 2, "32-true", tmp_path / "a")
+    module = Classifier(TINY_MODEL, ["a", "b", "c"], {**ADAM, "fused": True})
+    record = _fit(module, 4, "16-mixed", tmp_path / "b", resume=tmp_path / "a" / "last.ckpt")
+    optimizer = module.trainer.optimizers[0]
+    assert len(record.losses) == 2 and all(math.isfinite(loss) for loss in record.losses)
+    assert {g["fused"] for g in optimizer.param_groups} == {True}
+    # continued from the checkpoint's 2 steps; the loss scaler may skip a step whose fp16 gradients overflowed
+    assert all(s["step"].device.type == "cuda" and 2 < int(s["step"]) <= 4 for s in optimizer.state.values())
+
+
 def _eager_and_changed(changes: dict[str, Any], threads: int) -> tuple[torch.Tensor, torch.Tensor, Classifier]:
     """Logits of one batch before and after ``apply_compute(**changes)`` on the GPU."""
     module = Classifier(TINY_MODEL, ["a", "b", "c"], ADAM).cuda().eval()
