@@ -51,43 +51,36 @@ class LossRecord(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def test_bf16_mixed_training_steps_have_a_finite_loss_and_move_the_weights(tiny_models):
-    module = Classifier(TINY_MODEL, ["a", "b", "c"], ADAM)
-    before = [p.detach().clone() for p in module.parameters()]
-    record = LossRecord()
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[record],
-    )
-    trainer.fit(module, _batches())
-    assert len(record.losses) == 2 and all(math.isfinite(loss) for loss in record.losses)
-    after = [p.detach().cpu() for p in module.parameters()]
-    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # every tensor was trained
-
-
-def _fit(module: Classifier, steps: int, precision: str, ckpt_dir: Path, resume: Path | None = None) -> LossRecord:
+def _fit(
+    module: Classifier, steps: int, precision: str, ckpt_dir: Path | None = None, resume: Path | None = None
+) -> LossRecord:
+    """Train ``module`` for ``steps`` steps on the GPU (checkpointing into ``ckpt_dir`` when given); its losses."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     record = LossRecord()
+    checkpoints = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True)] if ckpt_dir else []
     trainer = L.Trainer(
         accelerator="gpu",
         devices=1,
         precision=precision,
         max_steps=steps,
         logger=False,
+        enable_checkpointing=bool(checkpoints),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[record, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+        callbacks=[record, *checkpoints],
     )
     trainer.fit(module, _batches(), ckpt_path=resume)
     return record
+
+
+def test_bf16_mixed_training_steps_have_a_finite_loss_and_move_the_weights(tiny_models):
+    module = Classifier(TINY_MODEL, ["a", "b", "c"], ADAM)
+    before = [p.detach().clone() for p in module.parameters()]
+    record = _fit(module, 2, "bf16-mixed")
+    assert len(record.losses) == 2 and all(math.isfinite(loss) for loss in record.losses)
+    after = [p.detach().cpu() for p in module.parameters()]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # every tensor was trained
 
 
 def test_an_unfused_checkpoint_resumes_fused_under_a_loss_scaler(tiny_models, tmp_path: Path):

@@ -166,7 +166,7 @@ def train_lightning(args: argparse.Namespace) -> dict[str, Any]:
     )
     trainer.fit(module, datamodule=dm)
     model = module.model.train()
-    side = args.size if args.recipe else 32
+    side = dm.hparams["preprocess"]["image_size"]
     images = torch.randn(2, 3, side, side, device=module.device).contiguous(memory_format=torch.channels_last)
     return {
         "images_per_s": timer.images / (timer.end - timer.start),
@@ -182,8 +182,8 @@ def train_raw(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = module.model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(ADAMW if args.recipe else ADAM, [{"params": trainable}])
-    smoothing = 0.1 if args.recipe else 0.0
+    opt = build_optimizer(module.hparams["optimizer"], [{"params": trainable}])  # the Lightning side's settings
+    smoothing = module.hparams["label_smoothing"]
     bf16 = args.precision.startswith("bf16")
     it, images, start = iter(dm.train_dataloader()), 0, 0.0
     for step in range(args.warmup + args.steps):
