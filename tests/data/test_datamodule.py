@@ -247,3 +247,36 @@ def test_batched_augment_says_which_paths_bypass_the_batched_augmentation(tiny_c
     streamed = ready(ImageFolderData(str(tiny_cifar), num_workers=0, preprocess=pre(32), memory_limit_gb=1e-6))
     in_memory = ready(ImageFolderData(str(tiny_cifar), num_workers=0, preprocess=pre(32)))
     assert (pil.batched_augment, streamed.batched_augment, in_memory.batched_augment) == (False, False, True)
+
+
+def _test_files(dm) -> list[str]:
+    return sorted(str(dm.test_set.files[i]) for i in dm.test_set.indices.tolist())
+
+
+@pytest.mark.parametrize("folders", [{"train": 6, "validation": 2, "test": 3}, {"train": 10}])
+def test_train_on_val_trains_on_the_validation_images_and_tests_the_same_ones(tmp_path: Path, folders: dict):
+    root = make_image_folder(tmp_path / "mine", folders, size=40)
+    args = {"num_workers": 0, "preprocess": pre(32), "val_size": 0.2, "test_size": 0.1, "augment_on": "cpu_pil"}
+    held, merged = (
+        ready(ImageFolderData(str(root), **args)),
+        ready(ImageFolderData(str(root), train_on_val=True, **args)),
+    )
+    assert merged.val_set is None and len(merged.train_set) == len(held.train_set) + len(held.val_set)
+    trained = {str(merged.train_set.files[i]) for i in merged.train_set.indices.tolist()}
+    validated = {str(held.val_set.files[i]) for i in held.val_set.indices.tolist()}
+    assert validated <= trained and len(trained) == len(merged.train_set)  # each image once
+    assert _test_files(merged) == _test_files(held) and not trained & set(_test_files(merged))
+    described = merged.describe()
+    assert described["train_on_val"] is True and "val_size" not in described
+    assert described["val_from"].startswith("none") and "train_on_val" in described["val_from"]
+
+
+def test_cifar_train_on_val_keeps_every_training_image(tiny_cifar: Path):
+    dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=6, num_workers=0,
+                           train_on_val=True))  # fmt: skip
+    assert dm.val_set is None and len(dm.train_set) == 36 and len(set(dm.train_set.indices.tolist())) == 36
+
+
+def test_a_model_trained_on_its_validation_images_cannot_be_scored_on_them(tiny_cifar: Path):
+    with pytest.raises(ConfigError, match="split=test"):
+        CIFAR10Data(str(tiny_cifar), preprocess=pre(native=32), train_on_val=True, predict_split="val")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import TINY
+from tests.in_process import run_tool
 from transfer.core.errors import ConfigError
 
 
@@ -155,3 +156,21 @@ def test_a_budget_keeps_and_reports_the_final_checkpoint_not_the_best_scored(tmp
     assert Path(checkpoint.best_model_path).name == f"best-epoch{kept:02d}.ckpt"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt")) == [f"best-epoch{kept:02d}.ckpt"]
     assert _selected(history, checkpoint) == (pytest.approx(val_acc), kept)
+
+
+def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(tiny_run, tmp_path: Path):
+    import json
+
+    from transfer.run import describe
+
+    summary = tiny_run("data.train_on_val=true")
+    data = summary["data"]
+    assert data["train_on_val"] is True and data["train_size"] == 36 and "val_size" not in data  # 30 + the 6
+    assert summary["selected_by"] == "final" and summary["best_val_acc"] is None and summary["test_acc"] is not None
+    tested, last = load(summary["best_checkpoint"]), load(summary["last_checkpoint"])
+    assert tested["global_step"] == last["global_step"] == 2 * (36 // 8)  # 2 epochs, the final step's weights
+    epochs = json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]
+    assert len(epochs) == 2 and not any(key.startswith("val/") for row in epochs for key in row)
+    assert "(final checkpoint: epoch 2, its validation images trained too)" in describe(summary)
+    scored = run_tool("transfer.evaluate", f"ckpt={tmp_path / 'run'}", "split=val", f"hydra.run.dir={tmp_path / 'ev'}")
+    assert scored.returncode == 2 and "no validation split" in scored.stderr and "Traceback" not in scored.stderr

@@ -143,3 +143,24 @@ def test_settings_that_cannot_work_together_are_refused_before_anything_is_built
     )
     assert proc.returncode == 2 and said in " ".join(proc.stderr.split()), proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_train_on_val_is_refused_beside_what_reads_the_validation_split(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from transfer.training.preflight import problems
+
+    assert problems(compose_cfg("data.train_on_val=true")) == []
+    for override, reader in (
+        ("scheduler=plateau", "scheduler.monitor=val/loss"),
+        ("finetune.cache_features=true", "finetune.cache_features=true"),
+    ):
+        found = problems(compose_cfg("data.train_on_val=true", override))
+        assert len(found) == 1 and "nothing is left to validate on" in found[0] and reader in found[0]
+        assert problems(compose_cfg(override)) == []
+    search = compose_cfg("data.train_on_val=true")
+    OmegaConf.update(
+        search, "hydra.sweeper._target_", "hydra_plugins.hydra_optuna_sweeper.OptunaSweeper", force_add=True
+    )
+    assert any("Optuna search" in p for p in problems(search))
+    assert any("data.train_on_val='yes'" in p for p in problems(compose_cfg("data.train_on_val=yes")))

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transfer.data.batch import Batch
     from transfer.data.cifar import CIFAR10_CLASSES, ensure_cifar10, load_cifar10
-    from transfer.data.datamodule import CIFAR10Data, ClassificationData, ImageFolderData, datamodule_from_config
+    from transfer.data.datamodule import CIFAR10Data, ClassificationData, datamodule_from_config
     from transfer.data.datasets import stratified_split
     from transfer.data.feature_source import FeatureSource
+    from transfer.data.image_folder import ImageFolderData
     from transfer.data.transforms import eval_transform, train_transform
 
 _WHERE = {
@@ -24,7 +25,7 @@ _WHERE = {
     "load_cifar10": "cifar",
     "CIFAR10Data": "datamodule",
     "ClassificationData": "datamodule",
-    "ImageFolderData": "datamodule",
+    "ImageFolderData": "image_folder",
     "datamodule_from_config": "datamodule",
     "stratified_split": "datasets",
     "FeatureSource": "feature_source",

@@ -23,27 +23,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from transfer.core.errors import ConfigError, CorruptImagesError
+from transfer.core.errors import ConfigError, TransferError
 from transfer.core.preprocess import Preprocess
 from transfer.data.batch import Batch
 from transfer.data.batch_augment import BatchAugment
-from transfer.data.cifar import CIFAR10_CLASSES, cache_dir, ensure_cifar10, load_cifar10
+from transfer.data.cifar import CIFAR10_CLASSES, ensure_cifar10, load_cifar10
 from transfer.data.datasets import (
     ArrayImages,
     FileImages,
     TensorImages,
-    decode_cached_checked,
     keep_batch,
     list_classes,
-    list_images,
     mixed_order,
-    scan_cached,
     split_count,
     stratified_split,
 )
-from transfer.data.decode import describe_corrupt
 from transfer.data.feature_source import FeatureSource
-from transfer.data.folders import check_classes, check_not_empty, find_layout
 from transfer.data.loader import ResumableLoader
 from transfer.data.transforms import eval_transform, train_transform
 
@@ -75,6 +70,8 @@ class ClassificationData(L.LightningDataModule):
             (:class:`~transfer.data.batch_augment.BatchAugment`); ``cpu_pil`` runs the per-image PIL transforms
             in loader workers (any torchvision transform can be added there).
         predict_split: the split ``Trainer.predict`` runs over (``test`` or ``val``; ``transfer.evaluate``).
+        train_on_val: the validation images train too (the held-out share, or the ``val/`` folder), so none are
+            left to validate on: the run tests its final weights (``data.train_on_val``).
     """
 
     native_size: int | None = None  # the dataset's own image size, when all images share one
@@ -91,12 +88,19 @@ class ClassificationData(L.LightningDataModule):
         split_seed: int = 0,
         augment_on: str = "device",
         predict_split: str = "test",
+        train_on_val: bool = False,
     ) -> None:
         super().__init__()
         if augment_on not in AUGMENT_ON:
             raise ConfigError(f"data.augment_on={augment_on!r} is not one of {AUGMENT_ON}.")
         if predict_split not in ("test", "val"):
             raise ConfigError(f"split={predict_split!r}: use test or val.")
+        if predict_split == "val" and train_on_val:
+            raise ConfigError(
+                "split=val: this model trained on its validation images (data.train_on_val=true), so it has no "
+                "validation split to score; evaluate split=test."
+            )
+        self.train_on_val = bool(train_on_val)
         self.predict_split = predict_split
         self.augment_on = augment_on
         self.preprocess = Preprocess.from_dict(preprocess) if isinstance(preprocess, Mapping) else preprocess
@@ -270,6 +274,7 @@ class ClassificationData(L.LightningDataModule):
         return {
             "source": self.source,
             "classes": self.classes,
+            "train_on_val": self.train_on_val,
             **{
                 f"{name}_size": len(ds)
                 for name, ds in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))
@@ -279,7 +284,8 @@ class ClassificationData(L.LightningDataModule):
 
 
 class CIFAR10Data(ClassificationData):
-    """CIFAR-10 decoded once into memory (150 MB as uint8), 45k/5k train/val by default.
+    """CIFAR-10 decoded once into memory (150 MB as uint8), 45k/5k train/val by default (50k/none with
+    ``train_on_val``).
 
     Args:
         download: let torchvision download the archive into ``root`` when no local copy is found.
@@ -316,167 +322,14 @@ class CIFAR10Data(ClassificationData):
             return
         data = load_cifar10(self.root)
         train_tf, eval_tf = self.transforms()
-        count = split_count(self.val_size, len(data.train_targets), "data.val_size")
+        count = 0 if self.train_on_val else split_count(self.val_size, len(data.train_targets), "data.val_size")
         keep, held = stratified_split(data.train_targets, count, self.split_seed)
         self.train_set = self._images(data.train_images, data.train_targets, keep, train_tf)
-        self.val_set = self._images(data.train_images, data.train_targets, held, eval_tf)
+        self.val_set = self._images(data.train_images, data.train_targets, held, eval_tf) if count else None
         self.test_set = self._images(
             data.test_images, data.test_targets, mixed_order(len(data.test_targets), self.split_seed), eval_tf
         )
         self.source = data.source
-
-
-class ImageFolderData(ClassificationData):
-    """A user's images: ``root/train/<class>/*`` plus optional ``val/`` (or ``validation/``) and ``test/``, or
-    the flat ``root/<class>/*``.
-
-    Missing validation or test splits are held out of the training images, stratified by class and seeded.
-    Every split must hold the same, non-empty class folders. Images of any mode, bit depth and EXIF
-    orientation are converted to upright 8-bit RGB; non-image files are ignored; files that cannot be decoded
-    are an error naming them, or, with ``skip_corrupt``, left out and counted (:meth:`describe`).
-
-    Args:
-        val_size: fraction (< 1) or count (>= 1) of train held out when there is no val folder.
-        test_size: likewise when there is no test folder.
-        memory_limit_gb: above this, images stream from disk through PIL workers instead of living in memory.
-        skip_corrupt: leave out undecodable files (logged, counted in the summary) instead of failing.
-        **kwargs: see :class:`ClassificationData`.
-    """
-
-    default_augment: ClassVar[dict[str, Any]] = {
-        "resized_crop_scale": (0.35, 1.0),
-        "hflip": True,
-        "color_jitter": (0.2, 0.2, 0.2, 0.1),
-        "rotation": 15,
-    }
-
-    def __init__(
-        self,
-        root: str,
-        val_size: float = 0.1,
-        test_size: float = 0.1,
-        memory_limit_gb: float = 4.0,
-        skip_corrupt: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(root, **kwargs)
-        self.val_size, self.test_size = val_size, test_size
-        self.memory_limit_gb = float(memory_limit_gb)
-        self.skip_corrupt = bool(skip_corrupt)
-        self.skipped: dict[Path, str] = {}
-        self.origins: dict[str, str] = {}  # where the val and test images came from, for the summary
-
-    @property
-    def classes(self) -> list[str]:
-        train_dir, splits = find_layout(self.root)
-        return check_classes(train_dir, splits)
-
-    @property
-    def layout(self) -> str:
-        """``split`` (``root/train/...``) or ``flat`` (``root/<class>/...``)."""
-        return "split" if find_layout(self.root)[0] != self.root else "flat"
-
-    def _splits(self) -> dict[str, tuple[list[Path], list[int], list[int]]]:
-        """``{split: (files, targets, indices)}``, holding val/test out of train where their folders are missing."""
-        train_dir, folders = find_layout(self.root)
-        classes = check_classes(train_dir, folders)
-        files, targets = list_images(train_dir, classes)
-        check_not_empty("train", train_dir, classes, targets)
-        keep = list(range(len(files)))
-        splits: dict[str, tuple[list[Path], list[int], list[int]]] = {}
-        for name, size in (("test", self.test_size), ("val", self.val_size)):
-            if name in folders:
-                split_files, split_targets = list_images(folders[name], classes)
-                check_not_empty(name, folders[name], classes, split_targets)
-                splits[name] = (split_files, split_targets, list(mixed_order(len(split_files), self.split_seed)))
-                self.origins[name] = f"the {folders[name].name}/ folder"
-                continue
-            sub_targets = [targets[i] for i in keep]
-            # Fractions are of the whole train folder, so val_size=0.1 means 10% whether or not test exists.
-            count = split_count(size, len(files), f"data.{name}_size")
-            kept, held = stratified_split(sub_targets, min(count, len(keep) - 1), self.split_seed)
-            splits[name] = (files, targets, [keep[i] for i in held])
-            keep = [keep[i] for i in kept]
-            self.origins[name] = (
-                f"held out of the {train_dir.name}/ folder (there is no {name}/ folder; data.{name}_size={size})"
-                if train_dir != self.root
-                else f"held out of the class folders (data.{name}_size={size})"
-            )
-        splits["train"] = (files, targets, keep)
-        return splits
-
-    def stored_size(self) -> int:
-        """Side of the square each image is decoded to for the in-memory path: the eval transform's resize, so
-        the eval centre crop is exact and train crops have the margin around it."""
-        pre = self._preprocess()
-        return round(pre.image_size / pre.crop_pct)
-
-    def _fits_in_memory(self, splits: dict[str, tuple[list[Path], list[int], list[int]]]) -> bool:
-        distinct = {id(f): len(f) for f, _, _ in splits.values()}
-        need = sum(distinct.values()) * self.stored_size() ** 2 * 3 / 2**30
-        if need <= self.memory_limit_gb:
-            return True
-        log.warning(
-            "data.augment_on=device: %d images at %d px need %.1f GB > data.memory_limit_gb=%.1f; streaming "
-            "them from disk with %d workers and per-image PIL augmentation instead",
-            sum(distinct.values()),
-            self.stored_size(),
-            need,
-            self.memory_limit_gb,
-            self.num_workers,
-        )
-        return False
-
-    def _drop_corrupt(
-        self, splits: dict[str, tuple[list[Path], list[int], list[int]]], bad: dict[int, dict[int, str]]
-    ) -> dict[str, tuple[list[Path], list[int], list[int]]]:
-        """Fail naming the undecodable files, or (``skip_corrupt``) leave them out of every split and count them."""
-        found = {f[row]: why for f, _, _ in splits.values() for row, why in bad.get(id(f), {}).items()}
-        if not found:
-            return splits
-        if not self.skip_corrupt:
-            raise CorruptImagesError(describe_corrupt(found))
-        self.skipped = found
-        log.warning(
-            "data.skip_corrupt=true: skipping %d undecodable image file(s), e.g. %s",
-            len(found),
-            "; ".join(f"{p} ({why})" for p, why in list(found.items())[:3]),
-        )
-        return {name: (f, t, [i for i in idx if i not in bad.get(id(f), {})]) for name, (f, t, idx) in splits.items()}
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        splits = self._splits()
-        train_tf, eval_tf = self.transforms()
-        in_memory = self.augment_on == "device" and self._fits_in_memory(splits)
-        decoded: dict[int, Any] = {}
-        bad: dict[int, dict[int, str]] = {}
-        for files, _, _ in splits.values():
-            if id(files) in bad:
-                continue
-            if in_memory:
-                decoded[id(files)], bad[id(files)] = decode_cached_checked(files, cache_dir(), size=self.stored_size())
-            else:
-                bad[id(files)] = scan_cached(files, cache_dir())
-        made: dict[str, Images] = {}
-        for name, (files, targets, indices) in self._drop_corrupt(splits, bad).items():
-            if in_memory:
-                made[name] = TensorImages(decoded[id(files)], targets, indices)
-            else:
-                made[name] = FileImages(files, targets, indices, train_tf if name == "train" else eval_tf)
-        self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]
-        self.source = f"image folders at {self.root} ({self.layout} layout" + (
-            ", decoded into memory)" if in_memory else ")"
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """Split sizes, origin and the undecodable files left out (``skip_corrupt``), for the run summary."""
-        return super().describe() | {
-            **{f"{name}_from": origin for name, origin in self.origins.items()},
-            "corrupt_skipped": len(self.skipped),
-            "corrupt_files": [str(p) for p in list(self.skipped)[:20]],
-        }
 
 
 def datamodule_from_config(node: Any, preprocess: Preprocess | None, **kwargs: Any) -> ClassificationData:
@@ -493,6 +346,7 @@ def datamodule_from_config(node: Any, preprocess: Preprocess | None, **kwargs: A
     Returns:
         The data module.
     """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -500,4 +354,9 @@ def datamodule_from_config(node: Any, preprocess: Preprocess | None, **kwargs: A
     if not isinstance(container, dict):
         raise ConfigError(f"The data config must be a mapping with a _target_, got {container!r}.")
     args = {k: v for k, v in container.items() if k != "image_size"}
-    return instantiate(args, preprocess=preprocess, **kwargs, _convert_="all")
+    try:
+        return instantiate(args, preprocess=preprocess, **kwargs, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, TransferError):  # the constructor's own one-paragraph refusal, unwrapped
+            raise err.__cause__ from None
+        raise

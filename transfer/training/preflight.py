@@ -58,6 +58,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.test_size", _share_or_count, "a fraction in (0, 1) or a whole image count >= 1"),
     ("data.augment_on", lambda v: v in ("device", "cpu_pil"), "device or cpu_pil"),
     ("data.skip_corrupt", lambda v: isinstance(v, bool), "true or false"),
+    ("data.train_on_val", lambda v: isinstance(v, bool), "true or false"),
     ("data.memory_limit_gb", lambda v: _num(v) and v >= 0, "a number of GB >= 0"),
     ("optimizer.lr", lambda v: _num(v) and v > 0, "a positive number (e.g. 1e-3)"),
     ("optimizer.weight_decay", lambda v: _num(v) and v >= 0, "a number >= 0"),
@@ -138,10 +139,32 @@ def _combination_problems(cfg: DictConfig) -> list[str]:
         found.append(
             f"data._target_={target!r} must name a data module class (data=cifar10 or data=imagefolder pick one)"
         )
+    found += _validation_needed(cfg)
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and accelerator == "cpu":
         found.append("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm runs on CUDA only)")
     return found
+
+
+def _validation_needed(cfg: DictConfig) -> list[str]:
+    """``data.train_on_val`` beside settings that read the validation split it trains on."""
+    if OmegaConf.select(cfg, "data.train_on_val", default=False) is not True:
+        return []
+    monitor = str(OmegaConf.select(cfg, "scheduler.monitor", default=None) or "")
+    readers = {
+        f"scheduler.monitor={monitor} (scheduler=plateau steps on a validation metric)": monitor.startswith("val/"),
+        "finetune.cache_features=true (it caches the validation features too)": bool(
+            OmegaConf.select(cfg, "finetune.cache_features", default=False)
+        ),
+        "an Optuna search (hparams_search=..., whose objective is the best validation accuracy)": "optuna"
+        in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")),
+    }
+    return [
+        f"data.train_on_val=true trains on the validation images, so nothing is left to validate on, and "
+        f"{reader} needs them: drop one of the two"
+        for reader, reads in readers.items()
+        if reads
+    ]
 
 
 def problems(cfg: DictConfig) -> list[str]:

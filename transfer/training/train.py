@@ -95,6 +95,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -
     logger = build_loggers(cfg, run_dir)
     args: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     args["precision"] = resolve_precision(args.get("precision", "auto"), args.get("accelerator"))
+    if OmegaConf.select(cfg, "data.train_on_val"):
+        args["limit_val_batches"] = 0  # no split is left to validate on
     if OmegaConf.select(cfg, "finetune.cache_features"):
         # the loaders switch from cached features to images at the unfreeze epoch
         args.setdefault("reload_dataloaders_every_n_epochs", 1)
@@ -216,7 +218,8 @@ def train(
     _write_rank_zero(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     planner = budget_planner(run_cfg, started)
     history = History()
-    checkpoint = best_and_last_checkpoint(run_dir, cfg.get("checkpoint"), select_final=planner is not None)
+    validates = not OmegaConf.select(cfg, "data.train_on_val", default=False)
+    checkpoint = best_and_last_checkpoint(run_dir, cfg.get("checkpoint"), planner is not None, validates)
     callbacks = [*build_callbacks(run_cfg, run_dir, history, checkpoint), *([planner] if planner else [])]
     trainer = build_trainer(run_cfg, run_dir, callbacks)
 
@@ -248,7 +251,7 @@ FINAL_MONITOR = "step"
 
 
 def best_and_last_checkpoint(
-    run_dir: Path, settings: Mapping[str, Any] | None = None, select_final: bool = False
+    run_dir: Path, settings: Mapping[str, Any] | None = None, select_final: bool = False, validates: bool = True
 ) -> EpochCheckpoint:
     """``checkpoints/best-epochNN.ckpt`` by validation accuracy (``NN`` 1-based), and ``last.ckpt``: always the last
     finished epoch; ``settings`` is the config's ``checkpoint`` block (keep, keep_last, save_optimizer).
@@ -256,9 +259,11 @@ def best_and_last_checkpoint(
     With ``select_final`` (a budget) the checkpoint kept and tested is the latest validated one, the final step's:
     the schedule anneals there, and a budget's validations score a subset, so choosing by their score chose noise
     (CIFAR-10 ``budget=15m data.image_size=96`` tested epoch 2 of 3, mid-schedule, by 2 of 1024 images; see
-    docs/recipe.md#budget).
+    docs/recipe.md#budget). A run that ``validates`` nothing (``data.train_on_val``) selects the final step's too,
+    saved at the end of each training epoch, as there is no validation to save after.
     """
     settings = settings or {}
+    select_final = select_final or not validates
     return EpochCheckpoint(
         keep=int(settings.get("keep", 1)),
         keep_last=bool(settings.get("keep_last", True)),
@@ -268,6 +273,7 @@ def best_and_last_checkpoint(
         mode="max",
         filename="best-epoch{epoch:02d}",
         auto_insert_metric_name=False,
+        save_on_train_epoch_end=None if validates else True,
     )
 
 
