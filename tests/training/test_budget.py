@@ -21,6 +21,7 @@ from transfer.training.budget_plan import (
     MIN_VALIDATION_IMAGES,
     VALIDATION_SHARE,
     count_validations,
+    describe_plan,
     drifted_eval_seconds,
     make_plan,
     output_margin,
@@ -68,6 +69,16 @@ def test_the_steps_fill_what_the_budget_leaves_after_time_spent_evaluation_and_t
     assert slower.planned_steps - 20 < new_steps  # half the speed: fewer steps in the same budget
     later = make_plan(600, 300, 0.1, 0.001, **args)  # resumed with 300 s already spent
     assert later.planned_steps < plan.planned_steps
+
+
+def test_a_run_without_a_validation_split_plans_none_and_says_so():
+    args = {"steps_done": 20, "steps_per_epoch": 50, "test_images": 100}
+    plan = make_plan(600, 10, 0.5, 0.01, val_images=0, **args)  # data.train_on_val
+    assert plan.validations == 0 and plan.eval_s == pytest.approx(1.0) and "no validation" in describe_plan(plan)
+    again = replan(plan, 100, 0.5, 0.01, steps_done=200, val_images=0, test_images=100)
+    assert again.validations == 0 and "no validation" in describe_plan(again)
+    validated = make_plan(600, 10, 0.5, 0.01, val_images=100, **args)
+    assert validated.validations > 0 and f"{validated.validations} validations" in describe_plan(validated)
 
 
 def test_validations_come_every_epoch_in_a_few_epoch_run_and_at_most_a_few_times_otherwise():
@@ -330,6 +341,36 @@ def test_a_run_that_slows_after_its_probe_still_ends_at_the_budget(val_size, mon
     spent = clock.now - 1000.0
     assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600  # the probe's plan alone would end 50% late
     assert planner.lr_end["pg1"] == pytest.approx(LR / 25 / 1e4, rel=1e-6)  # the schedule still ends at its floor
+
+
+class WritesCheckpoints(L.Callback):
+    """Each validation's end costs 5 s of the fake clock, as writing a checkpoint does."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.clock.now += 5.0
+
+
+class SmallValidationLargeTest(TwoPoints):
+    def describe(self) -> dict:
+        return {"val_size": 10, "test_size": 2000}
+
+    def test_dataloader(self):
+        return self._loader(2000)  # 20 s of scoring; 1000 s if each image carried a share of the 5 s checkpoint
+
+
+def test_a_validations_checkpoint_is_planned_per_validation_not_per_image(monkeypatch, tmp_path: Path):
+    clock, planner, trainer = _fake_clock_run(monkeypatch, tmp_path)
+    trainer.callbacks.insert(0, WritesCheckpoints(clock))  # before the planner, as the run's checkpoint callback is
+    model = SlowsDown(clock, fast=10**6)
+    trainer.fit(model, datamodule=SmallValidationLargeTest(val_size=10))
+    trainer.test(model, datamodule=SmallValidationLargeTest(val_size=10), verbose=False)
+    assert planner.plan is not None and planner.plan.eval_seconds_per_image == pytest.approx(0.01, rel=0.02)
+    assert planner.plan.validations >= 1
+    spent = clock.now - 1000.0
+    assert 600 * 0.98 <= spent + planner.plan.margin_s <= 600
 
 
 class SlowsDownEverywhere(SlowsDown):

@@ -257,6 +257,8 @@ class BudgetPlanner(L.Callback):
         self._probe_start: tuple[float, int] | None = None
         self._probe_end: tuple[float, int, int] | None = None  # time, step and batch images at the probe's end
         self._validation_start: float | None = None
+        self._validation_scored_s: float | None = None  # the latest validation's scoring, its checkpoint left out
+        self._val_fixed_s = 0.0  # what a validation costs besides scoring: the checkpoint it writes
         # The stretch of training since the plan or the last re-plan: its start (time, step), and the seconds
         # validations (and their checkpoint writing) took inside it.
         self._stretch: tuple[float, int] = (0.0, 0)
@@ -288,6 +290,11 @@ class BudgetPlanner(L.Callback):
         if self._probe_end is not None and not trainer.sanity_checking:
             self._validation_start = _now(trainer)
 
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before any on_validation_end, where the checkpoint callback writes its files
+        if self._validation_start is not None:
+            self._validation_scored_s = _now(trainer) - self._validation_start
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step, self.spent_before_training_s = trainer.global_step, self.elapsed()
         preprocess = getattr(pl_module, "preprocess", None)
@@ -313,8 +320,8 @@ class BudgetPlanner(L.Callback):
         """Seconds per image of an evaluation forward pass: the probe's last batch, repeated to an eval batch.
 
         A few forward passes stand in for the whole validation the probe once ran (9 s of a 2-minute CIFAR-10
-        budget on a 2-core CPU); the validations of the run itself then re-measure it, checkpoint writing
-        included (:meth:`_maybe_replan`).
+        budget on a 2-core CPU); the validations of the run itself then re-measure it, and the checkpoint each one
+        writes as a cost per validation (:meth:`_maybe_replan`).
         """
         data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at fit time, undeclared
         size = max(len(x), int(getattr(data, "eval_batch_size", len(x))))
@@ -359,8 +366,12 @@ class BudgetPlanner(L.Callback):
         if self._validation_start is not None:  # the clock is read only here and at a re-plan: no sync per step
             val_images, _ = self._split_images(trainer)
             paused = _now(trainer) - self._validation_start
-            self._paused_s, self._validation_start = self._paused_s + paused, None
-            self._eval_s_per_image = paused / val_images if val_images else None
+            scored = paused if self._validation_scored_s is None else self._validation_scored_s
+            self._paused_s, self._validation_start, self._validation_scored_s = self._paused_s + paused, None, None
+            # Scoring is per image, the checkpoint per validation: on a validation of 10 photos the checkpoint
+            # counted per image made the test 8x dearer than it was, and the run ended 10% early.
+            self._eval_s_per_image = scored / val_images if val_images else None
+            self._val_fixed_s = paused - scored
             self._eval_step_s = None  # measured now: the re-plan's step time is its reference
         every = max(self.probe_steps, math.ceil(self.plan.planned_steps * REPLAN_FRACTION))
         if validated or trainer.global_step - self._stretch[1] >= every:
@@ -426,7 +437,7 @@ class BudgetPlanner(L.Callback):
         if self.step_cost is None:
             return plan
         steps = steps_at_cost(self.step_cost, plan.steps_done, plan.planned_steps - plan.steps_done)
-        validations = count_validations(plan.steps_done, steps, plan.val_every_steps)
+        validations = count_validations(plan.steps_done, steps, plan.val_every_steps) if plan.validations else 0
         return replace(plan, planned_steps=steps, validations=validations)
 
     def _replanned(self, trainer: L.Trainer) -> Plan:
@@ -454,6 +465,7 @@ class BudgetPlanner(L.Callback):
                 steps_done=trainer.global_step,
                 val_images=val_images,
                 test_images=test_images * self.test_passes,
+                val_fixed_s=self._val_fixed_s,
             )
         )
 

@@ -194,7 +194,7 @@ def make_plan(
         planned_steps=steps_done + steps,
         steps_done=steps_done,
         val_every_steps=every,
-        validations=validations,
+        validations=validations if val_images else 0,  # data.train_on_val: no split to validate on
         seconds_per_step=seconds_per_step,
         eval_seconds_per_image=eval_seconds_per_image,
         steps_per_epoch=steps_per_epoch,
@@ -214,6 +214,7 @@ def replan(
     steps_done: int,
     val_images: int,
     test_images: int,
+    val_fixed_s: float = 0.0,
 ) -> Plan:
     """Size what is left of a planned run again, keeping its validation interval.
 
@@ -225,11 +226,14 @@ def replan(
         steps_done: optimizer steps trained.
         val_images: images one validation evaluates.
         test_images: image evaluations of the final test.
+        val_fixed_s: what a validation costs besides scoring its images (the checkpoint it writes): per validation,
+            as a small split's few images would otherwise carry it as a cost per image, the test's too.
 
     Returns:
         The new plan; at least one more step (a run past its budget stops at the next one, it does not fail).
     """
-    val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image
+    val_s = val_images * eval_seconds_per_image + (val_fixed_s if val_images else 0.0)
+    test_s = test_images * eval_seconds_per_image
     available = plan.budget_s - spent_s - test_s - plan.margin_s
     guess = count_validations(steps_done, plan.planned_steps, plan.val_every_steps)
     steps, _, validations = _settle(
@@ -240,7 +244,7 @@ def replan(
         plan,
         planned_steps=steps_done + steps,
         steps_done=steps_done,
-        validations=validations,
+        validations=validations if val_images else 0,
         seconds_per_step=seconds_per_step,
         eval_seconds_per_image=eval_seconds_per_image,
         spent_s=spent_s,
@@ -264,10 +268,15 @@ def drifted_eval_seconds(eval_seconds_per_image: float, measured_step_s: float, 
 def describe_plan(plan: Plan) -> str:
     """One line for the log: the plan and what it is made of."""
     scored = "" if plan.val_batches is None else f", {plan.val_batches} batches each"
+    validations = (
+        f"{plan.validations} validations (every {plan.val_every_steps} steps{scored})"
+        if plan.validations
+        else "no validation"
+    )
     return (
         f"budget {plan.budget_s:g} s: {plan.planned_steps} steps ({plan.epochs:.2f} epochs) at "
-        f"{plan.seconds_per_step:.4g} s/step, {plan.validations} validations (every {plan.val_every_steps} steps"
-        f"{scored}) and the test planned at {plan.eval_s:.1f} s, {plan.spent_s:.1f} s spent so far, "
+        f"{plan.seconds_per_step:.4g} s/step, {validations} and the test planned at {plan.eval_s:.1f} s, "
+        f"{plan.spent_s:.1f} s spent so far, "
         f"{plan.margin_s:.1f} s kept for the outputs"
     )
 
