@@ -340,9 +340,10 @@ def test_a_scheduler_target_that_is_not_a_scheduler_class_is_a_config_error():
 
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_a_fused_optimizer_steps_fused_unless_gradients_are_clipped_in_mixed_precision(
-    tiny_cifar: Path, clip: float | None
+    tiny_cifar: Path, clip: float | None, caplog: pytest.LogCaptureFixture
 ):
     # Lightning refuses to clip in mixed precision with an optimizer that unscales inside its step (a fused one).
+    caplog.set_level("INFO", logger="transfer.training.module")
     L.seed_everything(0)
     pre = model_preprocess("tiny_test_cnn", "native", None, CIFAR10Data.native_size)
     dm = CIFAR10Data(str(tiny_cifar), download=False, val_size=6, num_workers=0, batch_size=8, preprocess=pre)
@@ -362,6 +363,7 @@ def test_a_fused_optimizer_steps_fused_unless_gradients_are_clipped_in_mixed_pre
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
     assert {g["fused"] for g in trainer.optimizers[0].param_groups} == {clip is None}
+    assert caplog.text.count("unfused, as gradient clipping") == (clip is not None)
 
 
 @pytest.mark.parametrize("fused", [True, False])

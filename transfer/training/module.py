@@ -183,14 +183,17 @@ class Classifier(L.LightningModule):
         plan = finetune_plan(self._trainer)
         lr = optimizer_lr(self.hparams["optimizer"])
         groups = build_param_groups(self.model, plan, lr)
-        optimizer = build_optimizer(self._optimizer_settings(), groups)
+        settings = self._optimizer_settings()
+        optimizer = build_optimizer(settings, groups)
         scheduler = build_scheduler(
             self.hparams["scheduler"],
             optimizer,
             total_steps=self.trainer.estimated_stepping_batches if self._trainer else None,
         )
         if self._trainer is None or self.trainer.is_global_zero:
-            log.info("optimizer: %s", describe(groups, lr))
+            unfused = settings.get("fused") is False and bool(self.hparams["optimizer"].get("fused"))
+            note = "; unfused, as gradient clipping in mixed precision needs (optimizer.fused ignored)"
+            log.info("optimizer: %s%s", describe(groups, lr), note if unfused else "")
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def _optimizer_settings(self) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any, cast
@@ -32,8 +31,6 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 from transfer.core.errors import ConfigError
 from transfer.training.param_groups import frozen_at
-
-log = logging.getLogger(__name__)
 
 # Keys of the scheduler group that Lightning reads; the rest are the scheduler's own arguments.
 _LIGHTNING_KEYS = ("monitor", "interval", "frequency")
@@ -94,8 +91,7 @@ def optimizer_settings(cfg: Mapping[str, Any], clips_in_mixed_precision: bool = 
     if "fused" in args and not _takes_fused(args.get("_target_")):
         args.pop("fused")
     if clips_in_mixed_precision and args.get("fused"):
-        log.info("optimizer: unfused, as gradient clipping in mixed precision needs (optimizer.fused ignored)")
-        args["fused"] = False
+        args["fused"] = False  # the run's optimizer log line says so (Classifier.configure_optimizers)
     return args
 
 
