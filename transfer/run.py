@@ -99,15 +99,13 @@ def describe(summary: dict) -> str:
     held_out = str(data.get("test_from", "")).startswith("held out")
     tested_on = f" on {data.get('test_scored')} images {data['test_from']}" if held_out else ""
     which = "final" if summary.get("selected_by") == "final" else "best"  # a budget tests its last step's weights
-    validated = (
-        f"val accuracy {_percent(summary['best_val_acc'])}"
-        if not data.get("train_on_val")
-        else "its validation images trained too"
-    )
-    epoch = summary["best_epoch"] if not data.get("train_on_val") else summary["epochs_run"]
+    if data.get("train_on_val"):
+        selected = f"epoch {summary['epochs_run']}, its validation images trained too"
+    else:
+        selected = f"epoch {summary['best_epoch']}, val accuracy {_percent(summary['best_val_acc'])}"
     return (
-        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])}{tested_on} ({which} checkpoint: epoch "
-        f"{epoch}, {validated}); "
+        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])}{tested_on} ({which} checkpoint: "
+        f"{selected}); "
         f"trained {summary['train_seconds']:.1f} s at {_rate(summary['images_per_second'])} images/s"
     )
 
