@@ -100,7 +100,7 @@ def describe(summary: dict) -> str:
     tested_on = f" on {data.get('test_scored')} images {data['test_from']}" if held_out else ""
     which = "final" if summary.get("selected_by") == "final" else "best"  # a budget tests its last step's weights
     if data.get("train_on_val"):
-        selected = f"epoch {summary['epochs_run']}, its validation images trained too"
+        selected = f"epoch {summary['best_epoch']}, its validation images trained too"
     else:
         selected = f"epoch {summary['best_epoch']}, val accuracy {_percent(summary['best_val_acc'])}"
     return (

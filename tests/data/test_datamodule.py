@@ -269,12 +269,17 @@ def test_train_on_val_trains_on_the_validation_images_and_tests_the_same_ones(tm
     described = merged.describe()
     assert described["train_on_val"] is True and "val_size" not in described
     assert described["val_from"].startswith("none") and "train_on_val" in described["val_from"]
+    in_memory = ready(ImageFolderData(str(root), train_on_val=True, **{**args, "augment_on": "device"}))
+    assert len(in_memory.train_set) == len(merged.train_set) and len(in_memory.test_set) == len(held.test_set)
+    assert model_batch(in_memory, "train").x.shape[1:] == (3, 32, 32)
 
 
 def test_cifar_train_on_val_keeps_every_training_image(tiny_cifar: Path):
     dm = ready(CIFAR10Data(str(tiny_cifar), download=False, preprocess=pre(native=32), val_size=6, num_workers=0,
                            train_on_val=True))  # fmt: skip
     assert dm.val_set is None and len(dm.train_set) == 36 and len(set(dm.train_set.indices.tolist())) == 36
+    with pytest.raises(ConfigError, match=r"data\.train_on_val=true gave its images to training"):
+        dm.val_dataloader()
 
 
 def test_a_model_trained_on_its_validation_images_cannot_be_scored_on_them(tiny_cifar: Path):

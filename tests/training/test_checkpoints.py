@@ -158,7 +158,9 @@ def test_a_budget_keeps_and_reports_the_final_checkpoint_not_the_best_scored(tmp
     assert _selected(history, checkpoint) == (pytest.approx(val_acc), kept)
 
 
-def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(tiny_run, tmp_path: Path):
+def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(
+    tiny_run, compose_cfg, tiny_cifar: Path, tmp_path: Path
+):
     import json
 
     from transfer.run import describe
@@ -167,10 +169,20 @@ def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(tiny_run
     data = summary["data"]
     assert data["train_on_val"] is True and data["train_size"] == 36 and "val_size" not in data  # 30 + the 6
     assert summary["selected_by"] == "final" and summary["best_val_acc"] is None and summary["test_acc"] is not None
+    assert summary["best_epoch"] == 2  # the tested checkpoint's epoch: the last
     tested, last = load(summary["best_checkpoint"]), load(summary["last_checkpoint"])
     assert tested["global_step"] == last["global_step"] == 2 * (36 // 8)  # 2 epochs, the final step's weights
     epochs = json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]
     assert len(epochs) == 2 and not any(key.startswith("val/") for row in epochs for key in row)
     assert "(final checkpoint: epoch 2, its validation images trained too)" in describe(summary)
+    from transfer.training.preflight import resume_changes
+
+    def tiny_cfg(*extra: str):
+        return compose_cfg("model=resnet18", "model.name=tiny_test_cnn", f"data.root={tiny_cifar}", *TINY, *extra)
+
+    saved = load(summary["last_checkpoint"])
+    with pytest.raises(ConfigError, match=r"data\.train_on_val=true"):  # it would validate on images it trained on
+        resume_changes(Path(summary["last_checkpoint"]), saved, tiny_cfg())
+    assert resume_changes(Path(summary["last_checkpoint"]), saved, tiny_cfg("data.train_on_val=true")) == []
     scored = run_tool("transfer.evaluate", f"ckpt={tmp_path / 'run'}", "split=val", f"hydra.run.dir={tmp_path / 'ev'}")
     assert scored.returncode == 2 and "no validation split" in scored.stderr and "Traceback" not in scored.stderr

@@ -164,3 +164,16 @@ def test_train_on_val_is_refused_beside_what_reads_the_validation_split(compose_
     )
     assert any("Optuna search" in p for p in problems(search))
     assert any("data.train_on_val='yes'" in p for p in problems(compose_cfg("data.train_on_val=yes")))
+
+
+def test_keep_0_in_a_sweep_with_nothing_scored_removes_nothing(tmp_path: Path):
+    from transfer.experiments.sweep import keep_sweep_best
+
+    for job in ("0", "1"):  # data.train_on_val jobs: no validation score to compare
+        ckpts = tmp_path / job / "checkpoints"
+        ckpts.mkdir(parents=True)
+        (ckpts / "best-epoch02.ckpt").write_bytes(b"w")
+        best = str(ckpts / "best-epoch02.ckpt")
+        (tmp_path / job / "summary.json").write_text(json.dumps({"best_val_acc": None, "best_checkpoint": best}))
+    assert keep_sweep_best(tmp_path) is None
+    assert all((tmp_path / job / "checkpoints" / "best-epoch02.ckpt").is_file() for job in "01")

@@ -1,12 +1,14 @@
-"""LightningDataModules: CIFAR-10 (held in memory) and a user's own image folders (read from disk).
+"""LightningDataModules: what every data module shares, and CIFAR-10 (held in memory); a user's own image folders
+are in :mod:`transfer.data.image_folder`.
 
-Both hold a seeded, stratified validation split out of the training images, so model selection never looks
-at the test set. Their normalisation and input size come from the model's weights and are handed to the
-constructor (``transfer.models.model_preprocess``); a data module never learns about the model afterwards.
-Training drives them through two public methods only: :meth:`ClassificationData.feature_source` describes a split
-for the feature cache of the frozen epochs (``finetune.cache_features``, which wraps the data module and serves
-the cached features itself), and :meth:`ClassificationData.set_train_size` sets the batched augmentation's
-output size for progressive resizing.
+Each holds a seeded, stratified validation split out of the training images, so model selection never looks at
+the test set (unless ``train_on_val`` gives those images to training; the run then tests its final weights).
+Their normalisation and input size come from the model's weights and are handed to the constructor
+(``transfer.models.model_preprocess``); a data module never learns about the model afterwards. Training drives
+them through two public methods only: :meth:`ClassificationData.feature_source` describes a split for the feature
+cache of the frozen epochs (``finetune.cache_features``, which wraps the data module and serves the cached
+features itself), and :meth:`ClassificationData.set_train_size` sets the batched augmentation's output size for
+progressive resizing.
 """
 
 from __future__ import annotations
@@ -211,6 +213,11 @@ class ClassificationData(L.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.train_on_val:
+            raise ConfigError(
+                "There is no validation split to load: data.train_on_val=true gave its images to training. A "
+                "Trainer over this data module validates nothing (limit_val_batches=0), as transfer.run's does."
+            )
         return self._loader(self.val_set, train=False)
 
     def feature_source(self, split: str) -> FeatureSource:

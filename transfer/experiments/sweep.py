@@ -136,7 +136,8 @@ def keep_sweep_best(sweep_dir: Path) -> Path | None:
         sweep_dir: the sweep directory (its job directories hold ``summary.json`` and ``checkpoints/``).
 
     Returns:
-        The job directory whose best checkpoint stays, or ``None`` when no job has finished.
+        The job directory whose best checkpoint stays, or ``None`` when no finished job has a score (none has
+        finished, or they trained on their validation images): then nothing is removed.
     """
     finished = []
     for summary in sweep_dir.glob("*/summary.json"):
@@ -148,8 +149,8 @@ def keep_sweep_best(sweep_dir: Path) -> Path | None:
         job = summary.parent
         num = int(job.name) if job.name.isdigit() else 1 << 30
         finished.append(((isinstance(score, (int, float)), score if isinstance(score, (int, float)) else 0, -num), job))
-    if not finished:
-        return None
+    if not any(scored for (scored, _, _), _ in finished):
+        return None  # nothing to compare by (data.train_on_val validates nothing): every job keeps its own
     winner = max(finished, key=lambda item: item[0])[1]
     for _, job in finished:
         best = sorted((job / "checkpoints").glob("best*.ckpt"))

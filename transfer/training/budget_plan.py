@@ -167,7 +167,8 @@ def make_plan(
         The plan.
 
     Raises:
-        ConfigError: the budget cannot fit even one more step and a validation; the message names the minimum.
+        ConfigError: the budget cannot fit even one more step (and a validation, where there is a split to
+            validate on); the message names the minimum.
     """
     margin = output_margin(budget_s)
     val_s, test_s = val_images * eval_seconds_per_image, test_images * eval_seconds_per_image

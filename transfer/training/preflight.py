@@ -312,7 +312,8 @@ def resume_changes(path: Path, ckpt: dict, cfg: DictConfig) -> list[str]:
     """The settings a resumed run changes from its checkpoint's: each one either takes effect or is refused.
 
     Refused (:class:`~transfer.core.errors.ConfigError`): another optimizer or scheduler class (their saved state
-    belongs to the class) and another ``finetune.unfreeze_at_epoch`` (the param groups' schedule is in the
+    belongs to the class), another ``data.train_on_val`` (which images validate) and another
+    ``finetune.unfreeze_at_epoch`` (the param groups' schedule is in the
     optimizer state). Taking effect (returned, one phrase each): the optimizer's settings (``lr``, weight decay,
     ...), the scheduler's arguments and ``trainer.max_epochs``; the run re-plans its lr schedule from the step it
     resumes at (:func:`transfer.training.optim.replan`). Callbacks are always this run's.
@@ -330,6 +331,14 @@ def resume_changes(path: Path, ckpt: dict, cfg: DictConfig) -> list[str]:
                 f"cannot continue in another. Pass the {key} of that run to resume it, or start a new run with "
                 f"model.weights={path} to fine-tune from its weights with the new {key}."
             )
+    trained_on_val = bool((ckpt.get("datamodule_hyper_parameters") or {}).get("train_on_val", False))
+    if trained_on_val != bool(OmegaConf.select(cfg, "data.train_on_val", default=False)):
+        was = str(trained_on_val).lower()
+        then = "validate on images it trained on" if trained_on_val else "train on the images it validated on"
+        raise ConfigError(
+            f"resume={path} was trained with data.train_on_val={was} but this run sets the other value: it would "
+            f"{then}. Pass data.train_on_val={was} to resume it, or start a new run with model.weights={path}."
+        )
     unfreeze = _saved_state(ckpt, "StagedFinetuning").get("unfreeze_at_epoch", _ABSENT)
     configured = OmegaConf.select(cfg, "finetune.unfreeze_at_epoch", default=_ABSENT)
     if unfreeze is not _ABSENT and configured is not _ABSENT and unfreeze != configured:

@@ -405,8 +405,9 @@ def _selected(history: History, checkpoint: ModelCheckpoint) -> tuple[float | No
     and the log are: the best validation's, or with ``select_final`` the latest one's."""
     validated = [row for row in history.epochs if "val/acc" in row]
     if checkpoint.monitor == FINAL_MONITOR:
-        row = validated[-1] if validated else None
-        return (row["val/acc"], int(row["epoch"])) if row else (None, None)
+        if not validated:  # data.train_on_val: the final checkpoint is the last epoch's
+            return None, (int(history.epochs[-1]["epoch"]) if history.epochs else None)
+        return validated[-1]["val/acc"], int(validated[-1]["epoch"])
     row = max(validated, key=lambda r: r["val/acc"]) if validated else None  # the first of equal scores
     score = checkpoint.best_model_score  # a resumed run's best may come from before it: its score is kept
     val_acc = float(score) if score is not None else (row["val/acc"] if row else None)
