@@ -99,13 +99,14 @@ def describe(summary: dict) -> str:
     held_out = str(data.get("test_from", "")).startswith("held out")
     tested_on = f" on {data.get('test_scored')} images {data['test_from']}" if held_out else ""
     which = "final" if summary.get("selected_by") == "final" else "best"  # a budget tests its last step's weights
-    if data.get("train_on_val"):
-        selected = f"epoch {summary['best_epoch']}, its validation images trained too"
-    else:
-        selected = f"epoch {summary['best_epoch']}, val accuracy {_percent(summary['best_val_acc'])}"
+    scored = (
+        "its validation images trained too"
+        if data.get("train_on_val")
+        else f"val accuracy {_percent(summary['best_val_acc'])}"
+    )
     return (
-        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])}{tested_on} ({which} checkpoint: "
-        f"{selected}); "
+        f"{summary['model']}: test accuracy {_percent(summary['test_acc'])}{tested_on} ({which} checkpoint: epoch "
+        f"{summary['best_epoch']}, {scored}); "
         f"trained {summary['train_seconds']:.1f} s at {_rate(summary['images_per_second'])} images/s"
     )
 

@@ -13,22 +13,24 @@ from transfer.core.errors import ConfigError
 
 
 @pytest.fixture
-def tiny_run(tiny_models, compose_cfg, tiny_cifar: Path, tmp_path: Path):
-    """Train tiny_test_cnn (with the default EMA) for 2 epochs into tmp_path/run; returns its summary."""
-    from transfer.training.train import train
+def tiny_cfg(compose_cfg, tiny_cifar: Path):
+    """The config of tiny_test_cnn (with the default EMA) on the tiny CIFAR folder, 2 epochs, plus overrides."""
 
-    def make(*extra: str) -> dict:
-        cfg = compose_cfg(
-            "model=resnet18",
-            "model.name=tiny_test_cnn",
-            "model.pretrained=false",
-            f"data.root={tiny_cifar}",
-            *TINY,
-            *extra,
-        )
-        return train(cfg, tmp_path / "run")
+    def make(*extra: str):
+        return compose_cfg(
+            "model=resnet18", "model.name=tiny_test_cnn", "model.pretrained=false", f"data.root={tiny_cifar}",
+            *TINY, *extra,
+        )  # fmt: skip
 
     return make
+
+
+@pytest.fixture
+def tiny_run(tiny_models, tiny_cfg, tmp_path: Path):
+    """Train :func:`tiny_cfg` into tmp_path/run; returns its summary."""
+    from transfer.training.train import train
+
+    return lambda *extra: train(tiny_cfg(*extra), tmp_path / "run")
 
 
 def load(path: Path | str) -> dict:
@@ -158,9 +160,7 @@ def test_a_budget_keeps_and_reports_the_final_checkpoint_not_the_best_scored(tmp
     assert _selected(history, checkpoint) == (pytest.approx(val_acc), kept)
 
 
-def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(
-    tiny_run, compose_cfg, tiny_cifar: Path, tmp_path: Path
-):
+def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(tiny_run, tiny_cfg, tmp_path: Path):
     import json
 
     from transfer.run import describe
@@ -176,9 +176,6 @@ def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(
     assert len(epochs) == 2 and not any(key.startswith("val/") for row in epochs for key in row)
     assert "(final checkpoint: epoch 2, its validation images trained too)" in describe(summary)
     from transfer.training.preflight import resume_changes
-
-    def tiny_cfg(*extra: str):
-        return compose_cfg("model=resnet18", "model.name=tiny_test_cnn", f"data.root={tiny_cifar}", *TINY, *extra)
 
     saved = load(summary["last_checkpoint"])
     with pytest.raises(ConfigError, match=r"data\.train_on_val=true"):  # it would validate on images it trained on
