@@ -160,7 +160,9 @@ def test_a_budget_keeps_and_reports_the_final_checkpoint_not_the_best_scored(tmp
     assert _selected(history, checkpoint) == (pytest.approx(val_acc), kept)
 
 
-def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(tiny_run, tiny_cfg, tmp_path: Path):
+def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(
+    tiny_run, tiny_cfg, tiny_cifar: Path, tmp_path: Path
+):
     import json
 
     from transfer.run import describe
@@ -183,3 +185,10 @@ def test_train_on_val_trains_on_every_image_and_tests_the_final_weights(tiny_run
     assert resume_changes(Path(summary["last_checkpoint"]), saved, tiny_cfg("data.train_on_val=true")) == []
     scored = run_tool("transfer.evaluate", f"ckpt={tmp_path / 'run'}", "split=val", f"hydra.run.dir={tmp_path / 'ev'}")
     assert scored.returncode == 2 and "no validation split" in scored.stderr and "Traceback" not in scored.stderr
+    # The checkpoint alone says so: without the run's config.yaml, and with another data config, it still refuses.
+    alone = tmp_path / "alone.ckpt"
+    alone.write_bytes(Path(summary["best_checkpoint"]).read_bytes())
+    for args in ([], [f"data.root={tiny_cifar}", "data.train_on_val=false"]):
+        scored = run_tool("transfer.evaluate", f"ckpt={alone}", "split=val", *args, f"hydra.run.dir={tmp_path / 'e2'}")
+        said = " ".join(scored.stderr.split())
+        assert scored.returncode == 2 and "trained on its validation images" in said and "Traceback" not in said

@@ -279,6 +279,12 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
     module = Classifier.from_checkpoint(ckpt)
     if module.preprocess is None:
         raise ConfigError(f"{ckpt} has no preprocessing record; it was not written by transfer.run.")
+    if str(cfg.split) == "val" and module.trained_on_val:
+        raise ConfigError(
+            f"split=val: {ckpt} trained on its validation images (data.train_on_val=true), so it has no "
+            f"validation split to score, whatever data config is given. Evaluate split=test (its own test images, "
+            f"or another folder's with data.root=<folder>)."
+        )
     if cfg.get("tta") is not None:  # null keeps what the run tested with
         module.hparams["tta"] = bool(cfg.tta)
     # the checkpoint's preprocessing, exactly as the run used it: nothing is resolved again here

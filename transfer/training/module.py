@@ -70,6 +70,9 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters()
         self.preprocess: Preprocess | None = Preprocess.from_dict(preprocess) if preprocess else None
         self.class_names = list(class_names)
+        # Whether its validation images trained too (data.train_on_val; set by from_checkpoint): evaluate refuses
+        # split=val for such a model whatever data config it is given.
+        self.trained_on_val = False
         self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
         mix = mix or {}
         mixing = any(mix.get(k) for k in ("mixup_alpha", "cutmix_alpha"))
@@ -271,6 +274,8 @@ class Classifier(L.LightningModule):
             ) from err
         if module.preprocess is None and restored is not None:  # a checkpoint from before hparams carried it
             module.preprocess = restored
+        data = ckpt.get("datamodule_hyper_parameters")
+        module.trained_on_val = isinstance(data, dict) and data.get("train_on_val") is True
         return module.to(map_location).eval()
 
 
