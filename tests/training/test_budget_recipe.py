@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from transfer.training.budget import budgeted_config
+from transfer.training.budget_config import budgeted_config
 from transfer.training.budget_recipe import CPU_SIZE_RULES, SizeRule, budget_image_size
 
 LITE0 = "efficientnet_lite0"

@@ -2,8 +2,8 @@
 
 A schedule planned to end exactly at the budget beats an off-the-shelf one cut short (budgeted training, Li, Yumer
 and Ramanan, ICLR 2020): ``trainer.max_time`` stops a one-cycle run before it anneals, a budget makes the lr reach
-its floor as the time runs out. :func:`budgeted_config` turns the configured trainer and schedule into an open-ended
-run (no epoch limit, a provisional length); :class:`BudgetPlanner` then
+its floor as the time runs out. :func:`~transfer.training.budget_config.budgeted_config` turns the configured
+trainer and schedule into an open-ended run (no epoch limit, a provisional length); :class:`BudgetPlanner` then
 
 1. times the first :data:`PROBE_STEPS` training steps, the first :data:`WARMUP_STEPS` of them left out
    (``torch.compile``, cuDNN's autotuning and the loader workers' start land there; the probe steps train on the
@@ -29,10 +29,8 @@ re-plans what is left of the budget from the step it resumes at.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -40,10 +38,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from transfer.core.errors import ConfigError
 from transfer.data.batch import as_batch
+from transfer.training.budget_config import length_key, parse_duration, scheduler_config
 from transfer.training.budget_plan import (
     Plan,
     StepCost,
@@ -54,7 +53,6 @@ from transfer.training.budget_plan import (
     replan,
     steps_at_cost,
 )
-from transfer.training.budget_recipe import apply_budget_size
 from transfer.training.optim import FreezeGate, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -63,112 +61,6 @@ PROBE_STEPS = 20  # timed training steps before the plan (the warm-up steps belo
 REPLAN_FRACTION = 1 / 8  # a re-plan every eighth of the planned steps, and after every validation
 EVAL_PROBE_PASSES = 2  # timed eval-mode forward passes of one eval batch, after one untimed
 WARMUP_STEPS = 3  # the first steps' times are left out of the probe: compilation, autotuning, worker start
-# Until the plan, the run is open-ended: no epoch limit, and a schedule this long (its start is what the probe
-# steps train on; it is rebuilt over the planned length once the probe has run).
-PROVISIONAL_STEPS = 10**7
-_LENGTH_KEYS = ("total_steps", "T_max")  # the length argument of the per-step schedules the project has
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-
-
-def parse_duration(value: Any) -> float | None:
-    """Seconds of a ``budget=`` value: ``90s``, ``15m``, ``2h``, ``1h30m`` or a plain number of seconds.
-
-    Args:
-        value: the setting (``None``: no budget).
-
-    Returns:
-        The seconds, or ``None`` for ``None``.
-
-    Raises:
-        ConfigError: anything else, or a duration that is not positive.
-    """
-    if value is None:
-        return None
-    seconds: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        match = _DURATION.fullmatch(text)
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            seconds = float(text)
-        elif text and match:
-            hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-            seconds = 3600 * hours + 60 * minutes + secs
-    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(
-            f"budget={value!r} is not a wall-clock budget: write a positive duration such as budget=90s, "
-            f"budget=15m, budget=2h or budget=1h30m (a plain number is seconds), or budget=null to train "
-            f"trainer.max_epochs epochs."
-        )
-    return seconds
-
-
-def length_key(scheduler: dict[str, Any] | None) -> str | None:
-    """The scheduler argument that is its length in steps (``total_steps``, ``T_max``), if it has one."""
-    return next((key for key in _LENGTH_KEYS if key in (scheduler or {})), None)
-
-
-def scheduler_config(cfg: DictConfig) -> dict[str, Any] | None:
-    """The ``scheduler`` group as a plain dict, resolved; ``None`` for constant rates (``scheduler=none``)."""
-    node = cfg.get("scheduler")
-    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else None
-    return {str(k): v for k, v in container.items()} if isinstance(container, dict) and container else None
-
-
-def budget_problems(cfg: DictConfig) -> list[str]:
-    """What makes ``budget=`` unusable with the rest of ``cfg``, as phrases for the preflight's one paragraph."""
-    try:
-        budget = parse_duration(OmegaConf.select(cfg, "budget", default=None))
-    except ConfigError as err:
-        return [str(err).rstrip(".")]
-    if budget is None:
-        return []
-    found = []
-    scheduler = scheduler_config(cfg)
-    target = str((scheduler or {}).get("_target_", ""))
-    if "Plateau" in target or (scheduler or {}).get("monitor"):
-        found.append(
-            f"budget={cfg.budget} needs a per-step schedule it can plan to end at the budget, and "
-            f"scheduler={target.rsplit('.', 1)[-1]} steps per epoch on a validation metric: use scheduler=onecycle, "
-            f"warmup_cosine, cosine or none with a budget"
-        )
-    elif scheduler and target and length_key(scheduler) is None:
-        found.append(
-            f"budget={cfg.budget} plans the schedule's length, and scheduler {target} has none of the arguments "
-            f"{', '.join(_LENGTH_KEYS)}: use scheduler=onecycle, warmup_cosine, cosine or none with a budget"
-        )
-    if OmegaConf.select(cfg, "finetune.cache_features"):
-        found.append(
-            f"budget={cfg.budget} times the first training steps, and finetune.cache_features=true makes the "
-            f"frozen epochs' steps far faster than the rest: drop finetune.cache_features with a budget"
-        )
-    return found
-
-
-def budgeted_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` as a budgeted run is built from it: ``cfg`` itself without a budget.
-
-    With one, a copy whose trainer runs open-ended until the plan (no epoch limit, :data:`PROVISIONAL_STEPS`,
-    validation by steps and none before the probe's), whose schedule runs per step over a provisional length, and
-    whose input size is the one measured best at the budget where the user left it to the model
-    (:func:`~transfer.training.budget_recipe.apply_budget_size`).
-    """
-    budget = parse_duration(cfg.get("budget"))
-    if budget is None:
-        return cfg
-    run = copy.deepcopy(cfg)
-    apply_budget_size(run, budget)
-    with open_dict(run):
-        trainer = run.trainer
-        trainer.max_epochs, trainer.max_steps = -1, PROVISIONAL_STEPS
-        trainer.check_val_every_n_epoch, trainer.val_check_interval = None, PROVISIONAL_STEPS
-        # The eval probe times the validation's forward pass instead (2 batches of a 2-minute budget saved).
-        trainer.num_sanity_val_steps = 0
-        if run.get("scheduler"):
-            scheduler = scheduler_config(run) or {}
-            run.scheduler = {**scheduler, str(length_key(scheduler)): PROVISIONAL_STEPS, "interval": "step"}
-    return run
 
 
 def resize_schedule(trainer: L.Trainer, scheduler: dict[str, Any] | None, total_steps: int) -> None:
@@ -234,7 +126,8 @@ class BudgetPlanner(L.Callback):
     Args:
         budget_s: the budget in seconds.
         started: when the budget's clock started (``time.time()`` of the process start).
-        scheduler: the ``scheduler`` config of the run as :func:`budgeted_config` made it (``None``: constant rates).
+        scheduler: the ``scheduler`` config of the run as
+            :func:`~transfer.training.budget_config.budgeted_config` made it (``None``: constant rates).
         test_passes: forward passes per test image (2 with flip TTA).
         probe_steps: training steps timed before the plan.
     """
@@ -507,7 +400,8 @@ def _rounded(value: float | None) -> float | None:
 
 
 def budget_planner(cfg: DictConfig, started: float) -> BudgetPlanner | None:
-    """The planner of a run built from :func:`budgeted_config`'s ``cfg``; ``None`` without a budget."""
+    """The planner of a run built from the ``cfg`` of :func:`~transfer.training.budget_config.budgeted_config`;
+    ``None`` without a budget."""
     budget = parse_duration(cfg.get("budget"))
     if budget is None:
         return None

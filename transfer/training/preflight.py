@@ -186,7 +186,7 @@ def problems(cfg: DictConfig) -> list[str]:
     except MissingMandatoryValue:
         found.append("data.root is required for this data config (pass data.root=/path/to/your/images)")
     if OmegaConf.select(cfg, "budget", default=None) is not None:
-        from transfer.training.budget import budget_problems  # imports Lightning: only for a run with a budget
+        from transfer.training.budget_config import budget_problems  # imports torch: only for a run with a budget
 
         found += budget_problems(cfg)
     resume = OmegaConf.select(cfg, "resume", default=None)

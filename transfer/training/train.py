@@ -28,7 +28,8 @@ from transfer.core.provenance import code_version
 from transfer.core.quiet import quiet
 from transfer.data import ClassificationData, datamodule_from_config
 from transfer.models import count_parameters, model_preprocess, resolve_adapt
-from transfer.training.budget import budget_planner, budgeted_config
+from transfer.training.budget import budget_planner
+from transfer.training.budget_config import budgeted_config
 from transfer.training.checkpoint_io import AtomicCheckpointIO
 from transfer.training.compute import apply_compute, resolve_precision
 from transfer.training.distributed import weights_in_sync
