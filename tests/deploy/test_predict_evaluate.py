@@ -234,6 +234,29 @@ def test_evaluate_refuses_an_unknown_precision_in_one_paragraph(finished_run, tm
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+def test_evaluate_scores_the_live_weights_beside_their_ema_on_request(finished_run, tmp_path: Path):
+    import torch
+
+    from transfer.training.module import Classifier
+
+    run_dir, _, _, root = finished_run
+    ckpt = find_checkpoint(run_dir)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ema, live = Classifier.from_checkpoint(ckpt).state_dict(), Classifier.from_checkpoint(ckpt, live=True).state_dict()
+    key = next(k for k in saved["current_model_state"] if k.startswith("model.head") and k.endswith("weight"))
+    assert torch.equal(live[key], saved["current_model_state"][key]) and torch.equal(ema[key], saved["state_dict"][key])
+    assert not torch.equal(live[key], ema[key])  # the run averaged: two different sets of weights
+    ev = evaluate(run_dir, root, "weights=live", f"hydra.run.dir={tmp_path / 'live'}")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["weights"] == "live"
+    assert evaluate(run_dir, root, f"hydra.run.dir={tmp_path / 'ema'}").returncode == 0
+    assert json.loads((tmp_path / "ema" / "metrics.json").read_text())["weights"] == "ema"
+    bad = evaluate(run_dir, root, "weights=best", f"hydra.run.dir={tmp_path / 'bad'}")
+    said = " ".join(bad.stderr.split())
+    assert bad.returncode == 2 and "weights='best' must be ema" in said and "Traceback" not in said
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [

@@ -233,6 +233,21 @@ def check_limit(limit: Any) -> int | float | None:
     return limit
 
 
+def check_weights(weights: Any) -> str:
+    """``weights=`` as given, if it is ``ema`` (what the run tested) or ``live`` (the weights as trained).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if weights not in ("ema", "live"):
+        raise ConfigError(
+            f"weights={weights!r} must be ema (the averaged weights the run validated and tested; a checkpoint "
+            f"without an EMA holds only its trained ones) or live (the weights as trained, beside their EMA in "
+            f"the checkpoint). Nothing was loaded or written."
+        )
+    return str(weights)
+
+
 def limit_split(datamodule: ClassificationData, limit: int | float | None, seed: int) -> tuple[int, int, str]:
     """Cut the data module's ``predict_split`` to ``limit`` images: a seeded subset, stratified by class.
 
@@ -276,7 +291,8 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
     """
     limit = check_limit(cfg.get("limit"))
     ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
-    module = Classifier.from_checkpoint(ckpt)
+    weights = check_weights(cfg.get("weights", "ema"))
+    module = Classifier.from_checkpoint(ckpt, live=weights == "live")
     if module.preprocess is None:
         raise ConfigError(f"{ckpt} has no preprocessing record; it was not written by transfer.run.")
     if str(cfg.split) == "val" and module.trained_on_val:
@@ -298,7 +314,12 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
     scored, size, how = limit_split(datamodule, limit, int(cfg.get("limit_seed", 0)))
     log.info("scoring %d of the %d %s images (%s)", scored, size, cfg.split, how)
     logits, targets = collect(module, datamodule, str(cfg.device), str(cfg.get("precision", "32-true")))
-    metrics = {**classification_metrics(logits, targets, module.class_names), "split_size": size, "scored": how}
+    metrics = {
+        **classification_metrics(logits, targets, module.class_names),
+        "split_size": size,
+        "scored": how,
+        "weights": module.loaded_weights,  # live where the checkpoint has no EMA, whatever was asked
+    }
     defer_stops(True)  # all the reports or none: a signal now waits for the last file
     try:
         _write_reports(cfg, out, ckpt, module, datamodule, metrics, logits, targets)

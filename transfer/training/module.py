@@ -73,6 +73,7 @@ class Classifier(L.LightningModule):
         # Whether its validation images trained too (data.train_on_val; set by from_checkpoint): evaluate refuses
         # split=val for such a model whatever data config it is given.
         self.trained_on_val = False
+        self.loaded_weights = "live"  # or "ema": which of a checkpoint's weights from_checkpoint loaded
         self.model: TransferModel = create_model(num_classes=len(self.class_names), **model)
         mix = mix or {}
         mixing = any(mix.get(k) for k in ("mixup_alpha", "cutmix_alpha"))
@@ -236,7 +237,9 @@ class Classifier(L.LightningModule):
         }
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    def from_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", live: bool = False
+    ) -> Classifier:
         """Rebuild a trained classifier from its checkpoint alone (no config, no weight download).
 
         The file is input like any other: it is read with ``weights_only`` (a checkpoint handed to predict or
@@ -248,6 +251,9 @@ class Classifier(L.LightningModule):
         Args:
             path: a ``.ckpt`` written by a run.
             map_location: device for the tensors.
+            live: the weights as trained (``current_model_state``) instead of their EMA, which is what a run with
+                the EMA callback validates, tests and saves as ``state_dict``; a checkpoint without an EMA has only
+                its live weights, and gives them either way.
 
         Returns:
             The module in eval mode, with ``preprocess`` restored.
@@ -266,7 +272,8 @@ class Classifier(L.LightningModule):
         hparams["model"] = {**hparams["model"], "pretrained": False, "weights": None}
         try:
             module = cls(**hparams)
-            module.load_state_dict(ckpt["state_dict"])
+            averaged = isinstance(ckpt.get("current_model_state"), dict)  # state_dict is the EMA then
+            module.load_state_dict(ckpt["current_model_state"] if live and averaged else ckpt["state_dict"])
         except (TypeError, ValueError, RuntimeError, KeyError) as err:  # arguments or tensors that do not fit
             raise ConfigError(
                 f"{path}: the model its hyper_parameters describe cannot hold its state_dict ({type(err).__name__}: "
@@ -274,6 +281,7 @@ class Classifier(L.LightningModule):
             ) from err
         if module.preprocess is None and restored is not None:  # a checkpoint from before hparams carried it
             module.preprocess = restored
+        module.loaded_weights = "ema" if averaged and not live else "live"
         data = ckpt.get("datamodule_hyper_parameters")
         module.trained_on_val = isinstance(data, dict) and data.get("train_on_val") is True
         return module.to(map_location).eval()
