@@ -249,6 +249,7 @@ def test_evaluate_scores_the_live_weights_beside_their_ema_on_request(finished_r
     ev = evaluate(run_dir, root, "weights=live", f"hydra.run.dir={tmp_path / 'live'}")
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads((tmp_path / "live" / "metrics.json").read_text())["weights"] == "live"
+    assert "with the live weights" in (tmp_path / "live" / "report.md").read_text()
     assert evaluate(run_dir, root, f"hydra.run.dir={tmp_path / 'ema'}").returncode == 0
     assert json.loads((tmp_path / "ema" / "metrics.json").read_text())["weights"] == "ema"
     bad = evaluate(run_dir, root, "weights=best", f"hydra.run.dir={tmp_path / 'bad'}")

@@ -54,3 +54,13 @@ def test_the_command_refuses_a_bad_budget_with_exit_status_2(tiny_cifar: Path, t
     out = run_tool("transfer.run", f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'run'}", "budget=soon")
     assert out.returncode == 2 and "budget='soon'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_the_config_side_imports_no_lightning():
+    # The preflight checks a budget before the heavy imports; this module is what it loads for that.
+    import subprocess
+    import sys
+
+    probe = "import sys, transfer.training.budget_config; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-1000:]

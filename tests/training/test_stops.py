@@ -74,20 +74,30 @@ def test_sigterm_while_testing_writes_the_trained_runs_outputs_untested(
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
+class LiveThenSignal(SignalAt):
+    """:class:`SignalAt`, keeping the model's weights as the last training step left them."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.live = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
 def test_sigint_during_validation_saves_a_resumable_checkpoint(
     tiny_models, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    proc = run_with(
-        monkeypatch,
-        SignalAt("on_validation_batch_start", signal.SIGINT),
-        f"data.root={tiny_cifar}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    )
+    callback = LiveThenSignal("on_validation_batch_start", signal.SIGINT)
+    ema = "+callbacks.ema._target_=transfer.training.ema.EMA"  # TINY_CNN leaves it out
+    proc = run_with(monkeypatch, callback, ema, f"data.root={tiny_cifar}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 130, proc.stderr[-3000:]
     saved = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
     lines = [line for line in proc.stderr.splitlines() if "Resume with:" in line]
     assert len(lines) == 1 and lines[0].startswith("stopped by SIGINT") and f"resume={saved}" in lines[0]
-    assert torch.load(saved, weights_only=True)["global_step"] == 3  # epoch 0 trained, stopped validating it
+    checkpoint = torch.load(saved, weights_only=True)
+    assert checkpoint["global_step"] == 3  # epoch 0 trained, stopped validating it
+    # The validation had swapped the EMA into the model: the checkpoint still keeps the trained weights as the live
+    # ones (what a resume trains on) and the average as state_dict.
+    live = checkpoint["current_model_state"]
+    assert all(torch.equal(live[k], v) for k, v in callback.live.items())
+    assert not all(torch.equal(checkpoint["state_dict"][k], v) for k, v in callback.live.items())
     assert not (tmp_path / "run" / "summary.json").exists()
 
 

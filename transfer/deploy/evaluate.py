@@ -140,7 +140,7 @@ def report_markdown(metrics: dict[str, Any], title: str) -> str:
     lines = [
         f"# {markdown(title)}",
         "",
-        f"accuracy **{metrics['accuracy']:.4f}** on {_scored(metrics)}, "
+        f"accuracy **{metrics['accuracy']:.4f}** on {_scored(metrics)}{_weights(metrics)}, "
         f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}",
         "",
         "| class | precision | recall (class accuracy) | F1 | support |",
@@ -159,6 +159,11 @@ def _scored(metrics: dict[str, Any]) -> str:
     if size is None or size == metrics["n"]:
         return f"{metrics['n']} images" + (" (every image of the split)" if size is not None else "")
     return f"{metrics['n']} of the split's {size} images ({metrics.get('scored', 'a subset')})"
+
+
+def _weights(metrics: dict[str, Any]) -> str:
+    """`` with the live weights`` where those were scored beside an EMA (``weights=live``); else nothing."""
+    return " with the live weights (weights=live)" if metrics.get("weights") == "live" else ""
 
 
 def _raw_image(dataset: Any, i: int, pre: Preprocess) -> np.ndarray:
@@ -290,8 +295,8 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
         The metrics written to ``metrics.json``.
     """
     limit = check_limit(cfg.get("limit"))
-    ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
     weights = check_weights(cfg.get("weights", "ema"))
+    ckpt = find_checkpoint(cfg.ckpt)  # once: a run still writing checkpoints must not change it mid-way
     module = Classifier.from_checkpoint(ckpt, live=weights == "live")
     if module.preprocess is None:
         raise ConfigError(f"{ckpt} has no preprocessing record; it was not written by transfer.run.")
@@ -312,7 +317,7 @@ def evaluate(cfg: DictConfig, out: Path, overrides: Sequence[str] = ()) -> dict[
             f"(data.root={datamodule.root}); evaluate on data with the same class folders."
         )
     scored, size, how = limit_split(datamodule, limit, int(cfg.get("limit_seed", 0)))
-    log.info("scoring %d of the %d %s images (%s)", scored, size, cfg.split, how)
+    log.info("scoring %d of the %d %s images (%s), %s weights", scored, size, cfg.split, how, module.loaded_weights)
     logits, targets = collect(module, datamodule, str(cfg.device), str(cfg.get("precision", "32-true")))
     metrics = {
         **classification_metrics(logits, targets, module.class_names),

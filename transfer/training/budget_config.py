@@ -1,7 +1,8 @@
 """The config side of ``budget=<duration>``: the duration parsed, what cannot go with it refused, and the run's config
 rewritten into the open-ended run the planner (:mod:`transfer.training.budget`) then plans.
 
-Nothing here imports Lightning: the preflight checks a budget before anything heavy is loaded.
+Nothing here imports Lightning (torch comes in through the size rule): the preflight checks a budget before the
+trainer and its callbacks are loaded.
 """
 
 from __future__ import annotations

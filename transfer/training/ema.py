@@ -69,9 +69,29 @@ class EMA(WeightAveraging):
             )
         super().__init__(use_buffers=use_buffers, multi_avg_fn=ema_update(decay, warmup))
         self.decay, self.warmup = decay, warmup
+        self._swapped = False  # the model holds the average (between a validation's start and end)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None
+
+    # Lightning swaps the average into the model for a validation and back after it. A checkpoint written in
+    # between (a stop's interrupted.ckpt) would then hold the live weights as state_dict and the average as
+    # current_model_state: a resume would train on from the average, and evaluate weights=live would score it.
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._swapped = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._swapped and "current_model_state" in checkpoint:
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"],
+                checkpoint["state_dict"],
+            )
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning's version loads the live (non-averaged) weights whenever the averaged model exists, which it

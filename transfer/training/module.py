@@ -256,7 +256,8 @@ class Classifier(L.LightningModule):
                 its live weights, and gives them either way.
 
         Returns:
-            The module in eval mode, with ``preprocess`` restored.
+            The module in eval mode, with ``preprocess`` restored, ``loaded_weights`` saying which weights it holds
+            (``ema`` or ``live``) and ``trained_on_val`` whether its validation images trained too.
 
         Raises:
             ConfigError: the file is no readable transfer checkpoint, or a field is out of bounds.
@@ -270,13 +271,14 @@ class Classifier(L.LightningModule):
             check_class_names(info["class_names"], path, "transfer.class_names")
         restored = check_preprocess(info["preprocess"], path, "transfer.preprocess") if info.get("preprocess") else None
         hparams["model"] = {**hparams["model"], "pretrained": False, "weights": None}
+        averaged = isinstance(ckpt.get("current_model_state"), dict)  # state_dict is the EMA then
+        entry = "current_model_state" if live and averaged else "state_dict"
         try:
             module = cls(**hparams)
-            averaged = isinstance(ckpt.get("current_model_state"), dict)  # state_dict is the EMA then
-            module.load_state_dict(ckpt["current_model_state"] if live and averaged else ckpt["state_dict"])
+            module.load_state_dict(ckpt[entry])
         except (TypeError, ValueError, RuntimeError, KeyError) as err:  # arguments or tensors that do not fit
             raise ConfigError(
-                f"{path}: the model its hyper_parameters describe cannot hold its state_dict ({type(err).__name__}: "
+                f"{path}: the model its hyper_parameters describe cannot hold its {entry} ({type(err).__name__}: "
                 f"{' '.join(str(err).split())[:200]}). Pass a .ckpt from a run's checkpoints/ folder."
             ) from err
         if module.preprocess is None and restored is not None:  # a checkpoint from before hparams carried it
