@@ -34,6 +34,13 @@ def refuse(where: str | Path, field: str, problem: str) -> ConfigError:
     )
 
 
+def trained_on_val(ckpt: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint's run trained on its validation images (``data.train_on_val``, as its data module
+    recorded it); a checkpoint without that record did not."""
+    data = ckpt.get("datamodule_hyper_parameters")
+    return isinstance(data, Mapping) and data.get("train_on_val") is True
+
+
 def _int_in(value: Any, bounds: tuple[int, int]) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and bounds[0] <= value <= bounds[1]
 

@@ -18,7 +18,13 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from transfer.core.checkpoint_meta import check_class_names, check_hparams, check_preprocess, refuse
+from transfer.core.checkpoint_meta import (
+    check_class_names,
+    check_hparams,
+    check_preprocess,
+    refuse,
+    trained_on_val,
+)
 from transfer.core.errors import ConfigError
 from transfer.core.preprocess import Preprocess
 from transfer.core.provenance import code_version
@@ -284,8 +290,7 @@ class Classifier(L.LightningModule):
         if module.preprocess is None and restored is not None:  # a checkpoint from before hparams carried it
             module.preprocess = restored
         module.loaded_weights = "ema" if averaged and not live else "live"
-        data = ckpt.get("datamodule_hyper_parameters")
-        module.trained_on_val = isinstance(data, dict) and data.get("train_on_val") is True
+        module.trained_on_val = trained_on_val(ckpt)
         return module.to(map_location).eval()
 
 

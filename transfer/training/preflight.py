@@ -331,10 +331,12 @@ def resume_changes(path: Path, ckpt: dict, cfg: DictConfig) -> list[str]:
                 f"cannot continue in another. Pass the {key} of that run to resume it, or start a new run with "
                 f"model.weights={path} to fine-tune from its weights with the new {key}."
             )
-    trained_on_val = bool((ckpt.get("datamodule_hyper_parameters") or {}).get("train_on_val", False))
-    if trained_on_val != bool(OmegaConf.select(cfg, "data.train_on_val", default=False)):
-        was = str(trained_on_val).lower()
-        then = "validate on images it trained on" if trained_on_val else "train on the images it validated on"
+    from transfer.core.checkpoint_meta import trained_on_val  # imports torch, as the loaded checkpoint did
+
+    trained = trained_on_val(ckpt)
+    if trained != bool(OmegaConf.select(cfg, "data.train_on_val", default=False)):
+        was = str(trained).lower()
+        then = "validate on images it trained on" if trained else "train on the images it validated on"
         raise ConfigError(
             f"resume={path} was trained with data.train_on_val={was} but this run sets the other value: it would "
             f"{then}. Pass data.train_on_val={was} to resume it, or start a new run with model.weights={path}."
